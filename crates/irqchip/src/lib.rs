@@ -16,6 +16,38 @@
 //!   [`IOAPIC_DEFAULT_BASE`]).
 //! * [`ApicTopology`]: resolves a message to the vCPU indexes it reaches.
 //!
+//! # Wiring notes for the VMM
+//!
+//! * **Injection.** Before entering a vCPU: an INIT ([`Lapic::take_init`])
+//!   comes first, then SIPI, NMI, ExtINT, then a vector: when the guest can
+//!   take an interrupt (`kvm_run.ready_for_interrupt_injection`), inject
+//!   [`Lapic::pending_vector`] with `KVM_INTERRUPT` and call [`Lapic::ack`]
+//!   with it; otherwise set `request_interrupt_window`. Use
+//!   [`Lapic::has_pending_event`] to wake a vCPU halted in `HLT`.
+//! * **CR8 / TPR.** Without an in-kernel irqchip KVM keeps CR8 in
+//!   `kvm_run.cr8`. After every exit call [`Lapic::set_cr8`] with it (it only
+//!   changes the TPR when the priority class differs, so an MMIO-written low
+//!   nibble survives); before every entry store [`Lapic::cr8`] into
+//!   `kvm_run.cr8`. A guest lowering CR8 exits with `KVM_EXIT_SET_TPR`, which
+//!   is the moment to re-check [`Lapic::pending_vector`].
+//! * **Timer.** Sleep until [`Lapic::timer_deadline_ns`] (re-read it after
+//!   every LAPIC write and TSC-deadline change), then [`Lapic::poll_timer`].
+//!   For TSC-deadline mode, advertise CPUID.1:ECX\[24\], trap the
+//!   IA32_TSC_DEADLINE MSR (0x6E0), convert the written guest-TSC value to the
+//!   `now_ns` clock and call [`Lapic::set_tsc_deadline_ns`] (`0` disarms); a
+//!   read returns the last value written, or 0 once
+//!   [`Lapic::tsc_deadline_ns`] is `None`. The LAPIC timer counts at
+//!   [`LAPIC_BUS_HZ`] (1 tick = 1 ns before division); a guest that is told
+//!   so (e.g. a 1 GHz crystal in CPUID leaf 0x15) needs no calibration.
+//! * **IPIs.** A [`LapicWriteEffect::Ipi`] is resolved with
+//!   [`ApicTopology::resolve`] and each target's [`Lapic::accept`] is called,
+//!   possibly on another node. INIT de-asserts
+//!   ([`Interrupt::is_init_deassert`]) may be dropped by the sender.
+//! * **EOI.** A [`LapicWriteEffect::Eoi`] with `level_triggered` must reach the
+//!   I/O APIC ([`IoApic::eoi`]), which may re-deliver a still-asserted line.
+//! * **Logical ids.** Forward [`LapicWriteEffect::LogicalIdChanged`] to every
+//!   node's [`ApicTopology::set_logical`].
+//!
 //! # Example: an IPI from vCPU 0 to vCPU 1
 //!
 //! ```
@@ -50,8 +82,8 @@ mod topology;
 pub use ioapic::{IoApic, IOAPIC_DEFAULT_BASE, IOAPIC_MMIO_SIZE, IOAPIC_PINS, IOAPIC_VERSION};
 pub use lapic::{
     regs as lapic_regs, Lapic, LapicError, LapicWriteEffect, TimerMode, APIC_BASE_BSP,
-    APIC_BASE_ENABLE, APIC_BASE_X2APIC, LAPIC_BUS_HZ, LAPIC_DEFAULT_BASE, LAPIC_MMIO_SIZE,
-    LAPIC_VERSION,
+    APIC_BASE_ENABLE, APIC_BASE_X2APIC, ESR_RECEIVE_ILLEGAL_VECTOR, ESR_SEND_ILLEGAL_VECTOR,
+    LAPIC_BUS_HZ, LAPIC_DEFAULT_BASE, LAPIC_MMIO_SIZE, LAPIC_VERSION,
 };
 pub use topology::ApicTopology;
 
