@@ -145,7 +145,11 @@ pub(crate) fn write_frame<W: Write>(
         payload_len: payload.len() as u32,
     }
     .encode();
-    let mut slices = [IoSlice::new(&fh), IoSlice::new(header), IoSlice::new(payload)];
+    let mut slices = [
+        IoSlice::new(&fh),
+        IoSlice::new(header),
+        IoSlice::new(payload),
+    ];
     let mut bufs: &mut [IoSlice<'_>] = &mut slices;
     IoSlice::advance_slices(&mut bufs, 0);
     while !bufs.is_empty() {
@@ -276,7 +280,10 @@ mod tests {
         );
         let mut bad = b;
         bad[0] = b'X';
-        assert!(matches!(FrameHeader::decode(&bad), Err(FrameError::BadMagic(_))));
+        assert!(matches!(
+            FrameHeader::decode(&bad),
+            Err(FrameError::BadMagic(_))
+        ));
         let mut bad = b;
         bad[4] = 99;
         assert_eq!(FrameHeader::decode(&bad), Err(FrameError::BadVersion(99)));
@@ -305,7 +312,10 @@ mod tests {
         assert_eq!(wire.len(), 2 * FRAME_HEADER_LEN + 5 + PAGE_SIZE);
         let mut r = &wire[..];
         let f = read_frame(&mut r).unwrap();
-        assert_eq!((f.kind, f.channel, &f.header[..]), (Kind::Data, 3, &b"hello"[..]));
+        assert_eq!(
+            (f.kind, f.channel, &f.header[..]),
+            (Kind::Data, 3, &b"hello"[..])
+        );
         assert!(f.payload.is_some_and(|p| p.iter().all(|&b| b == 0xab)));
         let f = read_frame(&mut r).unwrap();
         assert_eq!(f.kind, Kind::Heartbeat);

@@ -22,6 +22,8 @@ const RESPONSE_LEN: usize = MAC_LEN;
 
 const LABEL_ACCEPTOR: &[u8] = b"dvmm-transport v1 acceptor proof";
 const LABEL_DIALER: &[u8] = b"dvmm-transport v1 dialer proof";
+/// Reason sent in a Reject frame when a proof does not verify.
+const AUTH_FAILED: &str = "authentication failed";
 
 /// Node identity and cluster secret used by a handshake.
 pub(crate) struct Params<'a> {
@@ -40,7 +42,11 @@ pub(crate) enum HandshakeError {
     #[error("malformed frame during handshake: {0}")]
     Frame(#[from] FrameError),
     #[error("unexpected {got:?} frame (expected {expected:?}) of {len} header bytes")]
-    Unexpected { expected: Kind, got: Kind, len: usize },
+    Unexpected {
+        expected: Kind,
+        got: Kind,
+        len: usize,
+    },
     #[error("{0}")]
     BadHello(String),
     #[error("authentication failed (wrong cluster secret?)")]
@@ -137,9 +143,13 @@ pub(crate) fn dial<S: Read + Write>(
     }
     let nonce_a = &ch[4..4 + NONCE_LEN];
     let mac_a = &ch[4 + NONCE_LEN..];
-    mac(p, LABEL_ACCEPTOR, p.me, target, &nonce_d, nonce_a)
+    if mac(p, LABEL_ACCEPTOR, p.me, target, &nonce_d, nonce_a)
         .verify_slice(mac_a)
-        .map_err(|_| HandshakeError::Auth)?;
+        .is_err()
+    {
+        reject(s, AUTH_FAILED);
+        return Err(HandshakeError::Auth);
+    }
 
     let mac_d = mac(p, LABEL_DIALER, p.me, target, &nonce_d, nonce_a)
         .finalize()
@@ -156,11 +166,20 @@ pub(crate) fn accept<S: Read + Write>(s: &mut S, p: &Params<'_>) -> Result<u16, 
     let (dialer, acceptor, nodes) = (u16_at(&hello, 0), u16_at(&hello, 2), u16_at(&hello, 4));
     let nonce_d = &hello[6..];
     let problem = if acceptor != p.me {
-        Some(format!("hello is addressed to node {acceptor}, this is node {}", p.me))
+        Some(format!(
+            "hello is addressed to node {acceptor}, this is node {}",
+            p.me
+        ))
     } else if nodes != p.nodes {
-        Some(format!("cluster size mismatch: peer has {nodes} nodes, this node {}", p.nodes))
+        Some(format!(
+            "cluster size mismatch: peer has {nodes} nodes, this node {}",
+            p.nodes
+        ))
     } else if dialer >= p.nodes {
-        Some(format!("node id {dialer} out of range (cluster of {} nodes)", p.nodes))
+        Some(format!(
+            "node id {dialer} out of range (cluster of {} nodes)",
+            p.nodes
+        ))
     } else if dialer <= p.me {
         Some(format!(
             "node {dialer} must not dial node {} (higher ids dial lower ids)",
@@ -185,12 +204,16 @@ pub(crate) fn accept<S: Read + Write>(s: &mut S, p: &Params<'_>) -> Result<u16, 
     ch.extend_from_slice(&mac_a);
     frame::write_frame(s, Kind::Challenge, 0, &ch, &[])?;
 
-    let mac_d = expect(s, Kind::Response, RESPONSE_LEN)?;
+    let mac_d = match expect(s, Kind::Response, RESPONSE_LEN) {
+        // The dialer found our proof invalid: the secrets differ.
+        Err(HandshakeError::Rejected(r)) if r == AUTH_FAILED => return Err(HandshakeError::Auth),
+        other => other?,
+    };
     if mac(p, LABEL_DIALER, dialer, p.me, nonce_d, &nonce_a)
         .verify_slice(&mac_d)
         .is_err()
     {
-        reject(s, "authentication failed");
+        reject(s, AUTH_FAILED);
         return Err(HandshakeError::Auth);
     }
     Ok(dialer)

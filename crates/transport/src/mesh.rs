@@ -70,8 +70,9 @@ impl MeshConfig {
     }
 
     fn validate(&self) -> Result<u16, TransportError> {
-        let n = u16::try_from(self.addrs.len())
-            .map_err(|_| TransportError::Config(format!("too many nodes ({})", self.addrs.len())))?;
+        let n = u16::try_from(self.addrs.len()).map_err(|_| {
+            TransportError::Config(format!("too many nodes ({})", self.addrs.len()))
+        })?;
         if n == 0 {
             return Err(TransportError::Config("no node addresses".into()));
         }
@@ -189,9 +190,7 @@ impl Peer {
     fn lost_error(&self) -> TransportError {
         TransportError::PeerLost {
             node: self.id,
-            reason: lock(&self.reason)
-                .clone()
-                .unwrap_or(LostReason::Closed),
+            reason: lock(&self.reason).clone().unwrap_or(LostReason::Closed),
         }
     }
 
@@ -265,11 +264,7 @@ impl Shared {
         u64::try_from(self.epoch.elapsed().as_nanos()).unwrap_or(u64::MAX)
     }
 
-    fn spawn(
-        &self,
-        name: String,
-        f: impl FnOnce() + Send + 'static,
-    ) -> Result<(), TransportError> {
+    fn spawn(&self, name: String, f: impl FnOnce() + Send + 'static) -> Result<(), TransportError> {
         let h = thread::Builder::new()
             .name(name)
             .spawn(f)
@@ -352,7 +347,10 @@ impl Shared {
 }
 
 fn is_timeout(e: &io::Error) -> bool {
-    matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut)
+    matches!(
+        e.kind(),
+        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+    )
 }
 
 /// Reads frames of one peer until the connection ends, delivering them to `sink`.
@@ -366,9 +364,7 @@ fn reader_loop(shared: &Shared, peer: &Peer, sink: &Sink) {
                     header: f.header,
                     payload: f.payload,
                 }),
-                Kind::Heartbeat | Kind::Goodbye
-                    if !f.header.is_empty() || f.payload.is_some() =>
-                {
+                Kind::Heartbeat | Kind::Goodbye if !f.header.is_empty() || f.payload.is_some() => {
                     break LostReason::Protocol(format!("{:?} frame with a body", f.kind))
                 }
                 Kind::Heartbeat => {}
@@ -380,7 +376,9 @@ fn reader_loop(shared: &Shared, peer: &Peer, sink: &Sink) {
                 }
             },
             Err(ReadError::Eof) => break LostReason::Closed,
-            Err(ReadError::Io(e)) if is_timeout(&e) => break LostReason::Timeout(shared.peer_timeout),
+            Err(ReadError::Io(e)) if is_timeout(&e) => {
+                break LostReason::Timeout(shared.peer_timeout)
+            }
             Err(ReadError::Io(e)) => break LostReason::Io(e.to_string()),
             Err(ReadError::Frame(e)) => break LostReason::Protocol(e.to_string()),
         }
@@ -390,8 +388,12 @@ fn reader_loop(shared: &Shared, peer: &Peer, sink: &Sink) {
         return;
     }
     match &reason {
-        LostReason::Goodbye => info!(node = shared.me, peer = peer.id, remote = %peer.addr, "peer shut down"),
-        r => warn!(node = shared.me, peer = peer.id, remote = %peer.addr, reason = %r, "peer lost; connection closed"),
+        LostReason::Goodbye => {
+            info!(node = shared.me, peer = peer.id, remote = %peer.addr, "peer shut down")
+        }
+        r => {
+            warn!(node = shared.me, peer = peer.id, remote = %peer.addr, reason = %r, "peer lost; connection closed")
+        }
     }
     sink.deliver(Event::PeerLost {
         node: peer.id,
@@ -422,7 +424,9 @@ fn listener_loop(shared: &Arc<Shared>, listener: &TcpListener) {
     while !shared.closing.load(Ordering::SeqCst) {
         match listener.accept() {
             Ok((stream, addr)) => {
-                if shared.pending_handshakes.fetch_add(1, Ordering::SeqCst) >= MAX_PENDING_HANDSHAKES {
+                if shared.pending_handshakes.fetch_add(1, Ordering::SeqCst)
+                    >= MAX_PENDING_HANDSHAKES
+                {
                     shared.pending_handshakes.fetch_sub(1, Ordering::SeqCst);
                     warn!(node = shared.me, remote = %addr, "refused connection: too many pending handshakes");
                     continue;
@@ -478,7 +482,9 @@ fn handle_incoming(shared: &Arc<Shared>, mut stream: TcpStream, addr: SocketAddr
 fn dialer_loop(shared: &Arc<Shared>, target: u16, addr: SocketAddr, deadline: Instant) {
     let mut backoff = DIAL_BACKOFF_MIN;
     loop {
-        if shared.closing.load(Ordering::SeqCst) || lock(&shared.state).connected[usize::from(target)] {
+        if shared.closing.load(Ordering::SeqCst)
+            || lock(&shared.state).connected[usize::from(target)]
+        {
             return;
         }
         let now = Instant::now();
@@ -492,9 +498,10 @@ fn dialer_loop(shared: &Arc<Shared>, target: u16, addr: SocketAddr, deadline: In
                     .set_nodelay(true)
                     .and_then(|()| s.set_read_timeout(Some(HANDSHAKE_TIMEOUT)))
                     .and_then(|()| s.set_write_timeout(Some(HANDSHAKE_TIMEOUT)));
-                match setup.map_err(handshake::HandshakeError::Io).and_then(|()| {
-                    handshake::dial(&mut s, &shared.params(), target)
-                }) {
+                match setup
+                    .map_err(handshake::HandshakeError::Io)
+                    .and_then(|()| handshake::dial(&mut s, &shared.params(), target))
+                {
                     Ok(()) => match shared.install(target, s, addr, false) {
                         Ok(()) => return,
                         Err(reason) => {
@@ -507,7 +514,9 @@ fn dialer_loop(shared: &Arc<Shared>, target: u16, addr: SocketAddr, deadline: In
                     }
                 }
             }
-            Err(e) => debug!(node = shared.me, peer = target, remote = %addr, error = %e, "dial failed; retrying"),
+            Err(e) => {
+                debug!(node = shared.me, peer = target, remote = %addr, error = %e, "dial failed; retrying")
+            }
         }
         if !shared.sleep(backoff.min(deadline.saturating_duration_since(Instant::now()))) {
             return;

@@ -27,7 +27,9 @@ struct Capture;
 
 impl Write for Capture {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        LOG.lock().unwrap_or_else(|p| p.into_inner()).extend_from_slice(buf);
+        LOG.lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .extend_from_slice(buf);
         Ok(buf.len())
     }
     fn flush(&mut self) -> std::io::Result<()> {
@@ -57,7 +59,10 @@ fn wait_log(needles: &[&str]) -> String {
                 return line.to_string();
             }
         }
-        assert!(Instant::now() < deadline, "no log line containing {needles:?}");
+        assert!(
+            Instant::now() < deadline,
+            "no log line containing {needles:?}"
+        );
         thread::sleep(Duration::from_millis(10));
     }
 }
@@ -80,7 +85,12 @@ fn cfg(me: u16, addrs: &[SocketAddr]) -> MeshConfig {
 
 /// Starts the nodes `ids` (with their listeners) in threads after random delays, in a
 /// random order; returns the meshes in the order of `ids`.
-fn start(ids: &[u16], ls: Vec<TcpListener>, addrs: &[SocketAddr], tweak: impl Fn(&mut MeshConfig)) -> Vec<Mesh> {
+fn start(
+    ids: &[u16],
+    ls: Vec<TcpListener>,
+    addrs: &[SocketAddr],
+    tweak: impl Fn(&mut MeshConfig),
+) -> Vec<Mesh> {
     let mut rng = rand::thread_rng();
     let mut jobs: Vec<(u16, TcpListener, MeshConfig, Duration)> = ids
         .iter()
@@ -147,7 +157,9 @@ fn assert_all_pairs_work(meshes: &[&Mesh]) {
     for m in meshes {
         for other in meshes {
             if other.me() != m.me() {
-                m.sender().send(other.me(), 1, &[m.me() as u8], None).unwrap();
+                m.sender()
+                    .send(other.me(), 1, &[m.me() as u8], None)
+                    .unwrap();
             }
         }
     }
@@ -155,7 +167,11 @@ fn assert_all_pairs_work(meshes: &[&Mesh]) {
         let rx = m.events();
         let mut from: Vec<u16> = (1..meshes.len()).map(|_| next_frame(&rx).0).collect();
         from.sort();
-        let mut want: Vec<u16> = meshes.iter().map(|o| o.me()).filter(|&i| i != m.me()).collect();
+        let mut want: Vec<u16> = meshes
+            .iter()
+            .map(|o| o.me())
+            .filter(|&i| i != m.me())
+            .collect();
         want.sort();
         assert_eq!(from, want, "node {}", m.me());
     }
@@ -163,7 +179,13 @@ fn assert_all_pairs_work(meshes: &[&Mesh]) {
 
 /// A fake node `me` of an `n`-node cluster that authenticates to `target` and then
 /// speaks raw bytes.
-fn fake_dial(me: u16, n: u16, secret: &[u8], target: u16, addr: SocketAddr) -> Result<TcpStream, HandshakeError> {
+fn fake_dial(
+    me: u16,
+    n: u16,
+    secret: &[u8],
+    target: u16,
+    addr: SocketAddr,
+) -> Result<TcpStream, HandshakeError> {
     let deadline = Instant::now() + WAIT;
     let mut s = loop {
         match TcpStream::connect(addr) {
@@ -176,7 +198,15 @@ fn fake_dial(me: u16, n: u16, secret: &[u8], target: u16, addr: SocketAddr) -> R
         }
     };
     s.set_read_timeout(Some(WAIT)).unwrap();
-    handshake::dial(&mut s, &Params { me, nodes: n, secret }, target)?;
+    handshake::dial(
+        &mut s,
+        &Params {
+            me,
+            nodes: n,
+            secret,
+        },
+        target,
+    )?;
     Ok(s)
 }
 
@@ -202,7 +232,7 @@ fn establish_binds_configured_addresses() {
     // processes is acceptable in a test).
     let (ls, addrs) = listeners(3);
     drop(ls);
-    let mut order = vec![0u16, 1, 2];
+    let mut order = [0u16, 1, 2];
     order.shuffle(&mut rand::thread_rng());
     let hs: Vec<_> = order
         .iter()
@@ -211,7 +241,10 @@ fn establish_binds_configured_addresses() {
             (id, thread::spawn(move || Mesh::establish(c)))
         })
         .collect();
-    let mut ms: Vec<(u16, Mesh)> = hs.into_iter().map(|(id, h)| (id, h.join().unwrap().unwrap())).collect();
+    let mut ms: Vec<(u16, Mesh)> = hs
+        .into_iter()
+        .map(|(id, h)| (id, h.join().unwrap().unwrap()))
+        .collect();
     ms.sort_by_key(|(id, _)| *id);
     for (id, m) in &ms {
         assert_eq!(m.local_addr(), addrs[usize::from(*id)]);
@@ -222,8 +255,14 @@ fn establish_binds_configured_addresses() {
 #[test]
 fn single_node_mesh_is_immediately_established() {
     let (ls, addrs) = listeners(1);
-    let m = Mesh::builder(cfg(0, &addrs)).listener(ls.into_iter().next().unwrap()).establish().unwrap();
-    assert!(matches!(m.sender().send(0, 0, b"x", None), Err(TransportError::NoSuchPeer(0))));
+    let m = Mesh::builder(cfg(0, &addrs))
+        .listener(ls.into_iter().next().unwrap())
+        .establish()
+        .unwrap();
+    assert!(matches!(
+        m.sender().send(0, 0, b"x", None),
+        Err(TransportError::NoSuchPeer(0))
+    ));
 }
 
 #[test]
@@ -234,26 +273,51 @@ fn send_receive_header_and_page() {
     for (i, b) in page.iter_mut().enumerate() {
         *b = (i * 7 + 3) as u8;
     }
-    ms[0].sender().send(1, 42, b"read-reply gpa=0x1000", Some(&page)).unwrap();
+    ms[0]
+        .sender()
+        .send(1, 42, b"read-reply gpa=0x1000", Some(&page))
+        .unwrap();
     ms[2].sender().send(1, 9, b"", None).unwrap();
     let rx = ms[1].events();
-    let mut got = vec![next_frame(&rx), next_frame(&rx)];
+    let mut got = [next_frame(&rx), next_frame(&rx)];
     got.sort_by_key(|f| f.0);
     let (from, channel, header, payload) = &got[0];
-    assert_eq!((*from, *channel, &header[..]), (0, 42, &b"read-reply gpa=0x1000"[..]));
+    assert_eq!(
+        (*from, *channel, &header[..]),
+        (0, 42, &b"read-reply gpa=0x1000"[..])
+    );
     let p = payload.as_ref().expect("page payload");
-    assert_eq!(p.as_ptr() as usize % 4096, 0, "payload buffer is page-aligned");
+    assert_eq!(
+        p.as_ptr() as usize % 4096,
+        0,
+        "payload buffer is page-aligned"
+    );
     assert_eq!(&p[..], &page[..]);
     let (from, channel, header, payload) = &got[1];
-    assert_eq!((*from, *channel, header.len(), payload.is_none()), (2, 9, 0, true));
+    assert_eq!(
+        (*from, *channel, header.len(), payload.is_none()),
+        (2, 9, 0, true)
+    );
 
     // Local argument errors, nothing sent.
     let s = ms[0].sender();
-    assert!(matches!(s.send(0, 0, b"", None), Err(TransportError::NoSuchPeer(0))));
-    assert!(matches!(s.send(3, 0, b"", None), Err(TransportError::NoSuchPeer(3))));
-    assert!(matches!(s.send(1, 0, b"", Some(&page[..100])), Err(TransportError::BadPayload(100))));
+    assert!(matches!(
+        s.send(0, 0, b"", None),
+        Err(TransportError::NoSuchPeer(0))
+    ));
+    assert!(matches!(
+        s.send(3, 0, b"", None),
+        Err(TransportError::NoSuchPeer(3))
+    ));
+    assert!(matches!(
+        s.send(1, 0, b"", Some(&page[..100])),
+        Err(TransportError::BadPayload(100))
+    ));
     let big = vec![0u8; crate::MAX_HEADER_LEN + 1];
-    assert!(matches!(s.send(1, 0, &big, None), Err(TransportError::HeaderTooLong(_))));
+    assert!(matches!(
+        s.send(1, 0, &big, None),
+        Err(TransportError::HeaderTooLong(_))
+    ));
     // Largest header still goes through.
     s.send(1, 1, &big[1..], Some(&page)).unwrap();
     let (_, _, h, p) = next_frame(&rx);
@@ -326,7 +390,13 @@ fn wrong_secret_refused_and_logged_while_others_keep_working() {
     let a0 = addrs[0];
     let intruder = thread::spawn(move || {
         let r = fake_dial(1, 2, b"not the secret", 0, a0);
-        assert!(matches!(r, Err(HandshakeError::Auth) | Err(HandshakeError::Rejected(_))), "{r:?}");
+        assert!(
+            matches!(
+                r,
+                Err(HandshakeError::Auth) | Err(HandshakeError::Rejected(_))
+            ),
+            "{r:?}"
+        );
     });
     let ms = start(&[0, 1], ls, &addrs, |_| {});
     intruder.join().unwrap();
@@ -338,7 +408,15 @@ fn wrong_secret_refused_and_logged_while_others_keep_working() {
     let mut s = TcpStream::connect(ms[0].local_addr()).unwrap();
     let local = s.local_addr().unwrap().to_string();
     s.set_read_timeout(Some(WAIT)).unwrap();
-    let r = handshake::dial(&mut s, &Params { me: 2, nodes: 3, secret: b"wrong" }, 0);
+    let r = handshake::dial(
+        &mut s,
+        &Params {
+            me: 2,
+            nodes: 3,
+            secret: b"wrong",
+        },
+        0,
+    );
     assert!(matches!(r, Err(HandshakeError::Auth)), "{r:?}");
     let line = wait_log(&["refused connection", "authentication failed", &local]);
     assert!(line.contains("WARN"), "{line}");
@@ -394,27 +472,62 @@ fn garbage_connections_refused_while_serving_others() {
 
     // 2. Right magic, wrong version.
     let (mut s, local) = connect();
-    let mut h = FrameHeader { kind: Kind::Hello, channel: 0, header_len: 38, payload_len: 0 }.encode();
+    let mut h = FrameHeader {
+        kind: Kind::Hello,
+        channel: 0,
+        header_len: 38,
+        payload_len: 0,
+    }
+    .encode();
     h[4] = 77;
     s.write_all(&h).unwrap();
     expect_closed(&mut s);
-    wait_log(&["refused connection", "unsupported protocol version 77", &local]);
+    wait_log(&[
+        "refused connection",
+        "unsupported protocol version 77",
+        &local,
+    ]);
 
     // 3. Well-formed hello from a node id out of range.
     let (mut s, local) = connect();
-    let r = handshake::dial(&mut s, &Params { me: 9, nodes: 3, secret: SECRET }, 0);
+    let r = handshake::dial(
+        &mut s,
+        &Params {
+            me: 9,
+            nodes: 3,
+            secret: SECRET,
+        },
+        0,
+    );
     assert!(matches!(r, Err(HandshakeError::Rejected(_))), "{r:?}");
     wait_log(&["refused connection", "node id 9 out of range", &local]);
 
     // 4. Authenticated, but node 2 is already connected.
     let (mut s, local) = connect();
-    let r = handshake::dial(&mut s, &Params { me: 2, nodes: 3, secret: SECRET }, 0);
-    assert!(matches!(&r, Err(HandshakeError::Rejected(m)) if m.contains("already connected")), "{r:?}");
+    let r = handshake::dial(
+        &mut s,
+        &Params {
+            me: 2,
+            nodes: 3,
+            secret: SECRET,
+        },
+        0,
+    );
+    assert!(
+        matches!(&r, Err(HandshakeError::Rejected(m)) if m.contains("already connected")),
+        "{r:?}"
+    );
     wait_log(&["refused connection", "already connected", &local]);
 
     // 5. An oversized length in the very first frame.
     let (mut s, local) = connect();
-    let h = FrameHeader { kind: Kind::Hello, channel: 0, header_len: 38, payload_len: 0 }.encode();
+    let h = FrameHeader {
+        kind: Kind::Hello,
+        channel: 0,
+        header_len: 38,
+        payload_len: 0,
+    }
+    .encode();
     let mut h2 = h;
     h2[8..12].copy_from_slice(&u32::MAX.to_le_bytes());
     s.write_all(&h2).unwrap();
@@ -457,22 +570,37 @@ fn garbage_frame_on_authenticated_connection_closes_only_that_peer() {
     assert_eq!((from, ch, &h[..]), (2, 5, &b"fake hello"[..]));
     // Then garbage: bad magic to node 0, an invalid payload length to node 1.
     to0.write_all(b"\x00garbage garbage garbage").unwrap();
-    let mut bad = FrameHeader { kind: Kind::Data, channel: 0, header_len: 0, payload_len: 0 }.encode();
+    let mut bad = FrameHeader {
+        kind: Kind::Data,
+        channel: 0,
+        header_len: 0,
+        payload_len: 0,
+    }
+    .encode();
     bad[12..16].copy_from_slice(&5000u32.to_le_bytes());
     to1.write_all(&bad).unwrap();
 
     let (node, reason) = next_lost(&ms[0].events());
     assert_eq!(node, 2);
-    assert!(matches!(&reason, LostReason::Protocol(m) if m.contains("bad magic")), "{reason}");
+    assert!(
+        matches!(&reason, LostReason::Protocol(m) if m.contains("bad magic")),
+        "{reason}"
+    );
     let (node, reason) = next_lost(&ms[1].events());
     assert_eq!(node, 2);
-    assert!(matches!(&reason, LostReason::Protocol(m) if m.contains("payload length 5000")), "{reason}");
+    assert!(
+        matches!(&reason, LostReason::Protocol(m) if m.contains("payload length 5000")),
+        "{reason}"
+    );
     wait_log(&["peer lost", "peer=2", "protocol violation", "bad magic"]);
     // The fake's connections were closed.
     let mut buf = [0u8; 16];
     assert!(matches!(to0.read(&mut buf), Ok(0) | Err(_)));
     // Sends to the lost node fail; the real nodes keep working.
-    assert!(matches!(ms[0].sender().send(2, 0, b"x", None), Err(TransportError::PeerLost { node: 2, .. })));
+    assert!(matches!(
+        ms[0].sender().send(2, 0, b"x", None),
+        Err(TransportError::PeerLost { node: 2, .. })
+    ));
     assert!(!ms[0].is_alive(2));
     assert_all_pairs_work(&[&ms[0], &ms[1]]);
 }
@@ -496,12 +624,17 @@ fn establish_timeout_names_missing_nodes() {
         match h.join().unwrap() {
             Err(e @ TransportError::Timeout { .. }) => {
                 assert_eq!(e.to_string(), "timed out after 1s waiting for nodes 2, 3");
-                assert!(matches!(e, TransportError::Timeout { ref missing, .. } if missing == &[2, 3]));
+                assert!(
+                    matches!(e, TransportError::Timeout { ref missing, .. } if missing == &[2, 3])
+                );
             }
             other => panic!("expected a timeout, got {other:?}"),
         }
     }
-    assert!(t0.elapsed() < Duration::from_secs(5), "establish returned promptly");
+    assert!(
+        t0.elapsed() < Duration::from_secs(5),
+        "establish returned promptly"
+    );
 }
 
 #[test]
@@ -514,10 +647,22 @@ fn killed_peer_detected_as_peer_lost() {
     for m in &ms {
         let (node, reason) = next_lost(&m.events());
         assert_eq!(node, 2);
-        assert!(matches!(reason, LostReason::Goodbye | LostReason::Closed | LostReason::Io(_)), "{reason}");
-        assert!(matches!(m.sender().send(2, 0, b"", None), Err(TransportError::PeerLost { node: 2, .. })));
+        assert!(
+            matches!(
+                reason,
+                LostReason::Goodbye | LostReason::Closed | LostReason::Io(_)
+            ),
+            "{reason}"
+        );
+        assert!(matches!(
+            m.sender().send(2, 0, b"", None),
+            Err(TransportError::PeerLost { node: 2, .. })
+        ));
     }
-    assert!(t0.elapsed() < Duration::from_secs(2), "detected immediately");
+    assert!(
+        t0.elapsed() < Duration::from_secs(2),
+        "detected immediately"
+    );
     assert_all_pairs_work(&[&ms[0], &ms[1]]);
 
     // Abrupt: the fake node 2's sockets are closed without a goodbye.
@@ -530,7 +675,10 @@ fn killed_peer_detected_as_peer_lost() {
         assert_eq!(node, 2);
         assert_eq!(reason, LostReason::Closed);
     }
-    assert!(t0.elapsed() < Duration::from_secs(2), "detected immediately");
+    assert!(
+        t0.elapsed() < Duration::from_secs(2),
+        "detected immediately"
+    );
 }
 
 #[test]
@@ -554,7 +702,13 @@ fn silent_peer_detected_by_heartbeat_timeout() {
     for m in &ms {
         assert!(m.events().try_recv().is_err(), "no loss between live nodes");
     }
-    assert!(matches!(ms[1].sender().send(2, 0, b"", None), Err(TransportError::PeerLost { node: 2, reason: LostReason::Timeout(_) })));
+    assert!(matches!(
+        ms[1].sender().send(2, 0, b"", None),
+        Err(TransportError::PeerLost {
+            node: 2,
+            reason: LostReason::Timeout(_)
+        })
+    ));
 }
 
 #[test]
@@ -567,7 +721,10 @@ fn shutdown_is_prompt_idempotent_and_disconnects_events() {
     ms[0].shutdown();
     ms[0].shutdown();
     assert!(t0.elapsed() < Duration::from_secs(2));
-    assert!(matches!(s.send(1, 0, b"", None), Err(TransportError::Shutdown)));
+    assert!(matches!(
+        s.send(1, 0, b"", None),
+        Err(TransportError::Shutdown)
+    ));
     // Only nodes 1 and 2 see node 0 go.
     for m in &ms[1..] {
         assert_eq!(next_lost(&m.events()), (0, LostReason::Goodbye));
@@ -590,7 +747,16 @@ fn echo_pair(tweak0: impl Fn(&mut MeshConfig)) -> (Mesh, Mesh) {
         Mesh::builder(c1)
             .listener(l1)
             .handler(move |ev| {
-                if let (Event::Frame { from, channel, header, payload }, Some(s)) = (ev, e.get()) {
+                if let (
+                    Event::Frame {
+                        from,
+                        channel,
+                        header,
+                        payload,
+                    },
+                    Some(s),
+                ) = (ev, e.get())
+                {
                     let _ = s.send(from, channel, &header, payload.as_deref());
                 }
             })
