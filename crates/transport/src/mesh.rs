@@ -556,8 +556,14 @@ impl MeshBuilder {
     /// Deliver events by calling `handler` directly on the reader thread of the
     /// sending peer instead of through [`Mesh::events`] (lowest latency). It is called
     /// concurrently for different peers, in order for one peer, and already during
-    /// establishment. It must not block for long: while it runs, that peer's
-    /// heartbeats are not read (block longer than `peer_timeout` and the peer is lost).
+    /// establishment (before [`MeshBuilder::establish`] returns). [`Mesh::events`] is
+    /// then a disconnected, empty channel.
+    ///
+    /// The handler should not block for long: while it runs nothing else from that
+    /// peer is read, and if the peer's socket buffers fill up its sends block and,
+    /// after `peer_timeout`, fail and declare this node lost. In particular, a handler
+    /// that itself sends large volumes to a peer whose handler does the same can
+    /// deadlock on full buffers until `peer_timeout`; hand such work to another thread.
     pub fn handler(mut self, handler: impl Fn(Event) + Send + Sync + 'static) -> Self {
         self.handler = Some(Arc::new(handler));
         self
@@ -719,7 +725,7 @@ impl Mesh {
         }
     }
 
-    /// The event stream (empty when a handler was installed with
+    /// The event stream (disconnected and empty when a handler was installed with
     /// [`MeshBuilder::handler`]). It disconnects after [`Mesh::shutdown`].
     pub fn events(&self) -> Receiver<Event> {
         self.events.clone()
@@ -835,10 +841,11 @@ impl Sender {
         if header.len() > MAX_HEADER_LEN {
             return Err(TransportError::HeaderTooLong(header.len()));
         }
-        let payload = payload.unwrap_or(&[]);
-        if !payload.is_empty() && payload.len() != PAGE_SIZE {
-            return Err(TransportError::BadPayload(payload.len()));
-        }
+        let payload = match payload {
+            None => &[][..],
+            Some(p) if p.len() == PAGE_SIZE => p,
+            Some(p) => return Err(TransportError::BadPayload(p.len())),
+        };
         let peer = self.peer(to)?;
         if self.shared.closing.load(Ordering::SeqCst) {
             return Err(TransportError::Shutdown);

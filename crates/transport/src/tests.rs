@@ -814,3 +814,37 @@ fn inject_delay_delays_outgoing_frames() {
         assert!(t.elapsed() >= delay);
     }
 }
+
+#[test]
+fn send_to_frozen_peer_fails_instead_of_blocking() {
+    init_logs();
+    let timeout = Duration::from_millis(600);
+    // The fake node 2 neither reads nor writes: socket buffers fill up.
+    let (ms, _to0, _to1) = two_real_one_fake(timeout);
+    let s = ms[0].sender();
+    let page = PageBuf::new();
+    let t0 = Instant::now();
+    let err = loop {
+        if let Err(e) = s.send(2, 0, b"flood", Some(&page)) {
+            break e;
+        }
+        assert!(t0.elapsed() < WAIT, "send never failed");
+    };
+    assert!(
+        matches!(
+            err,
+            TransportError::PeerLost { node: 2, .. } | TransportError::Io { node: 2, .. }
+        ),
+        "{err}"
+    );
+    assert!(t0.elapsed() < Duration::from_secs(5));
+    assert_eq!(next_lost(&ms[0].events()).0, 2);
+    assert!(matches!(
+        s.send(2, 0, b"", None),
+        Err(TransportError::PeerLost { node: 2, .. })
+    ));
+    assert!(matches!(
+        s.send(1, 0, b"", Some(&[])),
+        Err(TransportError::BadPayload(0))
+    ));
+}
