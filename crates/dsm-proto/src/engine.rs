@@ -485,9 +485,17 @@ impl Engine {
             Msg::Request { .. } | Msg::InvalidateAck { .. } | Msg::Done { .. }
         );
         if to_dir && home != self.me {
-            return Err(unexpected(from, &msg, "this node is not the home of the page"));
+            return Err(unexpected(
+                from,
+                &msg,
+                "this node is not the home of the page",
+            ));
         }
-        if !to_dir && matches!(msg, Msg::Forward { .. } | Msg::Grant { .. } | Msg::Invalidate { .. })
+        if !to_dir
+            && matches!(
+                msg,
+                Msg::Forward { .. } | Msg::Grant { .. } | Msg::Invalidate { .. }
+            )
             && from != home
         {
             return Err(unexpected(from, &msg, "only the home sends this"));
@@ -591,10 +599,9 @@ impl Engine {
     /// it is taken.
     fn cache_supply(&mut self, page: PageId, requester: NodeId, access: Access, ctx: &mut Ctx) {
         let mut c = self.cache_get(page);
-        let keep_write =
-            self.bug == Some(Bug::KeepWriteOnForwardRead) && access == Access::Read;
+        let keep_write = self.bug == Some(Bug::KeepWriteOnForwardRead) && access == Access::Read;
         if c.mapped {
-            if c.access == LocalAccess::Write && !keep_write {
+            if c.access == LocalAccess::Write {
                 ctx.out.push(Action::SetAccess {
                     page,
                     access: LocalAccess::Read,
@@ -617,11 +624,16 @@ impl Engine {
             self.send(ctx, requester, msg, None);
         }
         match access {
-            Access::Read => {
-                if !keep_write {
-                    c.access = LocalAccess::Read;
+            Access::Read if keep_write && c.access == LocalAccess::Write => {
+                // The bug: re-enable writing after the copy was taken.
+                if c.mapped {
+                    ctx.out.push(Action::SetAccess {
+                        page,
+                        access: LocalAccess::Write,
+                    });
                 }
             }
+            Access::Read => c.access = LocalAccess::Read,
             Access::Write => {
                 if c.mapped {
                     ctx.out.push(Action::SetAccess {
@@ -962,7 +974,11 @@ impl Engine {
                 Ok(())
             }
             None if self.bug == Some(Bug::NoDoneWait) => Ok(()),
-            _ => Err(unexpected(from, msg, "no transfer to this node in progress")),
+            _ => Err(unexpected(
+                from,
+                msg,
+                "no transfer to this node in progress",
+            )),
         }
     }
 }
@@ -999,7 +1015,10 @@ mod tests {
             ]
         );
         assert!(e.is_materialized(3));
-        assert_eq!(e.fault(3, Access::Write).unwrap(), [Action::Wake { page: 3 }]);
+        assert_eq!(
+            e.fault(3, Access::Write).unwrap(),
+            [Action::Wake { page: 3 }]
+        );
         assert_eq!(e.stats().spurious_faults, 1);
     }
 
@@ -1008,11 +1027,13 @@ mod tests {
         let mut h = Engine::new(0, 2, 4, Box::new(AllOnNode(0)));
         let mut r = Engine::new(1, 2, 4, Box::new(AllOnNode(0)));
         h.fault(0, Access::Write).unwrap(); // materialise at home
+        assert!(h.is_held(0));
+        assert!(h.release(0).unwrap().is_empty());
         let a = r.fault(0, Access::Read).unwrap();
-        let [(0, req, None)] = sends(&a)[..] else {
+        let [(0, req, None)] = &sends(&a)[..] else {
             panic!("{a:?}")
         };
-        let a = h.receive(1, req).unwrap();
+        let a = h.receive(1, req.clone()).unwrap();
         // write-protect before copying, then send with contents
         assert_eq!(
             a[0],
@@ -1021,12 +1042,13 @@ mod tests {
                 access: LocalAccess::Read
             }
         );
-        let [(1, data, Some(0))] = sends(&a)[..] else {
+        let [(1, data, Some(0))] = &sends(&a)[..] else {
             panic!("{a:?}")
         };
-        let a = r.receive(0, data).unwrap();
+        let a = r.receive(0, data.clone()).unwrap();
         assert!(sends(&a).is_empty(), "no Done for data from home");
         assert_eq!(r.local_access(0), LocalAccess::Read);
+        r.release(0).unwrap();
         assert!(r.is_quiescent() && h.is_quiescent());
     }
 

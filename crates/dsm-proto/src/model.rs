@@ -530,8 +530,7 @@ impl Model {
     pub fn check(&self, s: &State) -> Result<(), Violation> {
         for page in 0..self.cfg.pages {
             let pi = usize::try_from(page).unwrap_or(usize::MAX);
-            let rights: Vec<LocalAccess> =
-                s.engines.iter().map(|e| e.local_access(page)).collect();
+            let rights: Vec<LocalAccess> = s.engines.iter().map(|e| e.local_access(page)).collect();
             let maps: Vec<LocalAccess> = (0..self.cfg.nodes)
                 .map(|n| s.map[self.idx(n, page)])
                 .collect();
@@ -744,7 +743,10 @@ pub fn explore(cfg: &Config, mut progress: impl FnMut(u64)) -> Result<Report, Co
         top.next += 1;
         let mut s = top.state.clone();
         report.transitions += 1;
-        if let Err(v) = model.apply(&mut s, step, None).and_then(|()| model.check(&s)) {
+        if let Err(v) = model
+            .apply(&mut s, step, None)
+            .and_then(|()| model.check(&s))
+        {
             return Err(fail(v, &path(&stack), visited.len() as u64));
         }
         let fp = Model::fingerprint(&s);
@@ -794,8 +796,8 @@ pub fn simulate(cfg: &Config, schedule: &[u32]) -> Result<SimReport, Counterexam
         violation,
         states: path.len() as u64,
     };
-    let limit = 1000
-        + 200 * usize::from(cfg.nodes) * cfg.threads.max(1) * cfg.ops * usize::from(cfg.nodes);
+    let limit =
+        1000 + 200 * usize::from(cfg.nodes) * cfg.threads.max(1) * cfg.ops * usize::from(cfg.nodes);
     let mut rng = 0x9e37_79b9_7f4a_7c15u64;
     loop {
         let steps = model.steps(&s);
@@ -819,7 +821,10 @@ pub fn simulate(cfg: &Config, schedule: &[u32]) -> Result<SimReport, Counterexam
             report.messages += 1;
         }
         report.steps += 1;
-        if let Err(v) = model.apply(&mut s, step, None).and_then(|()| model.check(&s)) {
+        if let Err(v) = model
+            .apply(&mut s, step, None)
+            .and_then(|()| model.check(&s))
+        {
             return Err(fail(v, &path));
         }
         if k > limit {

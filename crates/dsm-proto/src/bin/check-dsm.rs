@@ -24,8 +24,7 @@ fn parse(args: &[String]) -> Result<Config, String> {
         }
         let val = it.next().ok_or_else(|| format!("{flag} needs a value"))?;
         let num = || -> Result<u64, String> {
-            val.parse::<u64>()
-                .map_err(|e| format!("{flag} {val}: {e}"))
+            val.parse::<u64>().map_err(|e| format!("{flag} {val}: {e}"))
         };
         match flag.as_str() {
             "--nodes" => {
@@ -97,7 +96,10 @@ fn main() -> ExitCode {
         }
         Err(cx) => {
             println!("{cx}");
-            println!("states explored before failure: {} ({:.2?})", cx.states, took);
+            println!(
+                "states explored before failure: {} ({:.2?})",
+                cx.states, took
+            );
             ExitCode::FAILURE
         }
     }
