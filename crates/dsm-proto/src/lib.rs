@@ -43,6 +43,11 @@
 //! `Request`, `Forward`, `Data`, then a `Done` off the critical path). A write to a shared
 //! page first invalidates every other copy (acks collected at the home), then grants.
 //!
+//! Progress: every `Wake` starts a *hold* on the page; `Forward`/`Invalidate` orders for
+//! a held page are deferred until the runtime calls [`Engine::release`] (once the woken
+//! threads had a chance to retry), so a page cannot be taken away before the faulting
+//! thread used it (no ping-pong livelock).
+//!
 //! Correctness relies on the transport being **FIFO per ordered pair of nodes** (as TCP
 //! is); messages from different senders may interleave arbitrarily. A reply from the home
 //! needs no `Done` because anything the home sends later to the same node arrives after
