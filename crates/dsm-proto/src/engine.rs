@@ -57,7 +57,7 @@ pub struct Stats {
     pub messages_sent: u64,
     /// Messages received from peers.
     pub messages_received: u64,
-    /// Requests served from this node's directory (including its own).
+    /// Requests received by this node's directory (including its own).
     pub requests_served: u64,
     /// Requests that had to wait in the directory queue because the page was busy.
     pub requests_queued: u64,
@@ -385,6 +385,24 @@ impl Engine {
         }
         self.run_inbox(&mut ctx)?;
         Ok(ctx.out)
+    }
+
+    /// [`Engine::receive`] for a frame that did (`page_data`) or did not carry 4 KiB of
+    /// page contents: refuses a frame whose payload does not match the message.
+    pub fn receive_frame(
+        &mut self,
+        from: NodeId,
+        msg: Msg,
+        page_data: bool,
+    ) -> Result<Vec<Action>, ProtocolError> {
+        if page_data != msg.carries_page() {
+            return Err(unexpected(
+                from,
+                &msg,
+                "page contents missing or unexpected",
+            ));
+        }
+        self.receive(from, msg)
     }
 
     // ----------------------------------------------------------------- plumbing
@@ -1120,6 +1138,12 @@ mod tests {
             assert_eq!(before, e);
         }
         assert!(e.fault(4, Access::Read).is_err());
+        let data = Msg::Data {
+            page: 0,
+            access: Access::Read,
+            zero: false,
+        };
+        assert!(e.receive_frame(0, data, false).is_err());
         // A duplicate request is refused too.
         let req = Msg::Request {
             page: 1,
