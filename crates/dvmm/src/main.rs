@@ -1,0 +1,105 @@
+//! `dvmm`: the one binary of the distributed virtual machine monitor.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use vmm::compat::HostKind;
+use vmm::devices::ConsoleOut;
+use vmm::memory::parse_size;
+use vmm::{GuestEnd, VmConfig};
+
+/// The guest kernel `make guest` builds.
+const DEFAULT_KERNEL: &str = "guest/out/vmlinux";
+
+#[derive(Parser)]
+#[command(name = "dvmm", version, about = "A distributed virtual machine monitor")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run a guest on a local cluster started by this command.
+    Run(RunArgs),
+}
+
+#[derive(clap::Args)]
+struct RunArgs {
+    /// Number of node processes.
+    #[arg(long, default_value_t = 1)]
+    nodes: usize,
+    /// Number of vCPUs of the guest.
+    #[arg(long, default_value_t = 1)]
+    vcpus: usize,
+    /// Guest memory, e.g. 512M or 1G.
+    #[arg(long, default_value = "512M", value_parser = parse_size)]
+    memory: u64,
+    /// Kernel image (ELF vmlinux or bzImage).
+    #[arg(long, default_value = DEFAULT_KERNEL)]
+    kernel: PathBuf,
+    /// Initial ramdisk.
+    #[arg(long)]
+    initrd: Option<PathBuf>,
+    /// Appended to the kernel command line the VMM needs (console, reboot policy, host quirks).
+    #[arg(long, default_value = "")]
+    cmdline: String,
+    /// Stop the guest with an error after this many seconds (0 = never).
+    #[arg(long, default_value_t = 0)]
+    timeout: u64,
+}
+
+fn run(args: RunArgs) -> Result<(), String> {
+    if args.nodes != 1 {
+        return Err(format!(
+            "--nodes {}: multi-node clusters are not available in this build yet",
+            args.nodes
+        ));
+    }
+    let (console, _watch) = ConsoleOut::new(Box::new(std::io::stdout()));
+    let report = vmm::run(VmConfig {
+        vcpus: args.vcpus,
+        memory: args.memory,
+        kernel: args.kernel,
+        initrd: args.initrd,
+        cmdline_extra: args.cmdline,
+        console,
+        host: HostKind::detect(),
+        timeout: (args.timeout > 0).then(|| std::time::Duration::from_secs(args.timeout)),
+    })
+    .map_err(|e| e.to_string())?;
+    let how = match report.end {
+        GuestEnd::PowerOff => "powered off",
+        GuestEnd::Reboot => "asked for a reboot",
+    };
+    eprintln!(
+        "\ndvmm: guest {how} after {:.1} s",
+        report.elapsed.as_secs_f64()
+    );
+    for line in &report.vcpu_stats {
+        eprintln!("dvmm: stats {line}");
+    }
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("DVMM_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .init();
+    let cli = Cli::parse();
+    let r = match cli.command {
+        Command::Run(a) => run(a),
+    };
+    match r {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("dvmm: error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

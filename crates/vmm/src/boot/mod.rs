@@ -1,0 +1,185 @@
+//! Loading the guest kernel and describing the machine to it.
+//!
+//! Memory map used at boot (guest physical):
+//!
+//! | address    | what                                   |
+//! |------------|----------------------------------------|
+//! | 0x500      | GDT                                    |
+//! | 0x520      | IDT (empty)                            |
+//! | 0x7000     | zero page (`boot_params`)              |
+//! | 0x8ff0     | initial stack pointer                  |
+//! | 0x9000     | PML4, then PDPT (0xa000), PDs (0xb000) |
+//! | 0x20000    | kernel command line                    |
+//! | 0x9fc00    | MP table                               |
+//! | 0x100000   | kernel (ELF at its physical addresses) |
+//! | top of RAM | initrd                                 |
+
+pub mod mptable;
+pub mod params;
+pub mod regs;
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+
+use linux_loader::loader::{bzimage::BzImage, elf::Elf, KernelLoader};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+
+/// Where the kernel's high part is loaded (bzImage) / the lowest ELF address accepted.
+pub const HIMEM_START: u64 = 0x10_0000;
+/// The zero page.
+pub const ZERO_PAGE_START: u64 = 0x7000;
+/// The command line.
+pub const CMDLINE_START: u64 = 0x2_0000;
+/// Maximum command-line size (including the NUL).
+pub const CMDLINE_MAX: usize = 4096;
+
+/// Errors while loading the kernel or writing boot data.
+#[derive(Debug, thiserror::Error)]
+pub enum BootError {
+    /// The kernel file cannot be opened.
+    #[error("cannot open kernel {path}: {source}")]
+    OpenKernel {
+        /// Path.
+        path: PathBuf,
+        /// Cause.
+        source: std::io::Error,
+    },
+    /// The kernel file is neither an x86-64 ELF vmlinux nor a bzImage.
+    #[error("{path} is not a Linux kernel this VMM can boot (an x86-64 ELF vmlinux or a bzImage): {elf}; {bz}")]
+    NotAKernel {
+        /// Path.
+        path: PathBuf,
+        /// Why ELF loading failed.
+        elf: String,
+        /// Why bzImage loading failed.
+        bz: String,
+    },
+    /// The initrd cannot be read.
+    #[error("cannot read initrd {path}: {source}")]
+    Initrd {
+        /// Path.
+        path: PathBuf,
+        /// Cause.
+        source: std::io::Error,
+    },
+    /// The initrd does not fit.
+    #[error("initrd of {0} bytes does not fit in guest memory")]
+    InitrdTooLarge(u64),
+    /// The command line is invalid or too long.
+    #[error("invalid kernel command line: {0}")]
+    Cmdline(String),
+    /// Writing to guest memory failed.
+    #[error("cannot write boot data into guest memory: {0}")]
+    Memory(String),
+    /// MP table.
+    #[error(transparent)]
+    MpTable(#[from] mptable::MpTableError),
+}
+
+/// What the boot vCPU needs to start the kernel.
+#[derive(Debug, Clone, Copy)]
+pub struct BootInfo {
+    /// 64-bit entry point.
+    pub entry: u64,
+    /// Guest-physical address of the zero page.
+    pub zero_page: u64,
+}
+
+/// Everything needed to boot.
+#[derive(Debug, Clone)]
+pub struct BootSpec<'a> {
+    /// Kernel image path.
+    pub kernel: &'a Path,
+    /// Optional initrd path.
+    pub initrd: Option<&'a Path>,
+    /// The full kernel command line.
+    pub cmdline: &'a str,
+    /// Number of vCPUs (for the MP table).
+    pub vcpus: usize,
+}
+
+/// Loads the kernel, initrd and command line and writes the zero page, e820 map, MP
+/// table, GDT and page tables. Returns where the boot vCPU starts.
+pub fn load(mem: &GuestMemoryMmap, spec: &BootSpec<'_>) -> Result<BootInfo, BootError> {
+    let mut file = File::open(spec.kernel).map_err(|source| BootError::OpenKernel {
+        path: spec.kernel.to_path_buf(),
+        source,
+    })?;
+    let (entry, setup_header) =
+        match Elf::load(mem, None, &mut file, Some(GuestAddress(HIMEM_START))) {
+            Ok(r) => (r.kernel_load.0, None),
+            Err(elf_err) => match BzImage::load(mem, None, &mut file, Some(GuestAddress(HIMEM_START))) {
+                // The 64-bit entry of a bzImage is 0x200 past the protected-mode code.
+                Ok(r) => (r.kernel_load.0 + 0x200, r.setup_header),
+                Err(bz_err) => {
+                    return Err(BootError::NotAKernel {
+                        path: spec.kernel.to_path_buf(),
+                        elf: elf_err.to_string(),
+                        bz: bz_err.to_string(),
+                    })
+                }
+            },
+        };
+
+    let mut cmdline = linux_loader::cmdline::Cmdline::new(CMDLINE_MAX)
+        .map_err(|e| BootError::Cmdline(e.to_string()))?;
+    cmdline
+        .insert_str(spec.cmdline)
+        .map_err(|e| BootError::Cmdline(e.to_string()))?;
+    linux_loader::loader::load_cmdline(mem, GuestAddress(CMDLINE_START), &cmdline)
+        .map_err(|e| BootError::Cmdline(e.to_string()))?;
+    let cmdline_len = cmdline
+        .as_cstring()
+        .map_err(|e| BootError::Cmdline(e.to_string()))?
+        .as_bytes()
+        .len();
+
+    let initrd = match spec.initrd {
+        None => None,
+        Some(path) => Some(load_initrd(mem, path)?),
+    };
+
+    let ram = mem_ranges(mem);
+    let zp = params::ZeroPage {
+        setup_header,
+        cmdline_addr: CMDLINE_START,
+        cmdline_len,
+        initrd,
+        ram: &ram,
+    };
+    params::write_zero_page(mem, GuestAddress(ZERO_PAGE_START), &zp)?;
+    mptable::write(mem, spec.vcpus)?;
+    regs::write_boot_tables(mem).map_err(|e| BootError::Memory(e.to_string()))?;
+    Ok(BootInfo {
+        entry,
+        zero_page: ZERO_PAGE_START,
+    })
+}
+
+fn mem_ranges(mem: &GuestMemoryMmap) -> Vec<(u64, u64)> {
+    use vm_memory::GuestMemoryRegion;
+    mem.iter().map(|r| (r.start_addr().0, r.len())).collect()
+}
+
+/// Places the initrd at the top of low RAM (below 896 MiB so any kernel can reach it),
+/// page aligned. Returns (address, size).
+fn load_initrd(mem: &GuestMemoryMmap, path: &Path) -> Result<(u64, u64), BootError> {
+    let data = std::fs::read(path).map_err(|source| BootError::Initrd {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let size = data.len() as u64;
+    let low_end = mem_ranges(mem)
+        .first()
+        .map(|(s, l)| s + l)
+        .unwrap_or(0)
+        .min(0x3800_0000);
+    let addr = low_end
+        .checked_sub(size)
+        .map(|a| a & !0xfff)
+        .filter(|a| *a >= 16 << 20)
+        .ok_or(BootError::InitrdTooLarge(size))?;
+    mem.write_slice(&data, GuestAddress(addr))
+        .map_err(|e| BootError::Memory(e.to_string()))?;
+    Ok((addr, size))
+}

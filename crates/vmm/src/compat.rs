@@ -1,0 +1,157 @@
+//! Host compatibility: what a software-backed KVM (no VMX/SVM, e.g. the `kvm_pvm`
+//! backend) needs that a hardware-virtualized host does not.
+//!
+//! Everything that differs between the two kinds of host is decided here, once, from
+//! [`HostKind::detect`]:
+//!
+//! * **CPUID.** On a software backend `KVM_SET_CPUID2` has no visible effect: the guest
+//!   sees the host's CPUID. Features whose instructions the backend's emulator cannot run
+//!   (XSAVE/XRSTOR, CLAC/STAC, POPCNT, AVX...) are therefore turned off through the
+//!   kernel command line ([`HostKind::extra_cmdline`]). On a hardware host the VMM's own
+//!   CPUID table is in force and nothing is added.
+//! * **Paravirtual features.** The host's CPUID, which the guest sees here, announces
+//!   the outer hypervisor's KVM paravirtual features (PV IPIs, PV spinlock kicks, PV
+//!   EOI) whose hypercalls this host's KVM would handle with an in-kernel LAPIC that
+//!   does not exist: IPIs sent that way are lost and the guest hangs at SMP bring-up.
+//!   `clearcpuid=hypervisor` hides the hypervisor from the guest, and with it every PV
+//!   feature, kvmclock included; the VMM then tells the kernel its TSC frequency with
+//!   `tsc_early_khz=` (see [`HostKind::tsc_cmdline`]). On a hardware host the VMM's own
+//!   CPUID table keeps kvmclock and drops the PV features that need an in-kernel LAPIC.
+//! * **Timers.** Nothing to do: the guest uses the TSC-deadline timer, whose MSR the
+//!   VMM traps (MSR filter) to the user-space LAPIC on both kinds of host. With it Linux
+//!   needs neither a PIT nor a LAPIC timer calibration.
+//! * **`int3` in the guest kernel.** The backend's emulator fails on `int3` with
+//!   `KVM_EXIT_INTERNAL_ERROR` (suberror 1, emulation) carrying the instruction bytes.
+//!   [`handle_emulation_failure`] recognises that case, steps over the `0xcc` and injects
+//!   the #BP exception the guest expects, so its int3 self-test and kprobes work.
+//!   `fwait` fails the same way and is stepped over (see [`EmulationFix::SkipFwait`]).
+
+/// Which kind of KVM this host has.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HostKind {
+    /// VMX or SVM: the ordinary path.
+    Hardware,
+    /// KVM without hardware virtualization (software backend).
+    Software,
+}
+
+/// Command-line options a software backend needs (see the module docs).
+pub const SOFTWARE_CMDLINE: &str = "clearcpuid=hypervisor,xsave,smap,smep,popcnt,avx,avx2,bmi1,bmi2,fsgsbase,erms,fsrm,rdrand,rdseed,pcid,invpcid,pku,umip";
+
+impl HostKind {
+    /// Detects the host kind from the CPU flags the host kernel reports.
+    pub fn detect() -> Self {
+        let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+        Self::from_cpuinfo(&cpuinfo)
+    }
+
+    /// Decides from the text of /proc/cpuinfo.
+    pub fn from_cpuinfo(cpuinfo: &str) -> Self {
+        let hw = cpuinfo
+            .lines()
+            .filter(|l| l.starts_with("flags"))
+            .any(|l| l.split_whitespace().any(|f| f == "vmx" || f == "svm"));
+        if hw {
+            HostKind::Hardware
+        } else {
+            HostKind::Software
+        }
+    }
+
+    /// The command-line option that gives the guest its TSC frequency, where the host
+    /// needs it (no kvmclock on a software backend, see the module docs).
+    pub fn tsc_cmdline(self, tsc_khz: u32) -> String {
+        match self {
+            HostKind::Hardware => String::new(),
+            HostKind::Software => format!("tsc_early_khz={tsc_khz}"),
+        }
+    }
+
+    /// Kernel command-line options this host needs, appended after the VMM's defaults.
+    pub fn extra_cmdline(self) -> &'static str {
+        match self {
+            HostKind::Hardware => "",
+            HostKind::Software => SOFTWARE_CMDLINE,
+        }
+    }
+}
+
+/// What to do after an emulation failure.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EmulationFix {
+    /// The guest executed `int3`: advance RIP by one and inject #BP (vector 3).
+    Int3,
+    /// The guest executed `fwait` (0x9b), which the emulator cannot run: advance RIP by
+    /// one. The kernel issues it only to flush pending x87 exceptions (e.g. in
+    /// `fpu__drop` when a task exits), and with exceptions masked there are none.
+    SkipFwait,
+    /// Not something this module knows how to fix.
+    Unhandled,
+}
+
+/// KVM_INTERNAL_ERROR_EMULATION.
+pub const INTERNAL_ERROR_EMULATION: u32 = 1;
+
+/// Classifies a `KVM_EXIT_INTERNAL_ERROR` from its suberror and data words. With the
+/// emulation suberror the data holds the instruction length and bytes (the layout
+/// differs between backends), so an `int3` is recognised by the first instruction byte
+/// being 0xcc where the data reports the bytes.
+pub fn handle_emulation_failure(suberror: u32, data: &[u64]) -> EmulationFix {
+    if suberror != INTERNAL_ERROR_EMULATION {
+        return EmulationFix::Unhandled;
+    }
+    // With KVM_INTERNAL_ERROR_EMULATION_FLAG_INSTRUCTION_BYTES (bit 0 of data[0]) the
+    // kernel's layout is: u64 flags, then u8 insn_size followed by 15 instruction bytes,
+    // so data[1] holds the size in its low byte and the first instruction byte above it.
+    let first = match data {
+        [flags, insn, ..] if flags & 1 == 1 && (1..=15).contains(&(insn & 0xff)) => {
+            Some(((insn >> 8) & 0xff) as u8)
+        }
+        _ => None,
+    };
+    match first {
+        Some(0xcc) => EmulationFix::Int3,
+        Some(0x9b) => EmulationFix::SkipFwait,
+        _ => EmulationFix::Unhandled,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn detects_host_kind() {
+        assert_eq!(
+            HostKind::from_cpuinfo("flags\t\t: fpu vme de pse tsc msr svm lm\n"),
+            HostKind::Hardware
+        );
+        assert_eq!(
+            HostKind::from_cpuinfo("flags\t\t: fpu vme vmx\n"),
+            HostKind::Hardware
+        );
+        assert_eq!(
+            HostKind::from_cpuinfo("flags\t\t: fpu vme de pse tsc hypervisor\n"),
+            HostKind::Software
+        );
+        assert_eq!(HostKind::Hardware.extra_cmdline(), "");
+        assert!(HostKind::Software.extra_cmdline().contains("xsave"));
+        assert!(HostKind::Software.extra_cmdline().contains("hypervisor"));
+        assert_eq!(HostKind::Software.tsc_cmdline(2_596_000), "tsc_early_khz=2596000");
+        assert_eq!(HostKind::Hardware.tsc_cmdline(2_596_000), "");
+    }
+
+    #[test]
+    fn recognises_int3() {
+        // As seen on this host: flags = 1, insn_size = 15, bytes cc 90 90 90 90 ...
+        let seen = [1, 0x7c83_9090_9090_cc0f, 0x480b_0f02_7401_0424, 0x1000];
+        assert_eq!(handle_emulation_failure(1, &seen), EmulationFix::Int3);
+        assert_eq!(handle_emulation_failure(1, &[1, 0x01_0f03]), EmulationFix::Unhandled);
+        assert_eq!(handle_emulation_failure(1, &[0, 0xcc01]), EmulationFix::Unhandled);
+        assert_eq!(handle_emulation_failure(3, &seen), EmulationFix::Unhandled);
+        // fwait in fpu__drop, as seen on this host.
+        let fwait = [1, 0x40d0_05c7_4865_9b0f, 0x65c3_0000_0000_7f00, 0x1000];
+        assert_eq!(handle_emulation_failure(1, &fwait), EmulationFix::SkipFwait);
+        assert_eq!(handle_emulation_failure(1, &[]), EmulationFix::Unhandled);
+    }
+}

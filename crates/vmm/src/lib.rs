@@ -1,0 +1,26 @@
+//! The dvmm virtual machine monitor core.
+//!
+//! One [`vm::Vm`] is the part of the guest machine that runs in this process: its vCPUs
+//! under KVM, its view of guest memory, and (on the I/O node) the devices. The crate is
+//! laid out like the machine:
+//!
+//! * [`memory`]: guest RAM layout and the host mapping behind it;
+//! * [`boot`]: kernel loading (ELF vmlinux or bzImage, via linux-loader), boot params,
+//!   e820 map, command line, MP table, and the 64-bit entry state of the boot vCPU;
+//! * [`vcpu`]: the vCPU thread, its explicit run state, and exit dispatch;
+//! * [`irq`]: the interrupt routing decision ("which vCPU, here or elsewhere") behind one
+//!   interface, on top of the user-space LAPIC/IOAPIC models of the `irqchip` crate;
+//! * [`devices`]: the 16550 serial console (vm-superio) and the few legacy ports a PC has;
+//! * [`compat`]: what this host's KVM needs that a hardware-virtualized host does not.
+#![deny(missing_docs)]
+
+pub mod boot;
+pub mod compat;
+pub mod devices;
+pub mod irq;
+pub mod memory;
+pub mod stats;
+pub mod vcpu;
+pub mod vm;
+
+pub use vm::{run, GuestEnd, RunReport, VmConfig, VmError};

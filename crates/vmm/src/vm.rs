@@ -1,0 +1,493 @@
+//! One VM in this process: creation, the vCPU threads, the LAPIC timer thread, and how a
+//! run ends.
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+use irqchip::{InterruptMessage, IoApic};
+use kvm_ioctls::{Kvm, VmFd};
+use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+
+use crate::boot::{self, mptable, BootSpec};
+use crate::compat::HostKind;
+use crate::devices::{ConsoleOut, ConsoleWatch, Devices, PortEvent};
+use crate::irq::Router;
+use crate::memory::{self, MemoryError};
+use crate::vcpu::{self, Start, VcpuEnd, VcpuEnv, VcpuError, VcpuHandle, IOAPIC_BASE};
+
+/// Options the VMM always puts on the guest command line.
+pub const DEFAULT_CMDLINE: &str =
+    "console=ttyS0 earlyprintk=serial,ttyS0 reboot=k panic=-1 no_timer_check tsc=reliable";
+
+/// How to run a VM.
+pub struct VmConfig {
+    /// Number of vCPUs.
+    pub vcpus: usize,
+    /// Guest RAM in bytes.
+    pub memory: u64,
+    /// Kernel image.
+    pub kernel: PathBuf,
+    /// Optional initrd.
+    pub initrd: Option<PathBuf>,
+    /// Appended to the VMM's default command line.
+    pub cmdline_extra: String,
+    /// Where the console goes.
+    pub console: ConsoleOut,
+    /// The host kind (normally [`HostKind::detect`]).
+    pub host: HostKind,
+    /// Stop the guest with an error if it has not ended after this long.
+    pub timeout: Option<Duration>,
+}
+
+/// How the guest ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GuestEnd {
+    /// Powered off (ACPI-less Linux halts every CPU with interrupts disabled).
+    PowerOff,
+    /// Asked for a reboot (i8042 reset), which ends the run.
+    Reboot,
+}
+
+/// Errors of a VM run.
+#[derive(Debug, thiserror::Error)]
+pub enum VmError {
+    /// Bad configuration.
+    #[error("{0}")]
+    Config(String),
+    /// /dev/kvm is missing or unusable.
+    #[error("cannot use KVM (/dev/kvm): {0}")]
+    Kvm(String),
+    /// Guest memory.
+    #[error(transparent)]
+    Memory(#[from] MemoryError),
+    /// Kernel loading.
+    #[error(transparent)]
+    Boot(#[from] boot::BootError),
+    /// A vCPU failed.
+    #[error(transparent)]
+    Vcpu(#[from] VcpuError),
+    /// The guest kernel panicked.
+    #[error("the guest kernel panicked (see the console output above)")]
+    GuestPanic,
+    /// The guest did not end in time.
+    #[error("the guest did not end within {0:?} (vCPU counters: {1})")]
+    Timeout(Duration, String),
+    /// A thread could not be started.
+    #[error("cannot start thread: {0}")]
+    Thread(std::io::Error),
+}
+
+/// The result of a run, with the counters.
+#[derive(Debug)]
+pub struct RunReport {
+    /// How the guest ended.
+    pub end: GuestEnd,
+    /// One line per vCPU with its exit counters.
+    pub vcpu_stats: Vec<String>,
+    /// Wall time of the run.
+    pub elapsed: Duration,
+}
+
+struct Shared {
+    start: Instant,
+    stop: AtomicBool,
+    outcome: Mutex<Option<Result<GuestEnd, VmError>>>,
+    outcome_cv: Condvar,
+    dead_halted: AtomicUsize,
+    handles: Vec<Arc<VcpuHandle>>,
+    router: Arc<Router>,
+    ioapic: Arc<Mutex<IoApic>>,
+    devices: Mutex<Devices>,
+    timer_lock: Mutex<u64>,
+    timer_cv: Condvar,
+    console: ConsoleWatch,
+    dump: AtomicBool,
+}
+
+impl Shared {
+    fn finish(&self, r: Result<GuestEnd, VmError>) {
+        {
+            let mut o = self.outcome.lock().unwrap_or_else(|p| p.into_inner());
+            if o.is_none() {
+                *o = Some(r);
+            }
+        }
+        self.stop.store(true, Ordering::SeqCst);
+        self.outcome_cv.notify_all();
+        self.timer_cv.notify_all();
+        for h in &self.handles {
+            h.wake();
+        }
+    }
+}
+
+impl VcpuEnv for Shared {
+    fn now_ns(&self) -> u64 {
+        self.start.elapsed().as_nanos() as u64
+    }
+    fn stopping(&self) -> bool {
+        self.stop.load(Ordering::SeqCst)
+    }
+    fn pio_read(&self, _vcpu: usize, port: u16, data: &mut [u8]) {
+        self.devices
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .pio_read(port, data)
+    }
+    fn pio_write(&self, _vcpu: usize, port: u16, data: &[u8]) -> PortEvent {
+        self.devices
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .pio_write(port, data)
+    }
+    fn mmio_read(&self, _vcpu: usize, addr: u64, data: &mut [u8]) {
+        if (IOAPIC_BASE..IOAPIC_BASE + 0x1000).contains(&addr) {
+            let v = self
+                .ioapic
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .read(addr - IOAPIC_BASE);
+            let b = v.to_le_bytes();
+            for (i, d) in data.iter_mut().enumerate() {
+                *d = b.get(i).copied().unwrap_or(0);
+            }
+        } else {
+            data.fill(0xff);
+        }
+    }
+    fn mmio_write(&self, _vcpu: usize, addr: u64, data: &[u8]) {
+        if (IOAPIC_BASE..IOAPIC_BASE + 0x1000).contains(&addr) {
+            let mut b = [0u8; 4];
+            let n = data.len().min(4);
+            b[..n].copy_from_slice(&data[..n]);
+            let msgs = self
+                .ioapic
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .write(addr - IOAPIC_BASE, u32::from_le_bytes(b));
+            for m in msgs {
+                self.router.send(&m);
+            }
+        }
+    }
+    fn send_ipi(&self, _vcpu: usize, msg: &InterruptMessage) {
+        self.router.send(msg)
+    }
+    fn eoi(&self, vector: u8) {
+        self.router.eoi(vector)
+    }
+    fn set_logical(&self, vcpu: usize, ldr: u32, dfr: u32) {
+        self.router.set_logical(vcpu, ldr, dfr)
+    }
+    fn timer_changed(&self) {
+        let mut g = self.timer_lock.lock().unwrap_or_else(|p| p.into_inner());
+        *g += 1;
+        self.timer_cv.notify_all();
+    }
+    fn dump_requested(&self) -> bool {
+        self.dump.load(Ordering::SeqCst)
+    }
+    fn dead_halt(&self, _vcpu: usize, halted: bool) {
+        if halted {
+            let n = self.dead_halted.fetch_add(1, Ordering::SeqCst) + 1;
+            if n == self.handles.len() {
+                self.finish(Ok(GuestEnd::PowerOff));
+            }
+        } else {
+            self.dead_halted.fetch_sub(1, Ordering::SeqCst);
+        }
+    }
+}
+
+/// The LAPIC timer thread: fires due timers and sleeps until the next deadline.
+fn timer_thread(shared: &Shared) {
+    let mut seen = 0u64;
+    while !shared.stopping() {
+        let now = shared.now_ns();
+        let mut next: Option<u64> = None;
+        for h in &shared.handles {
+            let mut l = h.lapic();
+            if l.timer_deadline_ns().is_some_and(|d| d <= now) {
+                l.poll_timer(now);
+                drop(l);
+                h.wake();
+                l = h.lapic();
+            }
+            if let Some(d) = l.timer_deadline_ns() {
+                next = Some(next.map_or(d, |n: u64| n.min(d)));
+            }
+        }
+        let g = shared.timer_lock.lock().unwrap_or_else(|p| p.into_inner());
+        if *g != seen {
+            seen = *g;
+            continue;
+        }
+        let wait = match next {
+            Some(d) => Duration::from_nanos(d.saturating_sub(shared.now_ns())),
+            None => Duration::from_millis(100),
+        }
+        .min(Duration::from_millis(100));
+        let (g, _) = shared
+            .timer_cv
+            .wait_timeout(g, wait)
+            .unwrap_or_else(|p| p.into_inner());
+        seen = *g;
+    }
+}
+
+/// Validates the parts of a configuration that do not need KVM.
+pub fn validate(vcpus: usize, memory: u64) -> Result<(), VmError> {
+    if vcpus == 0 || vcpus > mptable::MAX_CPUS {
+        return Err(VmError::Config(format!(
+            "{vcpus} vCPUs is not possible: use 1 to {}",
+            mptable::MAX_CPUS
+        )));
+    }
+    memory::ram_ranges(memory)?;
+    Ok(())
+}
+
+fn create_vm(kvm: &Kvm, mem: &GuestMemoryMmap) -> Result<VmFd, VmError> {
+    let vm = kvm
+        .create_vm()
+        .map_err(|e| VmError::Kvm(format!("KVM_CREATE_VM: {e}")))?;
+    for (slot, region) in mem.iter().enumerate() {
+        let r = kvm_bindings::kvm_userspace_memory_region {
+            slot: slot as u32,
+            flags: 0,
+            guest_phys_addr: region.start_addr().0,
+            memory_size: region.len(),
+            userspace_addr: region.as_ptr() as u64,
+        };
+        // SAFETY: the region is a live mapping owned by `mem`, which outlives the VM
+        // (run() keeps it until every vCPU thread has been joined).
+        unsafe { vm.set_user_memory_region(r) }
+            .map_err(|e| VmError::Kvm(format!("KVM_SET_USER_MEMORY_REGION: {e}")))?;
+    }
+    // The TSC-deadline MSR belongs to the user-space LAPIC: have KVM exit on it.
+    let cap = kvm_bindings::kvm_enable_cap {
+        cap: kvm_bindings::KVM_CAP_X86_USER_SPACE_MSR,
+        args: [u64::from(kvm_bindings::KVM_MSR_EXIT_REASON_FILTER), 0, 0, 0],
+        ..Default::default()
+    };
+    vm.enable_cap(&cap)
+        .map_err(|e| VmError::Kvm(format!("KVM_CAP_X86_USER_SPACE_MSR: {e}")))?;
+    let bitmap = [0u8; 1];
+    vm.set_msr_filter(
+        kvm_ioctls::MsrFilterDefaultAction::ALLOW,
+        &[kvm_ioctls::MsrFilterRange {
+            flags: kvm_ioctls::MsrFilterRangeFlags::READ | kvm_ioctls::MsrFilterRangeFlags::WRITE,
+            base: vcpu::MSR_TSC_DEADLINE,
+            msr_count: 1,
+            bitmap: &bitmap,
+        }],
+    )
+    .map_err(|e| VmError::Kvm(format!("KVM_X86_SET_MSR_FILTER: {e}")))?;
+    // Needed by Intel VMX without unrestricted guest; harmless elsewhere.
+    let _ = vm.set_tss_address(0xfffb_d000);
+    Ok(vm)
+}
+
+/// KVM_FEATURE_CLOCKSOURCE, NOP_IO_DELAY, CLOCKSOURCE2, CLOCKSOURCE_STABLE_BIT (24).
+const KVM_PV_FEATURES_KEPT: u32 = (1 << 0) | (1 << 1) | (1 << 3) | (1 << 24);
+
+fn set_cpuid(kvm: &Kvm, vcpu: &kvm_ioctls::VcpuFd, index: usize) -> Result<(), VmError> {
+    let mut cpuid = kvm
+        .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
+        .map_err(|e| VmError::Kvm(format!("KVM_GET_SUPPORTED_CPUID: {e}")))?;
+    for e in cpuid.as_mut_slice() {
+        match e.function {
+            1 => {
+                e.ebx = (e.ebx & 0x00ff_ffff) | ((index as u32) << 24);
+                e.ecx |= 1 << 24; // TSC-deadline timer (MSR trapped to the user-space LAPIC)
+                e.ecx &= !(1 << 21); // no x2APIC
+            }
+            0xb | 0x1f => e.edx = index as u32,
+            // KVM paravirtual features: keep the clock, drop what needs an in-kernel
+            // LAPIC (PV IPIs, PV EOI, PV spinlock kicks, async PF interrupts...).
+            0x4000_0001 => e.eax &= KVM_PV_FEATURES_KEPT,
+            _ => {}
+        }
+    }
+    vcpu.set_cpuid2(&cpuid)
+        .map_err(|e| VmError::Kvm(format!("KVM_SET_CPUID2: {e}")))
+}
+
+/// The full kernel command line for a host kind and the user's extra options.
+pub fn cmdline(host: HostKind, extra: &str) -> String {
+    [DEFAULT_CMDLINE, host.extra_cmdline(), extra]
+        .iter()
+        .filter(|s| !s.trim().is_empty())
+        .map(|s| s.trim())
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// Creates the VM, boots the kernel and runs until the guest ends.
+pub fn run(cfg: VmConfig) -> Result<RunReport, VmError> {
+    validate(cfg.vcpus, cfg.memory)?;
+    if !cfg.kernel.is_file() {
+        return Err(VmError::Config(format!(
+            "kernel {} not found (build one with `make guest`, or pass --kernel)",
+            cfg.kernel.display()
+        )));
+    }
+    let kvm = Kvm::new().map_err(|e| VmError::Kvm(e.to_string()))?;
+    let max = kvm.get_max_vcpus();
+    if cfg.vcpus > max {
+        return Err(VmError::Config(format!(
+            "{} vCPUs is not possible: this host's KVM allows at most {max}",
+            cfg.vcpus
+        )));
+    }
+    let mem = memory::create_guest_memory(cfg.memory)?;
+    let vm = create_vm(&kvm, &mem)?;
+    vcpu::install_kick_handler().map_err(|e| VmError::Kvm(format!("signal handler: {e}")))?;
+    let ioapic = Arc::new(Mutex::new(IoApic::new(mptable::ioapic_id(cfg.vcpus))));
+    let router = Arc::new(Router::new(cfg.vcpus, ioapic.clone()));
+    let handles: Vec<Arc<VcpuHandle>> = (0..cfg.vcpus).map(|i| Arc::new(VcpuHandle::new(i))).collect();
+    for h in &handles {
+        router.set_target(h.index, h.clone());
+    }
+    let console = cfg.console.watch();
+    let devices = Devices::new(cfg.console, router.clone());
+    let shared = Arc::new(Shared {
+        start: Instant::now(),
+        stop: AtomicBool::new(false),
+        outcome: Mutex::new(None),
+        outcome_cv: Condvar::new(),
+        dead_halted: AtomicUsize::new(0),
+        handles: handles.clone(),
+        router,
+        ioapic,
+        devices: Mutex::new(devices),
+        timer_lock: Mutex::new(0),
+        timer_cv: Condvar::new(),
+        console,
+        dump: AtomicBool::new(false),
+    });
+
+    let mut vcpus = Vec::new();
+    for i in 0..cfg.vcpus {
+        let fd = vm
+            .create_vcpu(i as u64)
+            .map_err(|e| VmError::Kvm(format!("KVM_CREATE_VCPU {i}: {e}")))?;
+        set_cpuid(&kvm, &fd, i).or_else(|e| match cfg.host {
+            // A software backend ignores the table anyway (see compat).
+            HostKind::Software => Ok(()),
+            HostKind::Hardware => Err(e),
+        })?;
+        vcpus.push(fd);
+    }
+
+    let tsc_khz = vcpus[0]
+        .get_tsc_khz()
+        .map_err(|e| VmError::Kvm(format!("KVM_GET_TSC_KHZ: {e}")))?;
+    let host_opts = cfg.host.tsc_cmdline(tsc_khz);
+    let full_cmdline = cmdline(cfg.host, &format!("{host_opts} {}", cfg.cmdline_extra));
+    tracing::info!(cmdline = %full_cmdline, "booting");
+    let boot_info = boot::load(
+        &mem,
+        &BootSpec {
+            kernel: &cfg.kernel,
+            initrd: cfg.initrd.as_deref(),
+            cmdline: &full_cmdline,
+            vcpus: cfg.vcpus,
+        },
+    )?;
+
+    let mut threads = Vec::new();
+    {
+        let s = shared.clone();
+        threads.push(
+            std::thread::Builder::new()
+                .name("lapic-timer".into())
+                .spawn(move || timer_thread(&s))
+                .map_err(VmError::Thread)?,
+        );
+    }
+    for (i, fd) in vcpus.into_iter().enumerate() {
+        let s = shared.clone();
+        let h = handles[i].clone();
+        let start = if i == 0 { Start::Boot(boot_info) } else { Start::Ap };
+        let t = std::thread::Builder::new()
+            .name(format!("vcpu{i}"))
+            .spawn(move || {
+                let r = vcpu::run(fd, &h, s.as_ref(), start);
+                match r {
+                    Ok(VcpuEnd::Stopped) => {}
+                    Ok(VcpuEnd::Reset) => s.finish(Ok(GuestEnd::Reboot)),
+                    Ok(VcpuEnd::PowerOff) => s.finish(Ok(GuestEnd::PowerOff)),
+                    Err(e) => s.finish(Err(e.into())),
+                }
+            });
+        match t {
+            Ok(t) => threads.push(t),
+            Err(e) => {
+                shared.finish(Err(VmError::Thread(e)));
+                break;
+            }
+        }
+    }
+
+    let outcome = {
+        let deadline = cfg.timeout.map(|t| Instant::now() + t);
+        let mut o = shared.outcome.lock().unwrap_or_else(|p| p.into_inner());
+        while o.is_none() {
+            match deadline {
+                None => o = shared.outcome_cv.wait(o).unwrap_or_else(|p| p.into_inner()),
+                Some(d) => {
+                    let now = Instant::now();
+                    if now >= d {
+                        // Have every running vCPU log where it is.
+                        shared.dump.store(true, Ordering::SeqCst);
+                        drop(o);
+                        for h in &handles {
+                            h.wake();
+                        }
+                        std::thread::sleep(Duration::from_millis(300));
+                        o = shared.outcome.lock().unwrap_or_else(|p| p.into_inner());
+                        let counters = handles
+                            .iter()
+                            .map(|h| format!("vcpu{} {}", h.index, h.stats.summary()))
+                            .collect::<Vec<_>>()
+                            .join("; ");
+                        *o = Some(Err(VmError::Timeout(cfg.timeout.unwrap_or_default(), counters)));
+                        break;
+                    }
+                    o = shared
+                        .outcome_cv
+                        .wait_timeout(o, d - now)
+                        .unwrap_or_else(|p| p.into_inner())
+                        .0;
+                }
+            }
+        }
+        o.take()
+    };
+    shared.finish(Ok(GuestEnd::PowerOff)); // makes sure everything stops
+    for t in threads {
+        let _ = t.join();
+    }
+    drop(vm);
+    drop(mem);
+    let elapsed = shared.start.elapsed();
+    let vcpu_stats = handles
+        .iter()
+        .map(|h| format!("vcpu{} {}", h.index, h.stats.summary()))
+        .collect();
+    let end = match outcome {
+        Some(r) => r?,
+        None => GuestEnd::PowerOff,
+    };
+    if shared.console.panicked() {
+        return Err(VmError::GuestPanic);
+    }
+    Ok(RunReport {
+        end,
+        vcpu_stats,
+        elapsed,
+    })
+}
