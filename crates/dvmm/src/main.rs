@@ -4,6 +4,8 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+
+mod dsm_cmd;
 use vmm::compat::HostKind;
 use vmm::devices::ConsoleOut;
 use vmm::memory::parse_size;
@@ -23,6 +25,18 @@ struct Cli {
 enum Command {
     /// Run a guest on a local cluster started by this command.
     Run(RunArgs),
+    /// Benchmarks that print numbers (and a floor measured in the same run).
+    #[command(subcommand)]
+    Bench(BenchCommand),
+    /// One DSM test/bench node process (spawned by `dvmm bench dsm` and the tests).
+    #[command(hide = true)]
+    DsmNode(dsm_cmd::DsmNodeArgs),
+}
+
+#[derive(Subcommand)]
+enum BenchCommand {
+    /// The distributed shared memory: fault latencies, invalidations, throughput.
+    Dsm(dsm_cmd::BenchDsmArgs),
 }
 
 #[derive(clap::Args)]
@@ -94,6 +108,8 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let r = match cli.command {
         Command::Run(a) => run(a),
+        Command::Bench(BenchCommand::Dsm(a)) => dsm_cmd::bench(a),
+        Command::DsmNode(a) => dsm_cmd::node(a),
     };
     match r {
         Ok(()) => ExitCode::SUCCESS,
