@@ -5,6 +5,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+mod bench_boot;
 mod dsm_cmd;
 use vmm::compat::HostKind;
 use vmm::devices::ConsoleOut;
@@ -35,6 +36,8 @@ enum Command {
 
 #[derive(Subcommand)]
 enum BenchCommand {
+    /// Guest boot: time to `smp: Brought up` and to power-off.
+    Boot(bench_boot::BenchBootArgs),
     /// The distributed shared memory: fault latencies, invalidations, throughput.
     Dsm(dsm_cmd::BenchDsmArgs),
 }
@@ -109,6 +112,7 @@ fn main() -> ExitCode {
     let r = match cli.command {
         Command::Run(a) => run(a),
         Command::Bench(BenchCommand::Dsm(a)) => dsm_cmd::bench(a),
+        Command::Bench(BenchCommand::Boot(a)) => bench_boot::bench(a),
         Command::DsmNode(a) => dsm_cmd::node(a),
     };
     match r {

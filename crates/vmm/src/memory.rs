@@ -33,7 +33,7 @@ pub enum MemoryError {
 
 /// The guest-physical ranges (start, length) that hold RAM for a guest of `size` bytes.
 pub fn ram_ranges(size: u64) -> Result<Vec<(u64, u64)>, MemoryError> {
-    if !(MIN_MEMORY..=MAX_MEMORY).contains(&size) || size % (2 << 20) != 0 {
+    if !(MIN_MEMORY..=MAX_MEMORY).contains(&size) || !size.is_multiple_of(2 << 20) {
         return Err(MemoryError::BadSize(size));
     }
     Ok(if size <= MMIO_HOLE_START {

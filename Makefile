@@ -1,0 +1,45 @@
+# dvmm: a distributed virtual machine monitor.
+#   make demo   installs what is missing, builds everything, boots the guest
+#   make test   runs the whole test suite
+
+CARGO ?= cargo
+DVMM := target/release/dvmm
+
+.PHONY: all deps build guest demo test test-rust clippy check-dsm bench clean
+
+all: build
+
+deps:
+	@scripts/install-deps.sh
+
+build: deps
+	$(CARGO) build --release --workspace --all-targets
+
+guest: deps
+	@guest/build.sh
+
+demo: build guest
+	$(DVMM) run --nodes 1 --vcpus 2 --memory 512M
+
+# The whole suite: lints, unit tests, the DSM model check (small configuration),
+# multi-process DSM tests, and real guest boots under KVM.
+test: build guest clippy test-rust
+
+test-rust:
+	$(CARGO) test --release --workspace -- --test-threads=1
+
+clippy:
+	$(CARGO) clippy --release --workspace --all-targets -- -D warnings
+
+# The exhaustive DSM check on the full configuration (3 nodes x 2 pages x 2 ops).
+check-dsm:
+	@scripts/check-dsm.sh
+
+# Benchmarks (numbers for docs/PERFORMANCE.md).
+bench: build guest
+	$(DVMM) bench boot
+	$(DVMM) bench dsm --nodes 3
+
+clean:
+	$(CARGO) clean
+	rm -rf guest/out guest/build

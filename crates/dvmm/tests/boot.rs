@@ -1,0 +1,87 @@
+//! Real guest boots under KVM: the guest kernel from `make guest`, the `dvmm` binary.
+
+use std::path::PathBuf;
+use std::process::{Command, Output};
+
+fn workspace() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+fn kernel() -> PathBuf {
+    let k = workspace().join("guest/out/vmlinux");
+    assert!(
+        k.is_file(),
+        "{} is missing: run `make guest` first (make test does)",
+        k.display()
+    );
+    k
+}
+
+fn dvmm(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_dvmm"))
+        .args(args)
+        .current_dir(workspace())
+        .output()
+        .expect("run dvmm")
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+#[test]
+fn two_vcpus_boot_run_locktorture_and_power_off() {
+    let k = kernel();
+    let out = dvmm(&[
+        "run",
+        "--nodes",
+        "1",
+        "--vcpus",
+        "2",
+        "--memory",
+        "512M",
+        "--kernel",
+        k.to_str().unwrap(),
+        "--timeout",
+        "240",
+    ]);
+    let console = text(&out.stdout);
+    let err = text(&out.stderr);
+    assert!(
+        out.status.success(),
+        "dvmm run failed: {err}\n--- console tail ---\n{}",
+        &console[console.len().saturating_sub(3000)..]
+    );
+    assert!(console.contains("smp: Brought up 1 node, 2 CPUs"), "{console}");
+    assert!(console.contains("End of test: SUCCESS"), "{console}");
+    assert!(!console.contains("Fail: 1"), "{console}");
+    assert!(console.contains("reboot: Power down"), "{console}");
+    assert!(err.contains("guest powered off"), "{err}");
+}
+
+#[test]
+fn bad_inputs_give_one_line_errors() {
+    let k = kernel();
+    let k = k.to_str().unwrap();
+    let cases: Vec<(Vec<&str>, &str)> = vec![
+        (vec!["run", "--kernel", "/nonexistent/vmlinux"], "not found"),
+        (vec!["run", "--kernel", "/etc/hostname"], "is not a Linux kernel"),
+        (vec!["run", "--kernel", k, "--memory", "1M"], "memory size"),
+        (vec!["run", "--kernel", k, "--memory", "3000G"], "memory size"),
+        (vec!["run", "--kernel", k, "--vcpus", "0"], "vCPUs is not possible"),
+        (vec!["run", "--kernel", k, "--vcpus", "1000"], "vCPUs is not possible"),
+        (vec!["run", "--kernel", k, "--memory", "lots"], "invalid size"),
+    ];
+    for (args, want) in cases {
+        let out = dvmm(&args);
+        let err = text(&out.stderr);
+        assert!(!out.status.success(), "{args:?} succeeded");
+        assert!(err.contains(want), "{args:?}: {err}");
+        assert!(!err.contains("panicked"), "{args:?}: {err}");
+        let lines: Vec<&str> = err.lines().filter(|l| !l.trim().is_empty()).collect();
+        assert!(
+            lines.len() == 1 || err.contains("For more information"),
+            "{args:?}: not one line: {err}"
+        );
+    }
+}
