@@ -9,18 +9,49 @@ pub struct BenchDsmArgs {
     /// Print one JSON object as the last line.
     #[arg(long)]
     pub json: bool,
+    /// Samples per latency measurement.
+    #[arg(long, default_value_t = 2000)]
+    pub samples: u64,
+    /// Size of the sequential-read pass in MiB.
+    #[arg(long, default_value_t = 16)]
+    pub seq_mib: u64,
+    /// Page hold time after a wake, in µs.
+    #[arg(long, default_value_t = 50)]
+    pub hold_us: u64,
 }
 
 /// Arguments of one DSM node process.
 #[derive(clap::Args)]
-pub struct DsmNodeArgs {}
+pub struct DsmNodeArgs {
+    #[command(flatten)]
+    node: dsm::node::NodeArgs,
+}
 
 /// Runs the DSM benchmark.
-pub fn bench(_args: BenchDsmArgs) -> Result<(), String> {
-    Err("dvmm bench dsm is not available yet".into())
+pub fn bench(args: BenchDsmArgs) -> Result<(), String> {
+    let nodes = u16::try_from(args.nodes)
+        .ok()
+        .filter(|&n| n >= 2)
+        .ok_or_else(|| format!("--nodes {}: need 2..=65535", args.nodes))?;
+    let exe = std::env::current_exe().map_err(|e| format!("cannot locate dvmm: {e}"))?;
+    let opts = dsm::bench::BenchOptions {
+        nodes,
+        samples: args.samples,
+        seq_mib: args.seq_mib,
+        hold_us: args.hold_us,
+    };
+    let r = dsm::bench::run(&exe, &["dsm-node"], &opts)?;
+    dsm::bench::print_human(&r);
+    if args.json {
+        println!(
+            "{}",
+            serde_json::to_string(&r).map_err(|e| format!("cannot encode the result: {e}"))?
+        );
+    }
+    Ok(())
 }
 
 /// Runs one DSM node process.
-pub fn node(_args: DsmNodeArgs) -> Result<(), String> {
-    Err("dvmm dsm-node is not available yet".into())
+pub fn node(args: DsmNodeArgs) -> Result<(), String> {
+    dsm::node::node_main(args.node)
 }

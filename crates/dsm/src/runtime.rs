@@ -1,0 +1,677 @@
+//! The DSM runtime: one [`Dsm`] per node process.
+
+use std::collections::{HashMap, VecDeque};
+use std::fmt;
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::thread::{self, JoinHandle};
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{Receiver, RecvTimeoutError};
+use dsm_proto::{Access, Action, Engine, HomePolicy, LocalAccess, Msg, NodeId, PageId, PAGE_SIZE};
+use tracing::{debug, error, warn};
+use transport::{LostReason, PageBuf, Sender, TransportError};
+
+use crate::hist::Histogram;
+use crate::region::Region;
+use crate::stats::{Counters, DsmStats, FaultKind};
+use crate::uffd::Fault;
+use crate::{wire, DsmError, DSM_CHANNEL};
+
+/// Default for [`DsmOptions::hold`].
+pub const DEFAULT_HOLD: Duration = Duration::from_micros(50);
+
+/// Tuning knobs of a [`Dsm`].
+#[derive(Clone, Debug)]
+pub struct DsmOptions {
+    /// How long after a `Wake` a page is held (orders to give it away are deferred) so
+    /// the woken threads can retry their access before the page can be taken again.
+    /// Zero releases right away (correct, but two writers may ping-pong a page forever).
+    pub hold: Duration,
+}
+
+impl Default for DsmOptions {
+    fn default() -> Self {
+        DsmOptions { hold: DEFAULT_HOLD }
+    }
+}
+
+/// Why the DSM of a node failed (the first fatal error; see [`Dsm::failure`]).
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct DsmFailure {
+    /// The peer whose loss (or a send to which) caused the failure, if any.
+    pub node: Option<NodeId>,
+    /// Human-readable description, naming the node.
+    pub message: String,
+}
+
+impl fmt::Display for DsmFailure {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+/// A callback run once, on the thread that detected the failure.
+type FailureHook = Box<dyn Fn(&DsmFailure) + Send + Sync>;
+
+/// Protocol state and latency bookkeeping, under one lock.
+struct Core {
+    engine: Engine,
+    /// Faults waiting for a `Wake`, with the time their event was read.
+    waiting: HashMap<PageId, Vec<(Instant, FaultKind)>>,
+    lat: [Histogram; 3],
+}
+
+enum ReleaseMsg {
+    Release(Instant, PageId),
+    Stop,
+}
+
+/// The DSM runtime of one node process.
+///
+/// Owns the guest-RAM [`Region`], the protocol [`Engine`] (under one lock) and two
+/// threads:
+///
+/// * `dsm-fault-<me>`: polls the userfaultfd, hands every page fault to
+///   [`Engine::fault`] and executes the actions (usually: send a `Request`).
+/// * `dsm-release-<me>`: calls [`Engine::release`] for every woken page once its hold
+///   time ([`DsmOptions::hold`]) has passed, executing deferred orders.
+///
+/// Incoming frames are handled by [`Dsm::on_frame`] on the caller's thread — normally
+/// the transport's reader thread of the sending peer, so a reply is installed
+/// (`UFFDIO_COPY`) and the faulting thread woken with no further thread hop.
+///
+/// All actions of one engine call are executed in order while the lock is held, so
+/// sends to a peer leave in emission order and the local mapping always agrees with the
+/// engine's view.
+pub struct Dsm {
+    me: NodeId,
+    nodes: u16,
+    region: Region,
+    core: Mutex<Core>,
+    sender: Sender,
+    counters: Counters,
+    hold: Duration,
+    release_tx: crossbeam_channel::Sender<ReleaseMsg>,
+    failure: Mutex<Option<DsmFailure>>,
+    failure_cv: Condvar,
+    failure_hook: Mutex<Option<FailureHook>>,
+    closing: AtomicBool,
+    goodbyes_ok: AtomicBool,
+    stop_fd: OwnedFd,
+    threads: Mutex<Vec<JoinHandle<()>>>,
+    zero: PageBuf,
+}
+
+impl fmt::Debug for Dsm {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Dsm")
+            .field("me", &self.me)
+            .field("nodes", &self.nodes)
+            .field("region", &self.region)
+            .finish_non_exhaustive()
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn eventfd() -> Result<OwnedFd, DsmError> {
+    // SAFETY: plain system call; returns a new descriptor or -1.
+    let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
+    if fd < 0 {
+        return Err(DsmError::Spawn(io::Error::last_os_error()));
+    }
+    // SAFETY: `fd` is a fresh descriptor owned by nobody else.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+impl Dsm {
+    /// Starts the DSM of node `me` of `nodes` over `region` with default options.
+    /// `sender` must belong to a mesh whose handler routes channel [`DSM_CHANNEL`] to
+    /// [`Dsm::on_frame`] and peer losses to [`Dsm::on_peer_lost`] (see
+    /// [`connect`](crate::connect) and [`DsmSlot`](crate::DsmSlot)).
+    pub fn new(
+        me: NodeId,
+        nodes: u16,
+        region: Region,
+        homes: Box<dyn HomePolicy + Send>,
+        sender: Sender,
+    ) -> Result<Arc<Dsm>, DsmError> {
+        Self::with_options(me, nodes, region, homes, sender, DsmOptions::default())
+    }
+
+    /// [`Dsm::new`] with explicit options.
+    pub fn with_options(
+        me: NodeId,
+        nodes: u16,
+        region: Region,
+        homes: Box<dyn HomePolicy + Send>,
+        sender: Sender,
+        opts: DsmOptions,
+    ) -> Result<Arc<Dsm>, DsmError> {
+        if me >= nodes {
+            return Err(DsmError::Config(format!(
+                "node id {me} out of range for {nodes} nodes"
+            )));
+        }
+        if sender.me() != me || sender.nodes() != nodes {
+            return Err(DsmError::Config(format!(
+                "the mesh is node {} of {}, the DSM node {me} of {nodes}",
+                sender.me(),
+                sender.nodes()
+            )));
+        }
+        let engine = Engine::new(me, nodes, region.pages(), homes);
+        let (release_tx, release_rx) = crossbeam_channel::unbounded();
+        let dsm = Arc::new(Dsm {
+            me,
+            nodes,
+            region,
+            core: Mutex::new(Core {
+                engine,
+                waiting: HashMap::new(),
+                lat: Default::default(),
+            }),
+            sender,
+            counters: Counters::default(),
+            hold: opts.hold,
+            release_tx,
+            failure: Mutex::new(None),
+            failure_cv: Condvar::new(),
+            failure_hook: Mutex::new(None),
+            closing: AtomicBool::new(false),
+            goodbyes_ok: AtomicBool::new(false),
+            stop_fd: eventfd()?,
+            threads: Mutex::new(Vec::new()),
+            zero: PageBuf::new(),
+        });
+        let d = dsm.clone();
+        let fault = thread::Builder::new()
+            .name(format!("dsm-fault-{me}"))
+            .spawn(move || d.fault_loop())
+            .map_err(DsmError::Spawn)?;
+        lock(&dsm.threads).push(fault);
+        let d = dsm.clone();
+        let release = thread::Builder::new()
+            .name(format!("dsm-release-{me}"))
+            .spawn(move || d.release_loop(&release_rx));
+        match release {
+            Ok(h) => lock(&dsm.threads).push(h),
+            Err(e) => {
+                dsm.shutdown();
+                return Err(DsmError::Spawn(e));
+            }
+        }
+        Ok(dsm)
+    }
+
+    /// This node.
+    pub fn me(&self) -> NodeId {
+        self.me
+    }
+
+    /// Number of nodes.
+    pub fn nodes(&self) -> u16 {
+        self.nodes
+    }
+
+    /// The guest-RAM mapping (host pointer and length), e.g. for KVM.
+    pub fn region(&self) -> &Region {
+        &self.region
+    }
+
+    /// A frame on [`DSM_CHANNEL`] from peer `from`: decode, run the engine, execute the
+    /// actions (install the payload, wake faulting threads, send replies). Malformed or
+    /// unexpected messages are logged and ignored.
+    pub fn on_frame(&self, from: NodeId, header: &[u8], payload: Option<PageBuf>) {
+        if self.closing.load(Ordering::Relaxed) {
+            return;
+        }
+        let size = header.len() + payload.as_ref().map_or(0, |_| PAGE_SIZE);
+        Counters::add(&self.counters.bytes_in, size as u64);
+        let msg = match wire::decode(header) {
+            Ok(m) => m,
+            Err(e) => {
+                Counters::add(&self.counters.bad_frames, 1);
+                warn!(node = self.me, from, "ignored DSM frame: {e}");
+                return;
+            }
+        };
+        let mut core = lock(&self.core);
+        match core
+            .engine
+            .receive_frame(from, msg.clone(), payload.is_some())
+        {
+            Ok(actions) => {
+                if payload.is_some() {
+                    Counters::add(&self.counters.pages_received, 1);
+                }
+                self.execute(&mut core, &actions, payload.as_ref());
+            }
+            Err(e) => {
+                drop(core);
+                Counters::add(&self.counters.protocol_errors, 1);
+                warn!(
+                    node = self.me,
+                    from,
+                    ?msg,
+                    "protocol error, message ignored: {e}"
+                );
+            }
+        }
+    }
+
+    /// Peer `node` is gone (the transport's `PeerLost`). Fatal for the DSM — pages
+    /// homed or held there are unreachable — unless the runtime is shutting down, or
+    /// `reason` is an orderly goodbye after [`Dsm::expect_goodbyes`]. Records the
+    /// failure (see [`Dsm::wait_failure`]) and runs the failure hook.
+    pub fn on_peer_lost(&self, node: NodeId, reason: &LostReason) {
+        if self.closing.load(Ordering::SeqCst) {
+            return;
+        }
+        if *reason == LostReason::Goodbye && self.goodbyes_ok.load(Ordering::SeqCst) {
+            debug!(node = self.me, peer = node, "peer left in an orderly way");
+            return;
+        }
+        self.fail(Some(node), format!("DSM peer node {node} lost: {reason}"));
+    }
+
+    /// From now on an orderly goodbye of a peer (its `shutdown`) is not a failure: call
+    /// this once this node no longer needs any remote page (e.g. when entering the final
+    /// barrier of a run).
+    pub fn expect_goodbyes(&self) {
+        self.goodbyes_ok.store(true, Ordering::SeqCst);
+    }
+
+    /// Installs a callback run once when the DSM fails (on the thread that detected it;
+    /// it must not block on the DSM). Typical use: stop vCPUs and exit the process —
+    /// threads blocked in a fault on an unreachable page cannot be woken otherwise.
+    pub fn set_failure_hook(&self, hook: impl Fn(&DsmFailure) + Send + Sync + 'static) {
+        *lock(&self.failure_hook) = Some(Box::new(hook));
+    }
+
+    /// The first fatal error, if any.
+    pub fn failure(&self) -> Option<DsmFailure> {
+        lock(&self.failure).clone()
+    }
+
+    /// Waits up to `timeout` for a fatal error.
+    pub fn wait_failure(&self, timeout: Duration) -> Option<DsmFailure> {
+        let deadline = Instant::now() + timeout;
+        let mut f = lock(&self.failure);
+        loop {
+            if f.is_some() {
+                return f.clone();
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return None;
+            }
+            f = self
+                .failure_cv
+                .wait_timeout(f, deadline - now)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+    }
+
+    /// Records a fatal error (the first one wins), logs it and runs the hook.
+    fn fail(&self, node: Option<NodeId>, message: String) {
+        {
+            let mut f = lock(&self.failure);
+            if f.is_some() {
+                return;
+            }
+            error!(node = self.me, "{message}");
+            *f = Some(DsmFailure {
+                node,
+                message: message.clone(),
+            });
+            self.failure_cv.notify_all();
+        }
+        if let Some(h) = lock(&self.failure_hook).as_ref() {
+            h(&DsmFailure { node, message });
+        }
+    }
+
+    /// A snapshot of the counters.
+    pub fn stats(&self) -> DsmStats {
+        let core = lock(&self.core);
+        let s = core.engine.stats();
+        let c = &self.counters;
+        DsmStats {
+            node: self.me,
+            read_faults: s.read_faults,
+            write_faults: s.write_faults,
+            upgrade_faults: s.upgrade_faults,
+            merged_faults: s.merged_faults,
+            spurious_faults: s.spurious_faults,
+            zero_fills: s.zero_fills,
+            messages_sent: s.messages_sent,
+            messages_received: s.messages_received,
+            bytes_out: Counters::get(&c.bytes_out),
+            bytes_in: Counters::get(&c.bytes_in),
+            pages_sent: s.pages_sent,
+            pages_received: Counters::get(&c.pages_received),
+            zero_pages_sent: s.zero_pages_sent,
+            invalidations_sent: s.invalidations_sent,
+            invalidations_received: s.invalidations_received,
+            forwards_sent: s.forwards_sent,
+            requests_served: s.requests_served,
+            requests_queued: s.requests_queued,
+            bad_frames: Counters::get(&c.bad_frames),
+            protocol_errors: Counters::get(&c.protocol_errors),
+            read_latency: core.lat[0].clone(),
+            write_latency: core.lat[1].clone(),
+            upgrade_latency: core.lat[2].clone(),
+        }
+    }
+
+    /// Whether nothing is going on at this node (no outstanding request, busy directory
+    /// entry, queued request or held page).
+    pub fn is_quiescent(&self) -> bool {
+        lock(&self.core).engine.is_quiescent()
+    }
+
+    /// Stops the runtime threads (idempotent). Frames and faults are ignored from now on;
+    /// threads blocked in a fault stay blocked. The region stays mapped until the last
+    /// `Arc<Dsm>` is dropped.
+    pub fn shutdown(&self) {
+        self.closing.store(true, Ordering::SeqCst);
+        let one: u64 = 1;
+        // SAFETY: writes 8 bytes from `one` to our eventfd.
+        let _ = unsafe {
+            libc::write(
+                self.stop_fd.as_raw_fd(),
+                (&one as *const u64).cast::<libc::c_void>(),
+                8,
+            )
+        };
+        let _ = self.release_tx.send(ReleaseMsg::Stop);
+        let me = thread::current().id();
+        let handles = std::mem::take(&mut *lock(&self.threads));
+        for h in handles {
+            if h.thread().id() != me {
+                let _ = h.join();
+            }
+        }
+    }
+
+    // ------------------------------------------------------------------ threads
+
+    fn fault_loop(&self) {
+        let mut faults = Vec::with_capacity(16);
+        loop {
+            let mut fds = [
+                libc::pollfd {
+                    fd: self.region.uffd().raw_fd(),
+                    events: libc::POLLIN,
+                    revents: 0,
+                },
+                libc::pollfd {
+                    fd: self.stop_fd.as_raw_fd(),
+                    events: libc::POLLIN,
+                    revents: 0,
+                },
+            ];
+            // SAFETY: `fds` is a valid array of 2 pollfd structs for the duration of the call.
+            let rc = unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) };
+            if rc < 0 {
+                let e = io::Error::last_os_error();
+                if e.kind() == io::ErrorKind::Interrupted {
+                    continue;
+                }
+                self.fail(None, format!("poll on the userfaultfd failed: {e}"));
+                return;
+            }
+            if self.closing.load(Ordering::SeqCst) || fds[1].revents != 0 {
+                return;
+            }
+            // Drain everything that is queued before polling again.
+            loop {
+                faults.clear();
+                match self.region.uffd().read_faults(&mut faults) {
+                    Ok(true) => {}
+                    Ok(false) => break,
+                    Err(e) => {
+                        self.fail(None, format!("reading the userfaultfd failed: {e}"));
+                        return;
+                    }
+                }
+                for f in &faults {
+                    self.handle_fault(*f);
+                }
+            }
+        }
+    }
+
+    fn handle_fault(&self, f: Fault) {
+        let Some(page) = self.region.page_of(f.address) else {
+            warn!(
+                node = self.me,
+                addr = f.address,
+                "fault outside the region ignored"
+            );
+            return;
+        };
+        let access = if f.write { Access::Write } else { Access::Read };
+        let now = Instant::now();
+        let mut core = lock(&self.core);
+        let kind = match access {
+            Access::Read => FaultKind::Read,
+            Access::Write if core.engine.local_access(page) == LocalAccess::Read => {
+                FaultKind::Upgrade
+            }
+            Access::Write => FaultKind::Write,
+        };
+        match core.engine.fault(page, access) {
+            Ok(actions) => {
+                let immediate = actions
+                    .iter()
+                    .any(|a| matches!(a, Action::Wake { page: p } if *p == page));
+                if !immediate {
+                    core.waiting.entry(page).or_default().push((now, kind));
+                }
+                self.execute(&mut core, &actions, None);
+            }
+            Err(e) => {
+                drop(core);
+                Counters::add(&self.counters.protocol_errors, 1);
+                error!(node = self.me, page, "engine refused a local fault: {e}");
+            }
+        }
+    }
+
+    fn release_loop(&self, rx: &Receiver<ReleaseMsg>) {
+        // Fine-grained timers: the default 50 µs slack would double short holds.
+        // SAFETY: prctl with an integer argument affects only this thread.
+        unsafe {
+            libc::prctl(libc::PR_SET_TIMERSLACK, 1 as libc::c_ulong);
+        }
+        let mut queue: VecDeque<(Instant, PageId)> = VecDeque::new();
+        loop {
+            let msg = match queue.front() {
+                Some(&(deadline, _)) => match rx.recv_deadline(deadline) {
+                    Ok(m) => Some(m),
+                    Err(RecvTimeoutError::Timeout) => None,
+                    Err(RecvTimeoutError::Disconnected) => return,
+                },
+                None => match rx.recv() {
+                    Ok(m) => Some(m),
+                    Err(_) => return,
+                },
+            };
+            match msg {
+                Some(ReleaseMsg::Stop) => return,
+                // Deadlines are queued under the core lock with a constant hold, so
+                // they arrive in nondecreasing order.
+                Some(ReleaseMsg::Release(d, p)) => queue.push_back((d, p)),
+                None => {}
+            }
+            let now = Instant::now();
+            if queue.front().is_some_and(|&(d, _)| d <= now) {
+                if self.closing.load(Ordering::Relaxed) {
+                    return;
+                }
+                let mut core = lock(&self.core);
+                while let Some(&(d, page)) = queue.front() {
+                    if d > now {
+                        break;
+                    }
+                    queue.pop_front();
+                    match core.engine.release(page) {
+                        Ok(actions) => self.execute(&mut core, &actions, None),
+                        Err(e) => error!(node = self.me, page, "release refused: {e}"),
+                    }
+                }
+            }
+        }
+    }
+
+    // ------------------------------------------------------------------ actions
+
+    /// Executes `actions` in order. `payload` is the page of the frame being processed.
+    fn execute(&self, core: &mut Core, actions: &[Action], payload: Option<&PageBuf>) {
+        let mut i = 0;
+        while i < actions.len() {
+            match &actions[i] {
+                Action::Send { to, msg, with_page } => self.send(*to, msg, *with_page),
+                Action::Install { page, access, zero } => {
+                    // Fold an immediately following wake into the install ioctl.
+                    let wake =
+                        matches!(actions.get(i + 1), Some(Action::Wake { page: p }) if p == page);
+                    self.install(*page, *access, *zero, payload, wake);
+                    if wake {
+                        self.woken(core, *page);
+                        i += 1;
+                    }
+                }
+                Action::SetAccess { page, access } => self.set_access(*page, *access),
+                Action::Wake { page } => {
+                    let addr = self.region.page_addr(*page);
+                    if let Err(e) = self.region.uffd().wake(addr, PAGE_SIZE as u64) {
+                        self.fail(None, format!("node {}: {e}", self.me));
+                    }
+                    self.woken(core, *page);
+                }
+            }
+            i += 1;
+        }
+    }
+
+    /// Bookkeeping after waking the faults on `page`: latencies, hold timer.
+    fn woken(&self, core: &mut Core, page: PageId) {
+        let now = Instant::now();
+        if let Some(w) = core.waiting.remove(&page) {
+            for (t, kind) in w {
+                let idx = match kind {
+                    FaultKind::Read => 0,
+                    FaultKind::Write => 1,
+                    FaultKind::Upgrade => 2,
+                };
+                core.lat[idx].record(now.duration_since(t));
+            }
+        }
+        let _ = self
+            .release_tx
+            .send(ReleaseMsg::Release(now + self.hold, page));
+    }
+
+    fn send(&self, to: NodeId, msg: &Msg, with_page: Option<PageId>) {
+        let header = wire::encode(msg);
+        let data = with_page.map(|p| {
+            // SAFETY: the engine emits `with_page` only for a page that is mapped here
+            // and write-protected (it issued `SetAccess Read` first, or the copy is a
+            // read-only one), so the 4 KiB are present — reading them cannot fault — and
+            // nobody writes them while the slice lives; the region outlives `self`.
+            unsafe { std::slice::from_raw_parts(self.region.page_addr(p) as *const u8, PAGE_SIZE) }
+        });
+        let size = header.len() + data.map_or(0, <[u8]>::len);
+        Counters::add(&self.counters.bytes_out, size as u64);
+        if let Err(e) = self.sender.send(to, DSM_CHANNEL, &header, data) {
+            let node = match &e {
+                TransportError::PeerLost { node, .. } | TransportError::Io { node, .. } => {
+                    Some(*node)
+                }
+                _ => Some(to),
+            };
+            if !self.closing.load(Ordering::SeqCst) {
+                self.fail(
+                    node,
+                    format!("DSM send of {} to node {to} failed: {e}", msg.kind()),
+                );
+            }
+        }
+    }
+
+    fn install(
+        &self,
+        page: PageId,
+        access: LocalAccess,
+        zero: bool,
+        payload: Option<&PageBuf>,
+        wake: bool,
+    ) {
+        let dst = self.region.page_addr(page);
+        let uffd = self.region.uffd();
+        let r = if zero && access == LocalAccess::Write {
+            // A writable zero page: the kernel's shared zero page, copied on write.
+            uffd.zeropage(dst, PAGE_SIZE as u64, wake)
+        } else {
+            // A read-only install must be write-protected atomically with the copy
+            // (a write to a plain zero page would be copied on write without a fault).
+            let src = if zero {
+                &self.zero
+            } else if let Some(p) = payload {
+                p
+            } else {
+                error!(node = self.me, page, "install without page contents");
+                return;
+            };
+            // SAFETY: `src` is a 4 KiB buffer alive for the call; `dst` is a page of
+            // our registered region.
+            unsafe {
+                uffd.copy(
+                    src.as_ptr(),
+                    dst,
+                    PAGE_SIZE as u64,
+                    access == LocalAccess::Read,
+                    wake,
+                )
+            }
+        };
+        if let Err(e) = r {
+            self.fail(
+                None,
+                format!("node {}: installing page {page}: {e}", self.me),
+            );
+        }
+    }
+
+    fn set_access(&self, page: PageId, access: LocalAccess) {
+        let addr = self.region.page_addr(page);
+        let r = match access {
+            LocalAccess::None => self.region.zap(page),
+            LocalAccess::Read => self
+                .region
+                .uffd()
+                .write_protect(addr, PAGE_SIZE as u64, true, false)
+                .map_err(DsmError::from),
+            LocalAccess::Write => self
+                .region
+                .uffd()
+                .write_protect(addr, PAGE_SIZE as u64, false, false)
+                .map_err(DsmError::from),
+        };
+        if let Err(e) = r {
+            self.fail(
+                None,
+                format!("node {}: SetAccess {access:?} on page {page}: {e}", self.me),
+            );
+        }
+    }
+}
