@@ -347,6 +347,12 @@ pub fn join(args: &NodeArgs) -> Result<Node, String> {
     cfg.peer_timeout = Duration::from_millis(args.peer_timeout_ms);
     let opts = DsmOptions {
         hold: Duration::from_micros(args.hold_us),
+        spin: Duration::from_micros(
+            std::env::var("DSM_SPIN_US")
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0),
+        ),
     };
     let (mesh, dsm) = connect(cfg, listener, region, homes, opts, move |ev| c.on_event(ev))
         .map_err(|e| format!("node {me}: {e}"))?;

@@ -30,11 +30,17 @@ pub struct DsmOptions {
     /// the woken threads can retry their access before the page can be taken again.
     /// Zero releases right away (correct, but two writers may ping-pong a page forever).
     pub hold: Duration,
+    /// After handling faults, the fault thread keeps polling the userfaultfd (yielding
+    /// the CPU in between) for this long before it sleeps. Zero: sleep at once.
+    pub spin: Duration,
 }
 
 impl Default for DsmOptions {
     fn default() -> Self {
-        DsmOptions { hold: DEFAULT_HOLD }
+        DsmOptions {
+            hold: DEFAULT_HOLD,
+            spin: Duration::ZERO,
+        }
     }
 }
 
@@ -94,6 +100,7 @@ pub struct Dsm {
     sender: Sender,
     counters: Counters,
     hold: Duration,
+    spin: Duration,
     release_tx: crossbeam_channel::Sender<ReleaseMsg>,
     failure: Mutex<Option<DsmFailure>>,
     failure_cv: Condvar,
@@ -179,6 +186,7 @@ impl Dsm {
             sender,
             counters: Counters::default(),
             hold: opts.hold,
+            spin: opts.spin,
             release_tx,
             failure: Mutex::new(None),
             failure_cv: Condvar::new(),
@@ -233,8 +241,19 @@ impl Dsm {
         }
         let size = header.len() + payload.as_ref().map_or(0, |_| PAGE_SIZE);
         Counters::add(&self.counters.bytes_in, size as u64);
-        let msg = match wire::decode(header) {
-            Ok(m) => m,
+        let msg = match wire::decode_frame(header) {
+            Ok(wire::Frame::Msg(m)) => m,
+            Ok(wire::Frame::Abort { culprit, reason }) => {
+                let message = match culprit {
+                    Some(c) if c != self.me => {
+                        format!("DSM peer node {c} lost (reported by node {from}: {reason})")
+                    }
+                    _ => format!("DSM of peer node {from} failed: {reason}"),
+                };
+                let culprit = culprit.filter(|&c| c != self.me).or(Some(from));
+                self.fail(culprit, message);
+                return;
+            }
             Err(e) => {
                 Counters::add(&self.counters.bad_frames, 1);
                 warn!(node = self.me, from, "ignored DSM frame: {e}");
@@ -331,6 +350,12 @@ impl Dsm {
                 node,
                 message: message.clone(),
             });
+            // Tell the others the root cause before this process goes away (data
+            // precede the connection's close, so they see this first).
+            let abort = wire::encode_abort(node, &message);
+            for to in (0..self.nodes).filter(|&n| n != self.me && Some(n) != node) {
+                let _ = self.sender.send(to, DSM_CHANNEL, &abort, None);
+            }
             self.failure_cv.notify_all();
         }
         if let Some(h) = lock(&self.failure_hook).as_ref() {
@@ -431,12 +456,22 @@ impl Dsm {
             if self.closing.load(Ordering::SeqCst) || fds[1].revents != 0 {
                 return;
             }
-            // Drain everything that is queued before polling again.
+            // Drain everything that is queued; then keep polling without sleeping for
+            // `spin` (yielding the CPU) so a thread that faults again right after being
+            // woken does not pay for waking this thread up.
+            let mut idle_since = Instant::now();
             loop {
                 faults.clear();
                 match self.region.uffd().read_faults(&mut faults) {
                     Ok(true) => {}
-                    Ok(false) => break,
+                    Ok(false) => {
+                        if idle_since.elapsed() >= self.spin || self.closing.load(Ordering::Relaxed)
+                        {
+                            break;
+                        }
+                        thread::yield_now();
+                        continue;
+                    }
                     Err(e) => {
                         self.fail(None, format!("reading the userfaultfd failed: {e}"));
                         return;
@@ -445,6 +480,7 @@ impl Dsm {
                 for f in &faults {
                     self.handle_fault(*f);
                 }
+                idle_since = Instant::now();
             }
         }
     }
@@ -600,9 +636,13 @@ impl Dsm {
                 _ => Some(to),
             };
             if !self.closing.load(Ordering::SeqCst) {
+                let who = node.unwrap_or(to);
                 self.fail(
                     node,
-                    format!("DSM send of {} to node {to} failed: {e}", msg.kind()),
+                    format!(
+                        "DSM peer node {who} lost: sending {} failed: {e}",
+                        msg.kind()
+                    ),
                 );
             }
         }

@@ -8,6 +8,11 @@
 //! 11 u8   b1        Forward: requester high byte; else 0
 //! ```
 //!
+//! One more frame kind shares the channel: **abort** (tag `0xFF`, then the culprit node
+//! as u16 LE, `0xFFFF` for none, then a UTF-8 reason of at most [`MAX_REASON`] bytes),
+//! broadcast by a node whose DSM failed, so that every node names the root cause (the
+//! node that was lost first) rather than the node that exited because of it.
+//!
 //! Hand-rolled (rather than a serde format) because it is tiny, fixed size and strictly
 //! validated: any other length, tag, access or flag value is refused.
 
@@ -15,6 +20,52 @@ use dsm_proto::{Access, Msg};
 
 /// Length of an encoded message.
 pub const MSG_LEN: usize = 12;
+
+/// Tag of an abort frame.
+const ABORT_TAG: u8 = 0xFF;
+/// Longest reason carried by an abort frame.
+pub const MAX_REASON: usize = 256;
+
+/// A decoded frame of the DSM channel.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Frame {
+    /// A protocol message.
+    Msg(Msg),
+    /// The sender's DSM failed.
+    Abort {
+        /// The node the sender blames (the one it lost), if any.
+        culprit: Option<u16>,
+        /// The sender's description.
+        reason: String,
+    },
+}
+
+/// Encodes an abort frame (the reason is cut to [`MAX_REASON`] bytes).
+pub fn encode_abort(culprit: Option<u16>, reason: &str) -> Vec<u8> {
+    let mut cut = reason.len().min(MAX_REASON);
+    while !reason.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    let mut b = vec![ABORT_TAG];
+    b.extend_from_slice(&culprit.unwrap_or(u16::MAX).to_le_bytes());
+    b.extend_from_slice(&reason.as_bytes()[..cut]);
+    b
+}
+
+/// Decodes any frame of the DSM channel.
+pub fn decode_frame(b: &[u8]) -> Result<Frame, DecodeError> {
+    if b.first() == Some(&ABORT_TAG) {
+        if b.len() < 3 || b.len() > 3 + MAX_REASON {
+            return Err(DecodeError::Length(b.len()));
+        }
+        let culprit = u16::from_le_bytes([b[1], b[2]]);
+        return Ok(Frame::Abort {
+            culprit: (culprit != u16::MAX).then_some(culprit),
+            reason: String::from_utf8_lossy(&b[3..]).into_owned(),
+        });
+    }
+    decode(b).map(Frame::Msg)
+}
 
 /// A header that is not a valid encoded [`Msg`].
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -167,6 +218,28 @@ mod tests {
             let b = encode(&m);
             assert_eq!(decode(&b), Ok(m.clone()), "{m:?}");
         }
+    }
+
+    #[test]
+    fn abort_frames() {
+        let b = encode_abort(Some(2), "node 2 lost");
+        assert_eq!(
+            decode_frame(&b),
+            Ok(Frame::Abort {
+                culprit: Some(2),
+                reason: "node 2 lost".into()
+            })
+        );
+        let long = "é".repeat(400);
+        let b = encode_abort(None, &long);
+        assert!(b.len() <= 3 + MAX_REASON);
+        assert!(matches!(
+            decode_frame(&b),
+            Ok(Frame::Abort { culprit: None, .. })
+        ));
+        assert!(decode_frame(&[ABORT_TAG, 1]).is_err());
+        let m = Msg::Done { page: 9 };
+        assert_eq!(decode_frame(&encode(&m)), Ok(Frame::Msg(m)));
     }
 
     #[test]

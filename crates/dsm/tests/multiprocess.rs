@@ -91,3 +91,208 @@ fn three_nodes_loopback_exact_counters() {
     assert_exact(&c, 3, 600);
     eprintln!("three_nodes_loopback_exact_counters: {:?}", t.elapsed());
 }
+
+/// Network namespaces of one test run, removed on drop (also when the test fails).
+struct Netns {
+    names: Vec<String>,
+}
+
+fn ip(args: &[&str]) -> Result<(), String> {
+    let out = std::process::Command::new("ip")
+        .args(args)
+        .output()
+        .map_err(|e| format!("cannot run ip: {e}"))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(format!(
+            "ip {} failed: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr)
+        ))
+    }
+}
+
+impl Netns {
+    /// `nodes` namespaces, each with a veth whose peer sits on a bridge in a hub
+    /// namespace; node `i` has 10.213.0.(i+1)/24. Names are unique per run.
+    fn create(nodes: u16) -> Result<(Netns, Vec<String>), String> {
+        let tag = format!("dsmt{}x{:04x}", std::process::id(), rand::random::<u16>());
+        let hub = format!("{tag}-hub");
+        let mut ns = Netns { names: Vec::new() };
+        ip(&["netns", "add", &hub])?;
+        ns.names.push(hub.clone());
+        ip(&["-n", &hub, "link", "set", "lo", "up"])?;
+        ip(&["-n", &hub, "link", "add", "br0", "type", "bridge"])?;
+        ip(&["-n", &hub, "link", "set", "br0", "up"])?;
+        let mut nodes_ns = Vec::new();
+        for i in 0..nodes {
+            let name = format!("{tag}-n{i}");
+            ip(&["netns", "add", &name])?;
+            ns.names.push(name.clone());
+            let (v, b) = (format!("v{i}"), format!("b{i}"));
+            ip(&[
+                "link", "add", &v, "netns", &name, "type", "veth", "peer", "name", &b, "netns",
+                &hub,
+            ])?;
+            ip(&["-n", &name, "link", "set", "lo", "up"])?;
+            ip(&[
+                "-n",
+                &name,
+                "addr",
+                "add",
+                &format!("10.213.0.{}/24", i + 1),
+                "dev",
+                &v,
+            ])?;
+            ip(&["-n", &name, "link", "set", &v, "up"])?;
+            ip(&["-n", &hub, "link", "set", &b, "master", "br0"])?;
+            ip(&["-n", &hub, "link", "set", &b, "up"])?;
+            nodes_ns.push(name);
+        }
+        Ok((ns, nodes_ns))
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        for n in self.names.iter().rev() {
+            if let Err(e) = ip(&["netns", "del", n]) {
+                eprintln!("cleanup: {e}");
+            }
+        }
+    }
+}
+
+#[test]
+fn three_nodes_in_network_namespaces_exact_counters() {
+    require_root!();
+    let _g = serial();
+    let t = Instant::now();
+    let (guard, names) = Netns::create(3).expect("create network namespaces");
+    let mut l = counters(3, 400);
+    l.addrs = Some(
+        (0..3)
+            .map(|i| format!("10.213.0.{}:7000", i + 1).parse().expect("addr"))
+            .collect(),
+    );
+    l.wrappers = Some(
+        names
+            .iter()
+            .map(|n| vec!["ip".into(), "netns".into(), "exec".into(), n.clone()])
+            .collect(),
+    );
+    let mut c = Cluster::spawn(&l).expect("spawn");
+    assert!(c.wait(Duration::from_secs(60)), "timed out\n{}", c.report());
+    assert_exact(&c, 3, 400);
+    drop(c);
+    drop(guard);
+    eprintln!(
+        "three_nodes_in_network_namespaces_exact_counters: {:?}",
+        t.elapsed()
+    );
+}
+
+#[test]
+fn garbage_and_wrong_secret_are_refused_while_the_workload_completes() {
+    require_root!();
+    let _g = serial();
+    let t = Instant::now();
+    let iters = 1200;
+    let mut c = Cluster::spawn(&counters(3, iters)).expect("spawn");
+    let target = c.addrs[0];
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(c.poll(), 3, "nodes exited early\n{}", c.report());
+
+    // 1. A garbage frame.
+    {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect(target).expect("connect");
+        s.set_read_timeout(Some(Duration::from_secs(5)))
+            .expect("timeout");
+        s.write_all(&[0xAB; 64]).expect("write garbage");
+        let mut buf = [0u8; 256];
+        // The node closes the connection (possibly after a reject frame).
+        while matches!(s.read(&mut buf), Ok(n) if n > 0) {}
+    }
+
+    // 2. The handshake with a wrong secret, claiming to be node 1.
+    {
+        let me = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let mut addrs = c.addrs.clone();
+        addrs[1] = me.local_addr().expect("addr");
+        let mut cfg = transport::MeshConfig::new(1, addrs, b"not the cluster secret".to_vec());
+        cfg.connect_timeout = Duration::from_secs(1);
+        let r = transport::Mesh::builder(cfg).listener(me).establish();
+        assert!(r.is_err(), "a mesh with the wrong secret was established");
+    }
+
+    assert!(c.wait(Duration::from_secs(60)), "timed out\n{}", c.report());
+    assert_exact(&c, 3, iters);
+    let err = c.nodes[0].stderr.text();
+    let refused: Vec<&str> = err
+        .lines()
+        .filter(|l| l.contains("refused connection"))
+        .collect();
+    assert!(
+        refused.iter().any(|l| !l.contains("authentication")),
+        "no refusal of the garbage frame logged\n{err}"
+    );
+    assert!(
+        refused.iter().any(|l| l.contains("authentication failed")),
+        "no refusal of the wrong secret logged\n{err}"
+    );
+    eprintln!(
+        "garbage_and_wrong_secret_are_refused_while_the_workload_completes: {:?}",
+        t.elapsed()
+    );
+}
+
+#[test]
+fn killing_a_node_makes_the_others_exit_naming_it() {
+    require_root!();
+    let _g = serial();
+    let t = Instant::now();
+    let mut c = Cluster::spawn(&counters(3, 1_000_000)).expect("spawn");
+    std::thread::sleep(Duration::from_millis(1000));
+    assert_eq!(c.poll(), 3, "nodes exited early\n{}", c.report());
+    c.kill(2).expect("kill node 2");
+    let killed = Instant::now();
+    let deadline = killed + Duration::from_secs(10);
+    loop {
+        c.poll();
+        if c.nodes[0].status.is_some() && c.nodes[1].status.is_some() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "survivors still running 10 s after the kill\n{}",
+            {
+                c.kill_all();
+                c.report()
+            }
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let took = killed.elapsed();
+    for id in [0, 1] {
+        let n = &c.nodes[id];
+        assert!(
+            n.status.is_some_and(|s| !s.success()),
+            "node {id} exited successfully\n{}",
+            c.report()
+        );
+        assert!(
+            n.stderr
+                .text()
+                .lines()
+                .any(|l| l.contains("FATAL") && l.contains("peer node 2 lost")),
+            "node {id} did not name node 2\n{}",
+            c.report()
+        );
+    }
+    eprintln!(
+        "killing_a_node_makes_the_others_exit_naming_it: {:?} (survivors exited {took:?} after the kill)",
+        t.elapsed()
+    );
+}
