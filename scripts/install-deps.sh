@@ -6,7 +6,7 @@ set -euo pipefail
 pkgs=()
 need() { dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q "install ok installed" || pkgs+=("$1"); }
 for p in linux-source-6.1 build-essential flex bison bc libelf-dev libssl-dev \
-         busybox-static cpio xz-utils iproute2 tmux; do
+         busybox-static cpio xz-utils iproute2 tmux libclang-dev; do
   need "$p"
 done
 if [ ${#pkgs[@]} -gt 0 ]; then

@@ -26,6 +26,8 @@ struct Cli {
 enum Command {
     /// Run a guest on a local cluster started by this command.
     Run(RunArgs),
+    /// Run one node of a cluster described in a TOML file.
+    Node(NodeArgs),
     /// Benchmarks that print numbers (and a floor measured in the same run).
     #[command(subcommand)]
     Bench(BenchCommand),
@@ -65,14 +67,68 @@ struct RunArgs {
     /// Stop the guest with an error after this many seconds (0 = never).
     #[arg(long, default_value_t = 0)]
     timeout: u64,
+    /// Put every node in its own network namespace, joined by veth pairs on a bridge.
+    #[arg(long)]
+    netns: bool,
+}
+
+#[derive(clap::Args)]
+struct NodeArgs {
+    /// The cluster description (TOML).
+    #[arg(long)]
+    config: PathBuf,
+    /// This node's id (its index in the description; 0 is the boot and I/O node).
+    #[arg(long)]
+    id: u16,
+    /// Stop the guest with an error after this many seconds (0 = never).
+    #[arg(long, default_value_t = 0)]
+    timeout: u64,
+}
+
+fn node(args: NodeArgs) -> Result<(), String> {
+    let cfg = cluster::ClusterConfig::load(&args.config).map_err(|e| e.to_string())?;
+    let report = cluster::run_node(
+        &cfg,
+        args.id,
+        cluster::NodeOptions {
+            timeout: (args.timeout > 0).then(|| std::time::Duration::from_secs(args.timeout)),
+        },
+    )
+    .map_err(|e| e.to_string())?;
+    let how = match report.end {
+        GuestEnd::PowerOff => "powered off",
+        GuestEnd::Reboot => "asked for a reboot",
+    };
+    if args.id == 0 {
+        eprintln!(
+            "\ndvmm: guest {how} after {:.1} s",
+            report.elapsed.as_secs_f64()
+        );
+    }
+    for line in &report.vcpu_stats {
+        eprintln!("dvmm: node {} stats {line}", args.id);
+    }
+    eprintln!("dvmm: node {} stats {}", args.id, report.link_stats);
+    eprintln!("dvmm: node {} stats dsm {}", args.id, report.dsm_stats);
+    Ok(())
 }
 
 fn run(args: RunArgs) -> Result<(), String> {
-    if args.nodes != 1 {
-        return Err(format!(
-            "--nodes {}: multi-node clusters are not available in this build yet",
-            args.nodes
-        ));
+    if args.nodes != 1 || args.netns {
+        let code = cluster::local::run(&cluster::local::LocalRun {
+            nodes: args.nodes,
+            vcpus: args.vcpus,
+            memory: args.memory,
+            kernel: args.kernel,
+            initrd: args.initrd,
+            cmdline: args.cmdline,
+            netns: args.netns,
+            timeout: args.timeout,
+        })?;
+        if code == 0 {
+            return Ok(());
+        }
+        std::process::exit(code);
     }
     let (console, _watch) = ConsoleOut::new(Box::new(std::io::stdout()));
     let report = vmm::run(VmConfig {
@@ -84,6 +140,8 @@ fn run(args: RunArgs) -> Result<(), String> {
         console,
         host: HostKind::detect(),
         timeout: (args.timeout > 0).then(|| std::time::Duration::from_secs(args.timeout)),
+        placement: None,
+        guest_memory: None,
     })
     .map_err(|e| e.to_string())?;
     let how = match report.end {
@@ -111,6 +169,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let r = match cli.command {
         Command::Run(a) => run(a),
+        Command::Node(a) => node(a),
         Command::Bench(BenchCommand::Dsm(a)) => dsm_cmd::bench(a),
         Command::Bench(BenchCommand::Boot(a)) => bench_boot::bench(a),
         Command::DsmNode(a) => dsm_cmd::node(a),

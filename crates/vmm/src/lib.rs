@@ -23,4 +23,4 @@ pub mod stats;
 pub mod vcpu;
 pub mod vm;
 
-pub use vm::{run, GuestEnd, RunReport, VmConfig, VmError};
+pub use vm::{run, ClusterLink, GuestEnd, IoAccess, Placement, RunReport, Vm, VmConfig, VmError, VmHandle};

@@ -75,6 +75,37 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
     n.checked_mul(mult).ok_or_else(|| format!("invalid size '{s}': too large"))
 }
 
+/// Builds the guest memory map over an existing host mapping of `size` bytes (e.g. the
+/// DSM region): guest RAM range after range, at consecutive offsets of the mapping.
+///
+/// # Safety
+/// `host` must point to a live, read-write mapping of at least `size` bytes that
+/// outlives the returned object and every VM that uses it.
+pub unsafe fn guest_memory_over(host: *mut u8, size: u64) -> Result<GuestMemoryMmap, MemoryError> {
+    use vm_memory::mmap::MmapRegion;
+    use vm_memory::GuestRegionMmap;
+    let mut regions = Vec::new();
+    let mut offset = 0u64;
+    for (start, len) in ram_ranges(size)? {
+        // SAFETY: the caller guarantees the mapping covers `size` bytes, and the ranges
+        // add up to `size`.
+        let mapping = unsafe {
+            MmapRegion::build_raw(
+                host.add(offset as usize),
+                len as usize,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_ANONYMOUS | libc::MAP_PRIVATE,
+            )
+        }
+        .map_err(|_| MemoryError::BadSize(size))?;
+        let region =
+            GuestRegionMmap::new(mapping, GuestAddress(start)).ok_or(MemoryError::BadSize(size))?;
+        regions.push(region);
+        offset += len;
+    }
+    GuestMemoryMmap::from_regions(regions).map_err(|_| MemoryError::BadSize(size))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -6,14 +6,14 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
-use irqchip::{InterruptMessage, IoApic};
+use irqchip::{Interrupt, InterruptMessage, IoApic};
 use kvm_ioctls::{Kvm, VmFd};
 use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 
 use crate::boot::{self, mptable, BootSpec};
 use crate::compat::HostKind;
 use crate::devices::{ConsoleOut, ConsoleWatch, Devices, PortEvent};
-use crate::irq::Router;
+use crate::irq::{IoApicLink, Router, VcpuTarget};
 use crate::memory::{self, MemoryError};
 use crate::vcpu::{self, Start, VcpuEnd, VcpuEnv, VcpuError, VcpuHandle, IOAPIC_BASE};
 
@@ -39,6 +39,54 @@ pub struct VmConfig {
     pub host: HostKind,
     /// Stop the guest with an error if it has not ended after this long.
     pub timeout: Option<Duration>,
+    /// Where this process sits in a multi-node cluster (None: a single-node VM).
+    pub placement: Option<Placement>,
+    /// Guest RAM prepared by the caller (e.g. mapped over the DSM region); None: the VM
+    /// maps private anonymous memory itself.
+    pub guest_memory: Option<GuestMemoryMmap>,
+}
+
+/// What a node needs to reach the rest of the cluster. Implemented by the node layer
+/// over the transport; the VM calls it from vCPU threads.
+pub trait ClusterLink: Send + Sync {
+    /// Delivers an interrupt to vCPU `vcpu`, which runs on node `node`.
+    fn deliver(&self, node: u16, vcpu: usize, irq: &Interrupt);
+    /// A local vCPU changed its logical destination registers: tell every other node.
+    fn set_logical(&self, vcpu: usize, ldr: u32, dfr: u32);
+    /// A level-triggered EOI on a node without the IOAPIC: forward it to the I/O node.
+    fn eoi(&self, vector: u8);
+    /// A port or MMIO access on a node without the devices: forward it to the I/O node
+    /// and wait for the answer (reads fill `data`).
+    fn io(&self, vcpu: usize, access: IoAccess, data: &mut [u8]) -> PortEvent;
+    /// The run ended here (guest end or error): tell the other nodes.
+    fn ended(&self, outcome: &Result<GuestEnd, String>);
+}
+
+/// A forwarded device access.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IoAccess {
+    /// Port read.
+    PioRead(u16),
+    /// Port write.
+    PioWrite(u16),
+    /// MMIO read.
+    MmioRead(u64),
+    /// MMIO write.
+    MmioWrite(u64),
+}
+
+/// This process's place in the cluster.
+pub struct Placement {
+    /// This node's id; node 0 is the boot and I/O node.
+    pub node: u16,
+    /// The node of every vCPU (index = vCPU = APIC id).
+    pub vcpu_nodes: Vec<u16>,
+    /// How to reach the other nodes.
+    pub link: Arc<dyn ClusterLink>,
+    /// Guest TSC = host TSC - base (so every node's guest TSC agrees); None: leave it.
+    pub tsc_base: Option<u64>,
+    /// The guest's TSC frequency as the boot node measured it (for the command line).
+    pub tsc_khz: Option<u32>,
 }
 
 /// How the guest ended.
@@ -71,6 +119,9 @@ pub enum VmError {
     /// The guest kernel panicked.
     #[error("the guest kernel panicked (see the console output above)")]
     GuestPanic,
+    /// Another node ended the run with an error, or vanished.
+    #[error("{0}")]
+    Cluster(String),
     /// The guest did not end in time.
     #[error("the guest did not end within {0:?} (vCPU counters: {1})")]
     Timeout(Duration, String),
@@ -98,8 +149,10 @@ struct Shared {
     dead_halted: AtomicUsize,
     handles: Vec<Arc<VcpuHandle>>,
     router: Arc<Router>,
-    ioapic: Arc<Mutex<IoApic>>,
-    devices: Mutex<Devices>,
+    ioapic: Option<Arc<Mutex<IoApic>>>,
+    devices: Option<Mutex<Devices>>,
+    link: Option<Arc<dyn ClusterLink>>,
+    local: Vec<bool>,
     timer_lock: Mutex<u64>,
     timer_cv: Condvar,
     console: ConsoleWatch,
@@ -108,9 +161,22 @@ struct Shared {
 
 impl Shared {
     fn finish(&self, r: Result<GuestEnd, VmError>) {
+        self.finish_inner(r, true)
+    }
+
+    fn finish_inner(&self, r: Result<GuestEnd, VmError>, tell_others: bool) {
         {
             let mut o = self.outcome.lock().unwrap_or_else(|p| p.into_inner());
             if o.is_none() {
+                if tell_others {
+                    if let Some(link) = &self.link {
+                        let msg = match &r {
+                            Ok(e) => Ok(*e),
+                            Err(e) => Err(e.to_string()),
+                        };
+                        link.ended(&msg);
+                    }
+                }
                 *o = Some(r);
             }
         }
@@ -130,46 +196,68 @@ impl VcpuEnv for Shared {
     fn stopping(&self) -> bool {
         self.stop.load(Ordering::SeqCst)
     }
-    fn pio_read(&self, _vcpu: usize, port: u16, data: &mut [u8]) {
-        self.devices
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .pio_read(port, data)
-    }
-    fn pio_write(&self, _vcpu: usize, port: u16, data: &[u8]) -> PortEvent {
-        self.devices
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .pio_write(port, data)
-    }
-    fn mmio_read(&self, _vcpu: usize, addr: u64, data: &mut [u8]) {
-        if (IOAPIC_BASE..IOAPIC_BASE + 0x1000).contains(&addr) {
-            let v = self
-                .ioapic
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .read(addr - IOAPIC_BASE);
-            let b = v.to_le_bytes();
-            for (i, d) in data.iter_mut().enumerate() {
-                *d = b.get(i).copied().unwrap_or(0);
+    fn pio_read(&self, vcpu: usize, port: u16, data: &mut [u8]) {
+        match (&self.devices, &self.link) {
+            (Some(d), _) => d.lock().unwrap_or_else(|p| p.into_inner()).pio_read(port, data),
+            (None, Some(link)) => {
+                link.io(vcpu, IoAccess::PioRead(port), data);
             }
-        } else {
-            data.fill(0xff);
+            (None, None) => data.fill(0xff),
         }
     }
-    fn mmio_write(&self, _vcpu: usize, addr: u64, data: &[u8]) {
-        if (IOAPIC_BASE..IOAPIC_BASE + 0x1000).contains(&addr) {
-            let mut b = [0u8; 4];
-            let n = data.len().min(4);
-            b[..n].copy_from_slice(&data[..n]);
-            let msgs = self
-                .ioapic
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .write(addr - IOAPIC_BASE, u32::from_le_bytes(b));
-            for m in msgs {
-                self.router.send(&m);
+    fn pio_write(&self, vcpu: usize, port: u16, data: &[u8]) -> PortEvent {
+        match (&self.devices, &self.link) {
+            (Some(d), _) => d.lock().unwrap_or_else(|p| p.into_inner()).pio_write(port, data),
+            (None, Some(link)) => {
+                let mut buf = data.to_vec();
+                link.io(vcpu, IoAccess::PioWrite(port), &mut buf)
             }
+            (None, None) => PortEvent::None,
+        }
+    }
+    fn mmio_read(&self, vcpu: usize, addr: u64, data: &mut [u8]) {
+        match (&self.ioapic, &self.link) {
+            (Some(io), _) => {
+                if (IOAPIC_BASE..IOAPIC_BASE + 0x1000).contains(&addr) {
+                    let v = io
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .read(addr - IOAPIC_BASE);
+                    let b = v.to_le_bytes();
+                    for (i, d) in data.iter_mut().enumerate() {
+                        *d = b.get(i).copied().unwrap_or(0);
+                    }
+                } else {
+                    data.fill(0xff);
+                }
+            }
+            (None, Some(link)) => {
+                link.io(vcpu, IoAccess::MmioRead(addr), data);
+            }
+            (None, None) => data.fill(0xff),
+        }
+    }
+    fn mmio_write(&self, vcpu: usize, addr: u64, data: &[u8]) {
+        match (&self.ioapic, &self.link) {
+            (Some(io), _) => {
+                if (IOAPIC_BASE..IOAPIC_BASE + 0x1000).contains(&addr) {
+                    let mut b = [0u8; 4];
+                    let n = data.len().min(4);
+                    b[..n].copy_from_slice(&data[..n]);
+                    let msgs = io
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .write(addr - IOAPIC_BASE, u32::from_le_bytes(b));
+                    for m in msgs {
+                        self.router.send(&m);
+                    }
+                }
+            }
+            (None, Some(link)) => {
+                let mut buf = data.to_vec();
+                link.io(vcpu, IoAccess::MmioWrite(addr), &mut buf);
+            }
+            (None, None) => {}
         }
     }
     fn send_ipi(&self, _vcpu: usize, msg: &InterruptMessage) {
@@ -179,7 +267,10 @@ impl VcpuEnv for Shared {
         self.router.eoi(vector)
     }
     fn set_logical(&self, vcpu: usize, ldr: u32, dfr: u32) {
-        self.router.set_logical(vcpu, ldr, dfr)
+        self.router.set_logical(vcpu, ldr, dfr);
+        if let Some(link) = &self.link {
+            link.set_logical(vcpu, ldr, dfr);
+        }
     }
     fn timer_changed(&self) {
         let mut g = self.timer_lock.lock().unwrap_or_else(|p| p.into_inner());
@@ -192,7 +283,9 @@ impl VcpuEnv for Shared {
     fn dead_halt(&self, _vcpu: usize, halted: bool) {
         if halted {
             let n = self.dead_halted.fetch_add(1, Ordering::SeqCst) + 1;
-            if n == self.handles.len() {
+            // Only a single-node VM sees every vCPU; a cluster ends on the console's
+            // power-off line, a reset, or an error.
+            if n == self.handles.len() && self.link.is_none() {
                 self.finish(Ok(GuestEnd::PowerOff));
             }
         } else {
@@ -207,7 +300,7 @@ fn timer_thread(shared: &Shared) {
     while !shared.stopping() {
         let now = shared.now_ns();
         let mut next: Option<u64> = None;
-        for h in &shared.handles {
+        for h in shared.handles.iter().filter(|h| shared.local[h.index]) {
             let mut l = h.lapic();
             if l.timer_deadline_ns().is_some_and(|d| d <= now) {
                 l.poll_timer(now);
@@ -325,169 +418,373 @@ pub fn cmdline(host: HostKind, extra: &str) -> String {
         .join(" ")
 }
 
+/// A remote vCPU as seen by the router of this node.
+struct RemoteVcpu {
+    node: u16,
+    vcpu: usize,
+    link: Arc<dyn ClusterLink>,
+}
+
+impl VcpuTarget for RemoteVcpu {
+    fn deliver(&self, irq: &Interrupt) {
+        self.link.deliver(self.node, self.vcpu, irq);
+    }
+}
+
+/// The IOAPIC as seen by a node that does not hold it: EOIs are forwarded.
+struct RemoteIoApic(Arc<dyn ClusterLink>);
+
+impl IoApicLink for RemoteIoApic {
+    fn set_irq(&self, _pin: usize, _level: bool) -> Option<InterruptMessage> {
+        None
+    }
+    fn eoi(&self, vector: u8) -> Vec<InterruptMessage> {
+        self.0.eoi(vector);
+        Vec::new()
+    }
+}
+
+/// The handle other nodes' messages use to reach this VM (from transport threads).
+#[derive(Clone)]
+pub struct VmHandle(Arc<Shared>);
+
+impl VmHandle {
+    /// An interrupt for local vCPU `vcpu` arrived from another node.
+    pub fn deliver(&self, vcpu: usize, irq: &Interrupt) {
+        if let Some(h) = self.0.handles.get(vcpu).filter(|_| self.0.local[vcpu]) {
+            h.deliver(irq);
+        }
+    }
+    /// A remote vCPU changed its logical destination registers.
+    pub fn set_logical(&self, vcpu: usize, ldr: u32, dfr: u32) {
+        self.0.router.set_logical(vcpu, ldr, dfr);
+    }
+    /// A level-triggered EOI from another node (I/O node only).
+    pub fn eoi(&self, vector: u8) {
+        self.0.router.eoi(vector);
+    }
+    /// A device access forwarded from another node (I/O node only).
+    pub fn io(&self, vcpu: usize, access: IoAccess, data: &mut [u8]) -> PortEvent {
+        let env: &dyn VcpuEnv = self.0.as_ref();
+        let ev = match access {
+            IoAccess::PioRead(p) => {
+                env.pio_read(vcpu, p, data);
+                PortEvent::None
+            }
+            IoAccess::PioWrite(p) => env.pio_write(vcpu, p, data),
+            IoAccess::MmioRead(a) => {
+                env.mmio_read(vcpu, a, data);
+                PortEvent::None
+            }
+            IoAccess::MmioWrite(a) => {
+                env.mmio_write(vcpu, a, data);
+                PortEvent::None
+            }
+        };
+        match ev {
+            PortEvent::Reset => self.0.finish(Ok(GuestEnd::Reboot)),
+            PortEvent::PowerOff => self.0.finish(Ok(GuestEnd::PowerOff)),
+            PortEvent::None => {}
+        }
+        ev
+    }
+    /// Another node ended the run: stop here with the same outcome.
+    pub fn remote_end(&self, outcome: Result<GuestEnd, String>) {
+        self.0
+            .finish_inner(outcome.map_err(VmError::Cluster), false);
+    }
+    /// Stops the VM with an error (e.g. a node vanished).
+    pub fn fail(&self, why: String) {
+        self.0.finish(Err(VmError::Cluster(why)));
+    }
+    /// One line of counters per local vCPU.
+    pub fn vcpu_stats(&self) -> Vec<String> {
+        self.0
+            .handles
+            .iter()
+            .filter(|h| self.0.local[h.index])
+            .map(|h| format!("vcpu{} {}", h.index, h.stats.summary()))
+            .collect()
+    }
+}
+
+/// A created VM, ready to run.
+pub struct Vm {
+    shared: Arc<Shared>,
+    vm: VmFd,
+    mem: GuestMemoryMmap,
+    vcpus: Vec<(usize, kvm_ioctls::VcpuFd)>,
+    boot: Option<boot::BootInfo>,
+    timeout: Option<Duration>,
+}
+
+fn host_tsc() -> u64 {
+    // SAFETY: rdtsc has no memory effects; every x86-64 CPU has it.
+    unsafe { core::arch::x86_64::_rdtsc() }
+}
+
+impl Vm {
+    /// Creates the VM: memory, KVM VM, local vCPUs, and on the boot node the kernel and
+    /// boot data.
+    pub fn create(cfg: VmConfig) -> Result<Vm, VmError> {
+        validate(cfg.vcpus, cfg.memory)?;
+        let node = cfg.placement.as_ref().map_or(0, |p| p.node);
+        if node == 0 && !cfg.kernel.is_file() {
+            return Err(VmError::Config(format!(
+                "kernel {} not found (build one with `make guest`, or pass --kernel)",
+                cfg.kernel.display()
+            )));
+        }
+        let kvm = Kvm::new().map_err(|e| VmError::Kvm(e.to_string()))?;
+        let max = kvm.get_max_vcpus();
+        let local: Vec<bool> = match &cfg.placement {
+            None => vec![true; cfg.vcpus],
+            Some(p) => p.vcpu_nodes.iter().map(|n| *n == p.node).collect(),
+        };
+        let nlocal = local.iter().filter(|l| **l).count();
+        if nlocal > max {
+            return Err(VmError::Config(format!(
+                "{nlocal} vCPUs is not possible: this host's KVM allows at most {max}"
+            )));
+        }
+        let mem = match cfg.guest_memory {
+            Some(m) => m,
+            None => memory::create_guest_memory(cfg.memory)?,
+        };
+        let vm = create_vm(&kvm, &mem)?;
+        vcpu::install_kick_handler()
+            .map_err(|e| VmError::Kvm(format!("signal handler: {e}")))?;
+        let link = cfg.placement.as_ref().map(|p| p.link.clone());
+        let ioapic = (node == 0)
+            .then(|| Arc::new(Mutex::new(IoApic::new(mptable::ioapic_id(cfg.vcpus)))));
+        let ioapic_link: Arc<dyn IoApicLink> = match (&ioapic, &link) {
+            (Some(io), _) => io.clone(),
+            (None, Some(l)) => Arc::new(RemoteIoApic(l.clone())),
+            (None, None) => return Err(VmError::Config("no IOAPIC reachable".into())),
+        };
+        let router = Arc::new(Router::new(cfg.vcpus, ioapic_link));
+        let handles: Vec<Arc<VcpuHandle>> =
+            (0..cfg.vcpus).map(|i| Arc::new(VcpuHandle::new(i))).collect();
+        for h in &handles {
+            match (&cfg.placement, local[h.index]) {
+                (Some(p), false) => router.set_target(
+                    h.index,
+                    Arc::new(RemoteVcpu {
+                        node: p.vcpu_nodes[h.index],
+                        vcpu: h.index,
+                        link: p.link.clone(),
+                    }),
+                ),
+                _ => router.set_target(h.index, h.clone()),
+            }
+        }
+        let console = cfg.console.watch();
+        let devices =
+            (node == 0).then(|| Mutex::new(Devices::new(cfg.console, router.clone())));
+        let shared = Arc::new(Shared {
+            start: Instant::now(),
+            stop: AtomicBool::new(false),
+            outcome: Mutex::new(None),
+            outcome_cv: Condvar::new(),
+            dead_halted: AtomicUsize::new(0),
+            handles: handles.clone(),
+            router,
+            ioapic,
+            devices,
+            link,
+            local: local.clone(),
+            timer_lock: Mutex::new(0),
+            timer_cv: Condvar::new(),
+            console,
+            dump: AtomicBool::new(false),
+        });
+
+        let tsc_base = cfg.placement.as_ref().and_then(|p| p.tsc_base);
+        let mut vcpus = Vec::new();
+        for i in (0..cfg.vcpus).filter(|i| local[*i]) {
+            let fd = vm
+                .create_vcpu(i as u64)
+                .map_err(|e| VmError::Kvm(format!("KVM_CREATE_VCPU {i}: {e}")))?;
+            set_cpuid(&kvm, &fd, i).or_else(|e| match cfg.host {
+                // A software backend ignores the table anyway (see compat).
+                HostKind::Software => Ok(()),
+                HostKind::Hardware => Err(e),
+            })?;
+            if let Some(base) = tsc_base {
+                let msrs = kvm_bindings::Msrs::from_entries(&[kvm_bindings::kvm_msr_entry {
+                    index: 0x10, // IA32_TIME_STAMP_COUNTER
+                    data: host_tsc().wrapping_sub(base),
+                    ..Default::default()
+                }])
+                .map_err(|e| VmError::Kvm(format!("TSC MSR: {e:?}")))?;
+                fd.set_msrs(&msrs)
+                    .map_err(|e| VmError::Kvm(format!("KVM_SET_MSRS (TSC): {e}")))?;
+            }
+            vcpus.push((i, fd));
+        }
+
+        let boot = if node == 0 {
+            let tsc_khz = match cfg.placement.as_ref().and_then(|p| p.tsc_khz) {
+                Some(k) => k,
+                None => vcpus
+                    .first()
+                    .ok_or_else(|| VmError::Config("the boot node has no vCPU".into()))?
+                    .1
+                    .get_tsc_khz()
+                    .map_err(|e| VmError::Kvm(format!("KVM_GET_TSC_KHZ: {e}")))?,
+            };
+            let host_opts = cfg.host.tsc_cmdline(tsc_khz);
+            let full_cmdline = cmdline(cfg.host, &format!("{host_opts} {}", cfg.cmdline_extra));
+            tracing::info!(cmdline = %full_cmdline, "booting");
+            Some(boot::load(
+                &mem,
+                &BootSpec {
+                    kernel: &cfg.kernel,
+                    initrd: cfg.initrd.as_deref(),
+                    cmdline: &full_cmdline,
+                    vcpus: cfg.vcpus,
+                },
+            )?)
+        } else {
+            None
+        };
+        Ok(Vm {
+            shared,
+            vm,
+            mem,
+            vcpus,
+            boot,
+            timeout: cfg.timeout,
+        })
+    }
+
+    /// The handle for messages from other nodes.
+    pub fn handle(&self) -> VmHandle {
+        VmHandle(self.shared.clone())
+    }
+
+    /// Runs the local vCPUs until the guest ends (or fails).
+    pub fn run(self) -> Result<RunReport, VmError> {
+        let Vm {
+            shared,
+            vm,
+            mem,
+            vcpus,
+            boot,
+            timeout,
+        } = self;
+        let handles = shared.handles.clone();
+        let mut threads = Vec::new();
+        {
+            let s = shared.clone();
+            threads.push(
+                std::thread::Builder::new()
+                    .name("lapic-timer".into())
+                    .spawn(move || timer_thread(&s))
+                    .map_err(VmError::Thread)?,
+            );
+        }
+        for (i, fd) in vcpus {
+            let s = shared.clone();
+            let h = handles[i].clone();
+            let start = match (i, boot) {
+                (0, Some(b)) => Start::Boot(b),
+                _ => Start::Ap,
+            };
+            let t = std::thread::Builder::new()
+                .name(format!("vcpu{i}"))
+                .spawn(move || {
+                    let r = vcpu::run(fd, &h, s.as_ref(), start);
+                    match r {
+                        Ok(VcpuEnd::Stopped) => {}
+                        Ok(VcpuEnd::Reset) => s.finish(Ok(GuestEnd::Reboot)),
+                        Ok(VcpuEnd::PowerOff) => s.finish(Ok(GuestEnd::PowerOff)),
+                        Err(e) => s.finish(Err(e.into())),
+                    }
+                });
+            match t {
+                Ok(t) => threads.push(t),
+                Err(e) => {
+                    shared.finish(Err(VmError::Thread(e)));
+                    break;
+                }
+            }
+        }
+
+        let outcome = {
+            let deadline = timeout.map(|t| Instant::now() + t);
+            let mut o = shared.outcome.lock().unwrap_or_else(|p| p.into_inner());
+            while o.is_none() {
+                match deadline {
+                    None => o = shared.outcome_cv.wait(o).unwrap_or_else(|p| p.into_inner()),
+                    Some(d) => {
+                        let now = Instant::now();
+                        if now >= d {
+                            // Have every running vCPU log where it is.
+                            shared.dump.store(true, Ordering::SeqCst);
+                            drop(o);
+                            for h in &handles {
+                                h.wake();
+                            }
+                            std::thread::sleep(Duration::from_millis(300));
+                            o = shared.outcome.lock().unwrap_or_else(|p| p.into_inner());
+                            let counters = VmHandle(shared.clone()).vcpu_stats().join("; ");
+                            *o = Some(Err(VmError::Timeout(timeout.unwrap_or_default(), counters)));
+                            break;
+                        }
+                        o = shared
+                            .outcome_cv
+                            .wait_timeout(o, d - now)
+                            .unwrap_or_else(|p| p.into_inner())
+                            .0;
+                    }
+                }
+            }
+            o.take()
+        };
+        // Make sure everything stops; other nodes hear of an error or timeout here.
+        match &outcome {
+            Some(Err(e)) => {
+                if let Some(link) = &shared.link {
+                    link.ended(&Err(e.to_string()));
+                }
+                shared.finish_inner(Ok(GuestEnd::PowerOff), false)
+            }
+            _ => shared.finish_inner(Ok(GuestEnd::PowerOff), false),
+        }
+        // A vCPU blocked on a page that can no longer arrive (its node is gone) never
+        // returns from KVM_RUN: give the threads a few seconds, then leave them.
+        let deadline = Instant::now() + Duration::from_secs(3);
+        for t in threads {
+            while !t.is_finished() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            if t.is_finished() {
+                let _ = t.join();
+            } else {
+                tracing::warn!("a vCPU thread did not stop; leaving it");
+            }
+        }
+        drop(vm);
+        drop(mem);
+        let elapsed = shared.start.elapsed();
+        let vcpu_stats = VmHandle(shared.clone()).vcpu_stats();
+        let end = match outcome {
+            Some(r) => r?,
+            None => GuestEnd::PowerOff,
+        };
+        if shared.console.panicked() {
+            return Err(VmError::GuestPanic);
+        }
+        Ok(RunReport {
+            end,
+            vcpu_stats,
+            elapsed,
+        })
+    }
+}
+
 /// Creates the VM, boots the kernel and runs until the guest ends.
 pub fn run(cfg: VmConfig) -> Result<RunReport, VmError> {
-    validate(cfg.vcpus, cfg.memory)?;
-    if !cfg.kernel.is_file() {
-        return Err(VmError::Config(format!(
-            "kernel {} not found (build one with `make guest`, or pass --kernel)",
-            cfg.kernel.display()
-        )));
-    }
-    let kvm = Kvm::new().map_err(|e| VmError::Kvm(e.to_string()))?;
-    let max = kvm.get_max_vcpus();
-    if cfg.vcpus > max {
-        return Err(VmError::Config(format!(
-            "{} vCPUs is not possible: this host's KVM allows at most {max}",
-            cfg.vcpus
-        )));
-    }
-    let mem = memory::create_guest_memory(cfg.memory)?;
-    let vm = create_vm(&kvm, &mem)?;
-    vcpu::install_kick_handler().map_err(|e| VmError::Kvm(format!("signal handler: {e}")))?;
-    let ioapic = Arc::new(Mutex::new(IoApic::new(mptable::ioapic_id(cfg.vcpus))));
-    let router = Arc::new(Router::new(cfg.vcpus, ioapic.clone()));
-    let handles: Vec<Arc<VcpuHandle>> = (0..cfg.vcpus).map(|i| Arc::new(VcpuHandle::new(i))).collect();
-    for h in &handles {
-        router.set_target(h.index, h.clone());
-    }
-    let console = cfg.console.watch();
-    let devices = Devices::new(cfg.console, router.clone());
-    let shared = Arc::new(Shared {
-        start: Instant::now(),
-        stop: AtomicBool::new(false),
-        outcome: Mutex::new(None),
-        outcome_cv: Condvar::new(),
-        dead_halted: AtomicUsize::new(0),
-        handles: handles.clone(),
-        router,
-        ioapic,
-        devices: Mutex::new(devices),
-        timer_lock: Mutex::new(0),
-        timer_cv: Condvar::new(),
-        console,
-        dump: AtomicBool::new(false),
-    });
-
-    let mut vcpus = Vec::new();
-    for i in 0..cfg.vcpus {
-        let fd = vm
-            .create_vcpu(i as u64)
-            .map_err(|e| VmError::Kvm(format!("KVM_CREATE_VCPU {i}: {e}")))?;
-        set_cpuid(&kvm, &fd, i).or_else(|e| match cfg.host {
-            // A software backend ignores the table anyway (see compat).
-            HostKind::Software => Ok(()),
-            HostKind::Hardware => Err(e),
-        })?;
-        vcpus.push(fd);
-    }
-
-    let tsc_khz = vcpus[0]
-        .get_tsc_khz()
-        .map_err(|e| VmError::Kvm(format!("KVM_GET_TSC_KHZ: {e}")))?;
-    let host_opts = cfg.host.tsc_cmdline(tsc_khz);
-    let full_cmdline = cmdline(cfg.host, &format!("{host_opts} {}", cfg.cmdline_extra));
-    tracing::info!(cmdline = %full_cmdline, "booting");
-    let boot_info = boot::load(
-        &mem,
-        &BootSpec {
-            kernel: &cfg.kernel,
-            initrd: cfg.initrd.as_deref(),
-            cmdline: &full_cmdline,
-            vcpus: cfg.vcpus,
-        },
-    )?;
-
-    let mut threads = Vec::new();
-    {
-        let s = shared.clone();
-        threads.push(
-            std::thread::Builder::new()
-                .name("lapic-timer".into())
-                .spawn(move || timer_thread(&s))
-                .map_err(VmError::Thread)?,
-        );
-    }
-    for (i, fd) in vcpus.into_iter().enumerate() {
-        let s = shared.clone();
-        let h = handles[i].clone();
-        let start = if i == 0 { Start::Boot(boot_info) } else { Start::Ap };
-        let t = std::thread::Builder::new()
-            .name(format!("vcpu{i}"))
-            .spawn(move || {
-                let r = vcpu::run(fd, &h, s.as_ref(), start);
-                match r {
-                    Ok(VcpuEnd::Stopped) => {}
-                    Ok(VcpuEnd::Reset) => s.finish(Ok(GuestEnd::Reboot)),
-                    Ok(VcpuEnd::PowerOff) => s.finish(Ok(GuestEnd::PowerOff)),
-                    Err(e) => s.finish(Err(e.into())),
-                }
-            });
-        match t {
-            Ok(t) => threads.push(t),
-            Err(e) => {
-                shared.finish(Err(VmError::Thread(e)));
-                break;
-            }
-        }
-    }
-
-    let outcome = {
-        let deadline = cfg.timeout.map(|t| Instant::now() + t);
-        let mut o = shared.outcome.lock().unwrap_or_else(|p| p.into_inner());
-        while o.is_none() {
-            match deadline {
-                None => o = shared.outcome_cv.wait(o).unwrap_or_else(|p| p.into_inner()),
-                Some(d) => {
-                    let now = Instant::now();
-                    if now >= d {
-                        // Have every running vCPU log where it is.
-                        shared.dump.store(true, Ordering::SeqCst);
-                        drop(o);
-                        for h in &handles {
-                            h.wake();
-                        }
-                        std::thread::sleep(Duration::from_millis(300));
-                        o = shared.outcome.lock().unwrap_or_else(|p| p.into_inner());
-                        let counters = handles
-                            .iter()
-                            .map(|h| format!("vcpu{} {}", h.index, h.stats.summary()))
-                            .collect::<Vec<_>>()
-                            .join("; ");
-                        *o = Some(Err(VmError::Timeout(cfg.timeout.unwrap_or_default(), counters)));
-                        break;
-                    }
-                    o = shared
-                        .outcome_cv
-                        .wait_timeout(o, d - now)
-                        .unwrap_or_else(|p| p.into_inner())
-                        .0;
-                }
-            }
-        }
-        o.take()
-    };
-    shared.finish(Ok(GuestEnd::PowerOff)); // makes sure everything stops
-    for t in threads {
-        let _ = t.join();
-    }
-    drop(vm);
-    drop(mem);
-    let elapsed = shared.start.elapsed();
-    let vcpu_stats = handles
-        .iter()
-        .map(|h| format!("vcpu{} {}", h.index, h.stats.summary()))
-        .collect();
-    let end = match outcome {
-        Some(r) => r?,
-        None => GuestEnd::PowerOff,
-    };
-    if shared.console.panicked() {
-        return Err(VmError::GuestPanic);
-    }
-    Ok(RunReport {
-        end,
-        vcpu_stats,
-        elapsed,
-    })
+    Vm::create(cfg)?.run()
 }

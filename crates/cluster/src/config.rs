@@ -1,0 +1,270 @@
+//! The cluster description (TOML).
+//!
+//! ```toml
+//! kernel = "guest/out/vmlinux"     # read by node 0 only
+//! initrd = "guest/out/initramfs.cpio.gz"   # optional
+//! cmdline = "locktorture.shutdown_secs=20"  # appended to the VMM's defaults
+//! secret_file = "/etc/dvmm/secret"  # or: secret = "..." (at least 16 characters)
+//! connect_timeout_secs = 60         # how long a node waits for the others
+//!
+//! [[node]]                          # node 0: boot and I/O node
+//! addr = "10.0.0.1:7100"
+//! vcpus = 2
+//! memory = "512M"                   # this node's share of guest RAM (it is the home)
+//!
+//! [[node]]
+//! addr = "10.0.0.2:7100"
+//! vcpus = 2
+//! memory = "512M"
+//! ```
+//!
+//! vCPUs are numbered in node order (node 0 has vCPUs 0..vcpus-1, and so on); guest RAM
+//! is the sum of the shares, and each node is the DSM home of its share's pages.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+/// Errors in a cluster description.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// Cannot read the file.
+    #[error("cannot read cluster config {path}: {source}")]
+    Read {
+        /// Path.
+        path: PathBuf,
+        /// Cause.
+        source: std::io::Error,
+    },
+    /// Not valid TOML or wrong fields.
+    #[error("invalid cluster config {path}: {msg}")]
+    Parse {
+        /// Path.
+        path: PathBuf,
+        /// What is wrong.
+        msg: String,
+    },
+    /// Semantically wrong.
+    #[error("invalid cluster config: {0}")]
+    Invalid(String),
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    kernel: Option<PathBuf>,
+    initrd: Option<PathBuf>,
+    #[serde(default)]
+    cmdline: String,
+    secret: Option<String>,
+    secret_file: Option<PathBuf>,
+    connect_timeout_secs: Option<u64>,
+    #[serde(default)]
+    node: Vec<RawNode>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawNode {
+    addr: String,
+    vcpus: usize,
+    memory: String,
+}
+
+/// One node of the cluster.
+#[derive(Debug, Clone)]
+pub struct NodeConfig {
+    /// Listen / connect address.
+    pub addr: SocketAddr,
+    /// vCPUs run by this node.
+    pub vcpus: usize,
+    /// Guest RAM this node is home of, in bytes.
+    pub memory: u64,
+}
+
+/// A validated cluster description.
+#[derive(Debug, Clone)]
+pub struct ClusterConfig {
+    /// Kernel image (node 0).
+    pub kernel: PathBuf,
+    /// Initrd (node 0).
+    pub initrd: Option<PathBuf>,
+    /// Extra kernel command line.
+    pub cmdline: String,
+    /// The shared secret.
+    pub secret: Vec<u8>,
+    /// How long to wait for the other nodes.
+    pub connect_timeout: std::time::Duration,
+    /// The nodes, node 0 first.
+    pub nodes: Vec<NodeConfig>,
+}
+
+/// The default kernel.
+pub const DEFAULT_KERNEL: &str = "guest/out/vmlinux";
+
+impl ClusterConfig {
+    /// Reads and validates a cluster description file.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        Self::parse(&text, base).map_err(|e| match e {
+            ConfigError::Parse { msg, .. } => ConfigError::Parse {
+                path: path.to_path_buf(),
+                msg,
+            },
+            other => other,
+        })
+    }
+
+    /// Parses the text of a description; relative `secret_file` paths are taken from
+    /// `base`.
+    pub fn parse(text: &str, base: &Path) -> Result<Self, ConfigError> {
+        let raw: RawConfig = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: PathBuf::new(),
+            msg: e.message().to_string(),
+        })?;
+        if raw.node.is_empty() {
+            return Err(ConfigError::Invalid("no [[node]] entries".into()));
+        }
+        if raw.node.len() > 64 {
+            return Err(ConfigError::Invalid(format!("{} nodes: at most 64", raw.node.len())));
+        }
+        let mut nodes = Vec::new();
+        for (i, n) in raw.node.iter().enumerate() {
+            let addr: SocketAddr = n.addr.parse().map_err(|_| {
+                ConfigError::Invalid(format!("node {i}: address '{}' is not IP:PORT", n.addr))
+            })?;
+            let memory = vmm::memory::parse_size(&n.memory)
+                .map_err(|e| ConfigError::Invalid(format!("node {i}: {e}")))?;
+            if memory == 0 || memory % (2 << 20) != 0 {
+                return Err(ConfigError::Invalid(format!(
+                    "node {i}: memory share must be a non-zero multiple of 2 MiB"
+                )));
+            }
+            nodes.push(NodeConfig {
+                addr,
+                vcpus: n.vcpus,
+                memory,
+            });
+        }
+        if nodes[0].vcpus == 0 {
+            return Err(ConfigError::Invalid(
+                "node 0 (the boot node) must run at least one vCPU".into(),
+            ));
+        }
+        for (i, a) in nodes.iter().enumerate() {
+            if nodes[..i].iter().any(|b| b.addr == a.addr) {
+                return Err(ConfigError::Invalid(format!("node {i}: address {} is used twice", a.addr)));
+            }
+        }
+        let secret = match (raw.secret, raw.secret_file) {
+            (Some(s), None) => s.into_bytes(),
+            (None, Some(f)) => {
+                let f = if f.is_absolute() { f } else { base.join(f) };
+                let s = std::fs::read_to_string(&f).map_err(|e| {
+                    ConfigError::Invalid(format!("cannot read secret_file {}: {e}", f.display()))
+                })?;
+                s.trim().as_bytes().to_vec()
+            }
+            (Some(_), Some(_)) => {
+                return Err(ConfigError::Invalid("give either secret or secret_file, not both".into()))
+            }
+            (None, None) => {
+                return Err(ConfigError::Invalid("a cluster secret is required (secret or secret_file)".into()))
+            }
+        };
+        if secret.len() < 16 {
+            return Err(ConfigError::Invalid("the cluster secret must have at least 16 characters".into()));
+        }
+        let c = ClusterConfig {
+            kernel: raw.kernel.unwrap_or_else(|| PathBuf::from(DEFAULT_KERNEL)),
+            initrd: raw.initrd,
+            cmdline: raw.cmdline,
+            secret,
+            connect_timeout: std::time::Duration::from_secs(raw.connect_timeout_secs.unwrap_or(60)),
+            nodes,
+        };
+        vmm::vm::validate(c.total_vcpus(), c.total_memory())
+            .map_err(|e| ConfigError::Invalid(e.to_string()))?;
+        Ok(c)
+    }
+
+    /// All vCPUs.
+    pub fn total_vcpus(&self) -> usize {
+        self.nodes.iter().map(|n| n.vcpus).sum()
+    }
+
+    /// All guest RAM.
+    pub fn total_memory(&self) -> u64 {
+        self.nodes.iter().map(|n| n.memory).sum()
+    }
+
+    /// The node of every vCPU.
+    pub fn vcpu_nodes(&self) -> Vec<u16> {
+        self.nodes
+            .iter()
+            .enumerate()
+            .flat_map(|(i, n)| std::iter::repeat_n(i as u16, n.vcpus))
+            .collect()
+    }
+
+    /// The first page each node is home of (plus the end).
+    pub fn home_bounds(&self) -> Vec<u64> {
+        let mut b = vec![0u64];
+        for n in &self.nodes {
+            let last = *b.last().unwrap_or(&0);
+            b.push(last + n.memory / 4096);
+        }
+        b
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const OK: &str = r#"
+        secret = "0123456789abcdef0123"
+        [[node]]
+        addr = "127.0.0.1:7100"
+        vcpus = 2
+        memory = "512M"
+        [[node]]
+        addr = "127.0.0.1:7101"
+        vcpus = 1
+        memory = "256M"
+    "#;
+
+    #[test]
+    fn parses_and_derives() {
+        let c = ClusterConfig::parse(OK, Path::new(".")).unwrap();
+        assert_eq!(c.total_vcpus(), 3);
+        assert_eq!(c.total_memory(), 768 << 20);
+        assert_eq!(c.vcpu_nodes(), vec![0, 0, 1]);
+        assert_eq!(c.home_bounds(), vec![0, 131072, 196608]);
+        assert_eq!(c.kernel, PathBuf::from(DEFAULT_KERNEL));
+    }
+
+    #[test]
+    fn rejects_bad_descriptions() {
+        let bad = [
+            ("", "no [[node]]"),
+            ("secret = \"0123456789abcdef\"\n[[node]]\naddr = \"x\"\nvcpus = 1\nmemory = \"512M\"", "not IP:PORT"),
+            ("[[node]]\naddr = \"127.0.0.1:1\"\nvcpus = 1\nmemory = \"512M\"", "secret is required"),
+            ("secret = \"short\"\n[[node]]\naddr = \"127.0.0.1:1\"\nvcpus = 1\nmemory = \"512M\"", "at least 16"),
+            ("secret = \"0123456789abcdef\"\n[[node]]\naddr = \"127.0.0.1:1\"\nvcpus = 0\nmemory = \"512M\"", "at least one vCPU"),
+            ("secret = \"0123456789abcdef\"\n[[node]]\naddr = \"127.0.0.1:1\"\nvcpus = 1\nmemory = \"1K\"", "multiple of 2 MiB"),
+            ("secret = \"0123456789abcdef\"\nbogus = 1\n[[node]]\naddr = \"127.0.0.1:1\"\nvcpus = 1\nmemory = \"512M\"", "unknown field"),
+            ("secret = \"0123456789abcdef\"\n[[node]]\naddr = \"127.0.0.1:1\"\nvcpus = 1\nmemory = \"512M\"\n[[node]]\naddr = \"127.0.0.1:1\"\nvcpus = 1\nmemory = \"512M\"", "used twice"),
+            ("not toml at all [", ""),
+        ];
+        for (text, want) in bad {
+            let e = ClusterConfig::parse(text, Path::new(".")).unwrap_err().to_string();
+            assert!(e.contains(want), "{text:?}: {e}");
+        }
+    }
+}

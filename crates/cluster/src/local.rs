@@ -1,0 +1,332 @@
+//! `dvmm run --nodes N`: a whole cluster on this machine.
+//!
+//! The launcher writes a cluster description and a fresh secret into a private
+//! temporary directory, starts one `dvmm node` process per node (on loopback, or with
+//! `--netns` each in its own network namespace joined to the others by veth pairs on a
+//! bridge), shows node 0's console, and returns node 0's status. If any node fails, the
+//! others stop (they hear of it over the mesh); whatever is still running after a grace
+//! period is killed. Namespaces and the temporary directory are removed on every exit.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+/// How to run the local cluster.
+#[derive(Debug, Clone)]
+pub struct LocalRun {
+    /// Node processes.
+    pub nodes: usize,
+    /// Total vCPUs, spread over the nodes.
+    pub vcpus: usize,
+    /// Total guest RAM, spread over the nodes.
+    pub memory: u64,
+    /// Kernel.
+    pub kernel: PathBuf,
+    /// Initrd.
+    pub initrd: Option<PathBuf>,
+    /// Extra command line.
+    pub cmdline: String,
+    /// Each node in its own network namespace.
+    pub netns: bool,
+    /// Run timeout in seconds (0: none).
+    pub timeout: u64,
+}
+
+static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_signal(_: libc::c_int) {
+    INTERRUPTED.store(true, Ordering::SeqCst);
+}
+
+/// Network namespaces of one run, removed on drop.
+struct Netns {
+    names: Vec<String>,
+}
+
+fn ip(args: &[&str]) -> Result<(), String> {
+    let out = Command::new("ip")
+        .args(args)
+        .output()
+        .map_err(|e| format!("cannot run ip: {e}"))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(format!(
+            "ip {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        ))
+    }
+}
+
+impl Netns {
+    /// A hub namespace with a bridge and one namespace per node, node k at 10.213.0.(k+1).
+    fn create(nodes: usize) -> Result<Netns, String> {
+        let tag = std::process::id();
+        let hub = format!("dvmm{tag}h");
+        let mut ns = Netns {
+            names: vec![hub.clone()],
+        };
+        ip(&["netns", "add", &hub])?;
+        ip(&["-n", &hub, "link", "add", "br0", "type", "bridge"])?;
+        ip(&["-n", &hub, "link", "set", "br0", "up"])?;
+        for k in 0..nodes {
+            let name = format!("dvmm{tag}n{k}");
+            ip(&["netns", "add", &name])?;
+            ns.names.push(name.clone());
+            let peer = format!("b{k}");
+            ip(&["-n", &name, "link", "add", "eth0", "type", "veth", "peer", "name", &peer, "netns", &hub])?;
+            ip(&["-n", &name, "addr", "add", &format!("{}/24", Self::addr(k)), "dev", "eth0"])?;
+            ip(&["-n", &name, "link", "set", "eth0", "up"])?;
+            ip(&["-n", &name, "link", "set", "lo", "up"])?;
+            ip(&["-n", &hub, "link", "set", &peer, "master", "br0"])?;
+            ip(&["-n", &hub, "link", "set", &peer, "up"])?;
+        }
+        Ok(ns)
+    }
+
+    fn addr(k: usize) -> String {
+        format!("10.213.0.{}", k + 1)
+    }
+
+    fn node(&self, k: usize) -> &str {
+        &self.names[k + 1]
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        for n in self.names.iter().rev() {
+            let _ = ip(&["netns", "del", n]);
+        }
+    }
+}
+
+struct TempDir(PathBuf);
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn free_port() -> Result<u16, String> {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").map_err(|e| e.to_string())?;
+    l.local_addr().map(|a| a.port()).map_err(|e| e.to_string())
+}
+
+fn secret() -> String {
+    use rand::Rng;
+    let mut rng = rand::thread_rng();
+    (0..32).map(|_| format!("{:02x}", rng.gen::<u8>())).collect()
+}
+
+/// Splits `total` into `n` parts, the first ones one larger.
+pub fn spread(total: usize, n: usize) -> Vec<usize> {
+    (0..n).map(|i| total / n + usize::from(i < total % n)).collect()
+}
+
+/// Writes the cluster description for a local run.
+pub fn write_config(dir: &Path, run: &LocalRun, addrs: &[String]) -> Result<PathBuf, String> {
+    let unit = 2u64 << 20;
+    let per = (run.memory / run.nodes as u64) / unit * unit;
+    let mut text = String::new();
+    text.push_str(&format!("kernel = {:?}\n", run.kernel.display().to_string()));
+    if let Some(i) = &run.initrd {
+        text.push_str(&format!("initrd = {:?}\n", i.display().to_string()));
+    }
+    text.push_str(&format!("cmdline = {:?}\n", run.cmdline));
+    std::fs::write(dir.join("secret"), secret()).map_err(|e| e.to_string())?;
+    text.push_str("secret_file = \"secret\"\nconnect_timeout_secs = 30\n");
+    let vcpus = spread(run.vcpus, run.nodes);
+    for (k, addr) in addrs.iter().enumerate() {
+        let mem = if k == 0 {
+            run.memory - per * (run.nodes as u64 - 1)
+        } else {
+            per
+        };
+        text.push_str(&format!(
+            "\n[[node]]\naddr = \"{addr}\"\nvcpus = {}\nmemory = \"{}K\"\n",
+            vcpus[k],
+            mem >> 10
+        ));
+    }
+    let path = dir.join("cluster.toml");
+    std::fs::write(&path, text).map_err(|e| e.to_string())?;
+    Ok(path)
+}
+
+fn kill_all(children: &mut [(usize, Child)]) {
+    for (_, c) in children.iter_mut() {
+        let _ = c.kill();
+    }
+    for (_, c) in children.iter_mut() {
+        let _ = c.wait();
+    }
+}
+
+/// Runs a local cluster; returns the exit code for the process.
+pub fn run(run: &LocalRun) -> Result<i32, String> {
+    if run.nodes == 0 || run.nodes > 16 {
+        return Err(format!("--nodes {}: use 1 to 16", run.nodes));
+    }
+    if run.vcpus < run.nodes {
+        return Err(format!(
+            "{} vCPUs on {} nodes: every node needs at least one vCPU",
+            run.vcpus, run.nodes
+        ));
+    }
+    let per = (run.memory / run.nodes as u64) / (2 << 20) * (2 << 20);
+    if per == 0 {
+        return Err("not enough memory to give every node a share".into());
+    }
+    let kernel = std::fs::canonicalize(&run.kernel).map_err(|_| {
+        format!(
+            "kernel {} not found (build one with `make guest`, or pass --kernel)",
+            run.kernel.display()
+        )
+    })?;
+    let initrd = match &run.initrd {
+        Some(i) => Some(
+            std::fs::canonicalize(i).map_err(|_| format!("initrd {} not found", i.display()))?,
+        ),
+        None => None,
+    };
+    let run = LocalRun {
+        kernel,
+        initrd,
+        ..run.clone()
+    };
+    // SAFETY: installing a handler that only stores to an atomic is async-signal-safe.
+    unsafe {
+        libc::signal(libc::SIGINT, on_signal as *const () as libc::sighandler_t);
+        libc::signal(libc::SIGTERM, on_signal as *const () as libc::sighandler_t);
+    }
+    let dir = std::env::temp_dir().join(format!("dvmm-run-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+    let _tmp = TempDir(dir.clone());
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let _ = std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700));
+    }
+    let netns = if run.netns {
+        Some(Netns::create(run.nodes)?)
+    } else {
+        None
+    };
+    let addrs: Vec<String> = match &netns {
+        Some(_) => (0..run.nodes).map(|k| format!("{}:7100", Netns::addr(k))).collect(),
+        None => (0..run.nodes)
+            .map(|_| free_port().map(|p| format!("127.0.0.1:{p}")))
+            .collect::<Result<_, _>>()?,
+    };
+    let config = write_config(&dir, &run, &addrs)?;
+    let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+    let mut children: Vec<(usize, Child)> = Vec::new();
+    for k in 0..run.nodes {
+        let mut cmd = match &netns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns.node(k)]).arg(&exe);
+                c
+            }
+            None => Command::new(&exe),
+        };
+        cmd.arg("node")
+            .arg("--config")
+            .arg(&config)
+            .arg("--id")
+            .arg(k.to_string())
+            .arg("--timeout")
+            .arg(run.timeout.to_string())
+            .stdin(Stdio::null())
+            .stdout(if k == 0 { Stdio::inherit() } else { Stdio::null() })
+            .stderr(Stdio::inherit());
+        match cmd.spawn() {
+            Ok(c) => children.push((k, c)),
+            Err(e) => {
+                kill_all(&mut children);
+                return Err(format!("cannot start node {k}: {e}"));
+            }
+        }
+    }
+    supervise(children)
+}
+
+fn supervise(mut children: Vec<(usize, Child)>) -> Result<i32, String> {
+    let mut statuses: Vec<Option<ExitStatus>> = vec![None; children.len()];
+    let mut first_end: Option<Instant> = None;
+    loop {
+        for (k, c) in children.iter_mut() {
+            if statuses[*k].is_none() {
+                if let Ok(Some(st)) = c.try_wait() {
+                    statuses[*k] = Some(st);
+                    first_end.get_or_insert_with(Instant::now);
+                }
+            }
+        }
+        if statuses.iter().all(|s| s.is_some()) {
+            break;
+        }
+        if INTERRUPTED.load(Ordering::SeqCst) {
+            eprintln!("dvmm: interrupted: stopping every node");
+            kill_all(&mut children);
+            return Ok(130);
+        }
+        // Every node stops within 10 s of the first one (it hears over the mesh);
+        // whatever is left is killed.
+        if first_end.is_some_and(|t| t.elapsed() > Duration::from_secs(12)) {
+            for (k, c) in children.iter_mut() {
+                if statuses[*k].is_none() {
+                    eprintln!("dvmm: node {k} did not stop: killing it");
+                    let _ = c.kill();
+                    statuses[*k] = c.wait().ok();
+                }
+            }
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let code = |s: &Option<ExitStatus>| s.and_then(|s| s.code()).unwrap_or(1);
+    let node0 = code(&statuses[0]);
+    if node0 != 0 {
+        return Ok(node0);
+    }
+    Ok(if statuses.iter().all(|s| code(s) == 0) { 0 } else { 1 })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn spreads_vcpus() {
+        assert_eq!(spread(4, 2), vec![2, 2]);
+        assert_eq!(spread(5, 2), vec![3, 2]);
+        assert_eq!(spread(4, 4), vec![1, 1, 1, 1]);
+    }
+
+    #[test]
+    fn config_round_trips() {
+        let dir = std::env::temp_dir().join(format!("dvmm-cfg-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let run = LocalRun {
+            nodes: 2,
+            vcpus: 3,
+            memory: 1 << 30,
+            kernel: "/k".into(),
+            initrd: None,
+            cmdline: "a=\"b\"".into(),
+            netns: false,
+            timeout: 0,
+        };
+        let p = write_config(&dir, &run, &["127.0.0.1:1".into(), "127.0.0.1:2".into()]).unwrap();
+        let c = crate::ClusterConfig::load(&p).unwrap();
+        assert_eq!(c.total_vcpus(), 3);
+        assert_eq!(c.total_memory(), 1 << 30);
+        assert_eq!(c.cmdline, "a=\"b\"");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
