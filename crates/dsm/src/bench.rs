@@ -8,7 +8,7 @@
 //! 1. setup: node 1 writes the pages node 0 will read / write (so they are
 //!    materialised, non-zero and owned by their home); node 2 (if any) takes ownership of
 //!    pages homed at node 1 (for 3-hop writes); node 0 writes its own pages.
-//! 2. floor: node 0 sends a small request to node 1 over the same mesh (a `Sender`
+//! 2. floor (alternating with 3., sample by sample): node 0 sends a small request to node 1 over the same mesh (a `Sender`
 //!    on another channel, TCP_NODELAY); node 1's reader thread answers with 4 KiB; node 0's
 //!    reader thread `UFFDIO_COPY`s it into a registered page and wakes the waiting thread.
 //!    This is what a remote read fault cannot avoid: one request/response carrying a page,
@@ -251,9 +251,11 @@ pub(crate) fn node_bench(args: &NodeArgs, node: &Node) -> Result<(), String> {
     }
     barrier()?;
 
-    // 2. floor
+    // 2.+3. the floor and remote read faults, sample by sample alternately, so both
+    // see the same machine conditions (this host is shared and noisy).
     let mut floor = Histogram::new();
     let mut floor_nowake = Histogram::new();
+    let mut read = Histogram::new();
     if me == 0 {
         let (tx, rx) = crossbeam_channel::unbounded();
         let frx = Arc::new(FloorRx {
@@ -264,7 +266,8 @@ pub(crate) fn node_bench(args: &NodeArgs, node: &Node) -> Result<(), String> {
             done: tx,
         });
         *ctl.floor.lock().unwrap_or_else(|p| p.into_inner()) = Some(frx.clone());
-        for seq in 0..lay.samples {
+        for (seq, p) in lay.read_pages().enumerate() {
+            let seq = seq as u64;
             let t = Instant::now();
             frx.t0
                 .store(frx.epoch.elapsed().as_nanos() as u64, Ordering::SeqCst);
@@ -274,22 +277,14 @@ pub(crate) fn node_bench(args: &NodeArgs, node: &Node) -> Result<(), String> {
                 Ok(s) => return Err(format!("floor reply {s}, expected {seq}")),
                 Err(_) => return Err("no floor reply from node 1 within 10 s".into()),
             }
-        }
-        floor_nowake = frx.nowake.lock().unwrap_or_else(|p| p.into_inner()).clone();
-        *ctl.floor.lock().unwrap_or_else(|p| p.into_inner()) = None;
-    }
-    barrier()?;
-
-    // 3. read faults (2 hops)
-    let mut read = Histogram::new();
-    if me == 0 {
-        for p in lay.read_pages() {
             let mut v = 0;
             timed(&mut read, || v = read_page(region, p));
             if v != p {
                 return Err(format!("page {p} read {v}, expected {p}"));
             }
         }
+        floor_nowake = frx.nowake.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        *ctl.floor.lock().unwrap_or_else(|p| p.into_inner()) = None;
     }
     barrier()?;
 
@@ -436,6 +431,7 @@ pub fn run(
         samples: opts.samples,
         seq_mib: opts.seq_mib,
         hold_us: opts.hold_us,
+        spin_us: 0,
         connect_timeout_s: 30,
         peer_timeout_ms: 3000,
         log: "warn".into(),

@@ -104,6 +104,9 @@ pub struct NodeArgs {
     /// Page hold time after a wake, in µs.
     #[arg(long, default_value_t = 50)]
     pub hold_us: u64,
+    /// The fault thread keeps polling for this many µs after handling faults.
+    #[arg(long, default_value_t = 0)]
+    pub spin_us: u64,
     /// Seconds to wait for all nodes to join.
     #[arg(long, default_value_t = 30)]
     pub connect_timeout_s: u64,
@@ -347,12 +350,7 @@ pub fn join(args: &NodeArgs) -> Result<Node, String> {
     cfg.peer_timeout = Duration::from_millis(args.peer_timeout_ms);
     let opts = DsmOptions {
         hold: Duration::from_micros(args.hold_us),
-        spin: Duration::from_micros(
-            std::env::var("DSM_SPIN_US")
-                .ok()
-                .and_then(|v| v.parse().ok())
-                .unwrap_or(0),
-        ),
+        spin: Duration::from_micros(args.spin_us),
     };
     let (mesh, dsm) = connect(cfg, listener, region, homes, opts, move |ev| c.on_event(ev))
         .map_err(|e| format!("node {me}: {e}"))?;

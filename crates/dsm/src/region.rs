@@ -52,6 +52,12 @@ impl Region {
         if base == libc::MAP_FAILED {
             return Err(DsmError::Mmap(io::Error::last_os_error()));
         }
+        // 4 KiB pages only: the protocol is page granular, and a transparent huge page
+        // would be split by the first MADV_DONTNEED anyway. Advisory: ignore failure.
+        // SAFETY: advice on the mapping just created.
+        unsafe {
+            libc::madvise(base, len, libc::MADV_NOHUGEPAGE);
+        }
         let region = Region {
             base: base.cast::<u8>(),
             pages,

@@ -1,6 +1,7 @@
 //! The DSM runtime: one [`Dsm`] per node process.
 
-use std::collections::{HashMap, VecDeque};
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap, VecDeque};
 use std::fmt;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
@@ -68,6 +69,25 @@ struct Core {
     /// Faults waiting for a `Wake`, with the time their event was read.
     waiting: HashMap<PageId, Vec<(Instant, FaultKind)>>,
     lat: [Histogram; 3],
+    /// When each held page was last woken (start of its hold).
+    held_since: HashMap<PageId, Instant>,
+    /// Peers with frames queued by the current engine call(s), to flush after unlocking.
+    touched: Vec<NodeId>,
+}
+
+/// A frame waiting in a peer's outgoing queue.
+struct Outgoing {
+    header: [u8; wire::MSG_LEN],
+    page: Option<PageBuf>,
+    kind: &'static str,
+}
+
+/// Outgoing frames to one peer.
+#[derive(Default)]
+struct OutQueue {
+    queue: Mutex<VecDeque<Outgoing>>,
+    /// Held while writing this peer's queue to the socket.
+    sending: Mutex<()>,
 }
 
 enum ReleaseMsg {
@@ -97,6 +117,7 @@ pub struct Dsm {
     nodes: u16,
     region: Region,
     core: Mutex<Core>,
+    out: Vec<OutQueue>,
     sender: Sender,
     counters: Counters,
     hold: Duration,
@@ -182,7 +203,10 @@ impl Dsm {
                 engine,
                 waiting: HashMap::new(),
                 lat: Default::default(),
+                held_since: HashMap::new(),
+                touched: Vec::new(),
             }),
+            out: (0..nodes).map(|_| OutQueue::default()).collect(),
             sender,
             counters: Counters::default(),
             hold: opts.hold,
@@ -269,7 +293,10 @@ impl Dsm {
                 if payload.is_some() {
                     Counters::add(&self.counters.pages_received, 1);
                 }
-                self.execute(&mut core, &actions, payload.as_ref());
+                self.run(&mut core, msg.page(), &actions, payload.as_ref());
+                let touched = std::mem::take(&mut core.touched);
+                drop(core);
+                self.flush(&touched);
             }
             Err(e) => {
                 drop(core);
@@ -512,7 +539,10 @@ impl Dsm {
                 if !immediate {
                     core.waiting.entry(page).or_default().push((now, kind));
                 }
-                self.execute(&mut core, &actions, None);
+                self.run(&mut core, page, &actions, None);
+                let touched = std::mem::take(&mut core.touched);
+                drop(core);
+                self.flush(&touched);
             }
             Err(e) => {
                 drop(core);
@@ -528,10 +558,10 @@ impl Dsm {
         unsafe {
             libc::prctl(libc::PR_SET_TIMERSLACK, 1 as libc::c_ulong);
         }
-        let mut queue: VecDeque<(Instant, PageId)> = VecDeque::new();
+        let mut timers: BinaryHeap<Reverse<(Instant, PageId)>> = BinaryHeap::new();
         loop {
-            let msg = match queue.front() {
-                Some(&(deadline, _)) => match rx.recv_deadline(deadline) {
+            let msg = match timers.peek() {
+                Some(&Reverse((deadline, _))) => match rx.recv_deadline(deadline) {
                     Ok(m) => Some(m),
                     Err(RecvTimeoutError::Timeout) => None,
                     Err(RecvTimeoutError::Disconnected) => return,
@@ -543,39 +573,105 @@ impl Dsm {
             };
             match msg {
                 Some(ReleaseMsg::Stop) => return,
-                // Deadlines are queued under the core lock with a constant hold, so
-                // they arrive in nondecreasing order.
-                Some(ReleaseMsg::Release(d, p)) => queue.push_back((d, p)),
+                Some(ReleaseMsg::Release(d, p)) => timers.push(Reverse((d, p))),
                 None => {}
             }
             let now = Instant::now();
-            if queue.front().is_some_and(|&(d, _)| d <= now) {
+            if timers.peek().is_some_and(|&Reverse((d, _))| d <= now) {
                 if self.closing.load(Ordering::Relaxed) {
                     return;
                 }
                 let mut core = lock(&self.core);
-                while let Some(&(d, page)) = queue.front() {
+                while let Some(&Reverse((d, page))) = timers.peek() {
                     if d > now {
                         break;
                     }
-                    queue.pop_front();
-                    match core.engine.release(page) {
-                        Ok(actions) => self.execute(&mut core, &actions, None),
-                        Err(e) => error!(node = self.me, page, "release refused: {e}"),
+                    timers.pop();
+                    match core.held_since.get(&page) {
+                        // Re-woken since this timer was armed: hold it for its full time.
+                        Some(&t) if t + self.hold > now => {
+                            timers.push(Reverse((t + self.hold, page)))
+                        }
+                        _ => self.release_now(&mut core, page),
                     }
                 }
+                let touched = std::mem::take(&mut core.touched);
+                drop(core);
+                self.flush(&touched);
             }
         }
     }
 
     // ------------------------------------------------------------------ actions
 
+    /// Executes the `actions` of an engine call about `page`, then settles the holds.
+    fn run(&self, core: &mut Core, page: PageId, actions: &[Action], payload: Option<&PageBuf>) {
+        let woken = self.execute(core, actions, payload);
+        self.settle(core, page, &woken);
+    }
+
+    /// Calls `release(page)` and runs its actions.
+    fn release_now(&self, core: &mut Core, page: PageId) {
+        core.held_since.remove(&page);
+        match core.engine.release(page) {
+            Ok(actions) => self.run(core, page, &actions, None),
+            Err(e) => error!(node = self.me, page, "release refused: {e}"),
+        }
+    }
+
+    /// Hold bookkeeping after an engine call about `page` that woke `woken`.
+    ///
+    /// The engine defers a take-away order (`Forward`, `Invalidate`, or its own
+    /// directory waiting for its held copy) that arrives while a page is held, until
+    /// `release`. Rather than arming a timer after every wake, `release` is arranged
+    /// only where a deferred order may exist:
+    ///
+    /// * a call that did not wake `page` but left it held may have deferred an order: release
+    ///   at once if the hold time is over, else arm the timer for its end;
+    /// * a call that woke a page starts its hold; only at the page's home can the same call
+    ///   also defer an order (its directory serving a queued request), so only there the
+    ///   timer is armed. Elsewhere orders arrive as later frames, handled by the first rule.
+    fn settle(&self, core: &mut Core, page: PageId, woken: &[PageId]) {
+        let now = Instant::now();
+        for &w in woken {
+            if !core.engine.is_held(w) {
+                continue;
+            }
+            core.held_since.insert(w, now);
+            if core.engine.home_of(w).is_ok_and(|h| h == self.me) {
+                self.arm(now + self.hold, w);
+            }
+        }
+        if woken.contains(&page) || !core.engine.is_held(page) {
+            if !core.engine.is_held(page) {
+                core.held_since.remove(&page);
+            }
+            return;
+        }
+        let since = core.held_since.get(&page).copied();
+        match since.map(|t| t + self.hold) {
+            Some(end) if end > now => self.arm(end, page),
+            _ => self.release_now(core, page),
+        }
+    }
+
+    fn arm(&self, at: Instant, page: PageId) {
+        let _ = self.release_tx.send(ReleaseMsg::Release(at, page));
+    }
+
     /// Executes `actions` in order. `payload` is the page of the frame being processed.
-    fn execute(&self, core: &mut Core, actions: &[Action], payload: Option<&PageBuf>) {
+    /// Returns the pages woken.
+    fn execute(
+        &self,
+        core: &mut Core,
+        actions: &[Action],
+        payload: Option<&PageBuf>,
+    ) -> Vec<PageId> {
+        let mut woken = Vec::new();
         let mut i = 0;
         while i < actions.len() {
             match &actions[i] {
-                Action::Send { to, msg, with_page } => self.send(*to, msg, *with_page),
+                Action::Send { to, msg, with_page } => self.enqueue(core, *to, msg, *with_page),
                 Action::Install { page, access, zero } => {
                     // Fold an immediately following wake into the install ioctl.
                     let wake =
@@ -583,6 +679,7 @@ impl Dsm {
                     self.install(*page, *access, *zero, payload, wake);
                     if wake {
                         self.woken(core, *page);
+                        woken.push(*page);
                         i += 1;
                     }
                 }
@@ -593,13 +690,15 @@ impl Dsm {
                         self.fail(None, format!("node {}: {e}", self.me));
                     }
                     self.woken(core, *page);
+                    woken.push(*page);
                 }
             }
             i += 1;
         }
+        woken
     }
 
-    /// Bookkeeping after waking the faults on `page`: latencies, hold timer.
+    /// Bookkeeping after waking the faults on `page`: latencies.
     fn woken(&self, core: &mut Core, page: PageId) {
         let now = Instant::now();
         if let Some(w) = core.waiting.remove(&page) {
@@ -612,37 +711,74 @@ impl Dsm {
                 core.lat[idx].record(now.duration_since(t));
             }
         }
-        let _ = self
-            .release_tx
-            .send(ReleaseMsg::Release(now + self.hold, page));
     }
 
-    fn send(&self, to: NodeId, msg: &Msg, with_page: Option<PageId>) {
-        let header = wire::encode(msg);
-        let data = with_page.map(|p| {
+    /// Queues a `Send` action: the frame (with a copy of the page, taken now, while
+    /// the engine guarantees it is stable) goes to the peer's outgoing queue; it is
+    /// written to the socket by [`Dsm::flush`] once the core lock is released.
+    fn enqueue(&self, core: &mut Core, to: NodeId, msg: &Msg, with_page: Option<PageId>) {
+        let page = with_page.map(|p| {
             // SAFETY: the engine emits `with_page` only for a page that is mapped here
             // and write-protected (it issued `SetAccess Read` first, or the copy is a
             // read-only one), so the 4 KiB are present — reading them cannot fault — and
-            // nobody writes them while the slice lives; the region outlives `self`.
-            unsafe { std::slice::from_raw_parts(self.region.page_addr(p) as *const u8, PAGE_SIZE) }
+            // nobody writes them while the slice lives (the core lock is held, so no
+            // later action can change the mapping); the region outlives `self`.
+            let src = unsafe {
+                std::slice::from_raw_parts(self.region.page_addr(p) as *const u8, PAGE_SIZE)
+            };
+            let mut buf = PageBuf::new();
+            buf.as_mut_slice().copy_from_slice(src);
+            buf
         });
-        let size = header.len() + data.map_or(0, <[u8]>::len);
+        let Some(q) = self.out.get(usize::from(to)) else {
+            error!(
+                node = self.me,
+                to, "send to a node outside the cluster dropped"
+            );
+            return;
+        };
+        lock(&q.queue).push_back(Outgoing {
+            header: wire::encode(msg),
+            page,
+            kind: msg.kind(),
+        });
+        if !core.touched.contains(&to) {
+            core.touched.push(to);
+        }
+    }
+
+    /// Writes the queued frames of `peers` to the mesh, in queue order. Called without
+    /// the core lock, so a slow or blocking socket write never stalls the engine.
+    fn flush(&self, peers: &[NodeId]) {
+        for &to in peers {
+            let Some(q) = self.out.get(usize::from(to)) else {
+                continue;
+            };
+            // Whoever holds `sending` transmits everything queued so far in FIFO order,
+            // so frames to one peer leave in the order the engine emitted them.
+            let _sending = lock(&q.sending);
+            loop {
+                let Some(f) = lock(&q.queue).pop_front() else {
+                    break;
+                };
+                self.transmit(to, &f);
+            }
+        }
+    }
+
+    fn transmit(&self, to: NodeId, f: &Outgoing) {
+        let data = f.page.as_ref().map(PageBuf::as_slice);
+        let size = f.header.len() + data.map_or(0, <[u8]>::len);
         Counters::add(&self.counters.bytes_out, size as u64);
-        if let Err(e) = self.sender.send(to, DSM_CHANNEL, &header, data) {
+        if let Err(e) = self.sender.send(to, DSM_CHANNEL, &f.header, data) {
             let node = match &e {
-                TransportError::PeerLost { node, .. } | TransportError::Io { node, .. } => {
-                    Some(*node)
-                }
-                _ => Some(to),
+                TransportError::PeerLost { node, .. } | TransportError::Io { node, .. } => *node,
+                _ => to,
             };
             if !self.closing.load(Ordering::SeqCst) {
-                let who = node.unwrap_or(to);
                 self.fail(
-                    node,
-                    format!(
-                        "DSM peer node {who} lost: sending {} failed: {e}",
-                        msg.kind()
-                    ),
+                    Some(node),
+                    format!("DSM peer node {node} lost: sending {} failed: {e}", f.kind),
                 );
             }
         }
