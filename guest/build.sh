@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Builds the dvmm guest kernel (unmodified Linux 6.1 from Debian's linux-source-6.1)
-# into guest/out/vmlinux. Installs what it needs when missing. Cached: a second run
+# into guest/out/vmlinux, then the initramfs guest/out/initramfs.cpio.gz (see
+# guest/initramfs/build.sh). Installs what it needs when missing. Cached: a second run
 # with the same config, script and source does nothing.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
@@ -26,7 +27,8 @@ if [ ${#need_pkgs[@]} -gt 0 ]; then
 fi
 
 src_ver=$(dpkg-query -W -f='${Version}' linux-source-6.1 2>/dev/null || echo unknown)
-key=$(cat "$here/dvmm.config" "$here/build.sh" | sha256sum | cut -c1-16)-$src_ver
+# The key covers the config and this script up to the initramfs section below.
+key=$(cat "$here/dvmm.config" <(sed '/^# ---- initramfs/,$d' "$here/build.sh") | sha256sum | cut -c1-16)-$src_ver
 mkdir -p "$out"
 if [ -f "$out/vmlinux" ] && [ "$(cat "$out/vmlinux.key" 2>/dev/null)" = "$key" ]; then
   echo "guest: vmlinux is up to date ($out/vmlinux)"
@@ -59,3 +61,7 @@ else
   echo "$key" > "$out/vmlinux.key"
   echo "guest: built $out/vmlinux"
 fi
+# ---- initramfs (not part of the kernel's cache key) ----
+# busybox, /init and smptest: guest/initramfs/build.sh has its own cache key, so that a
+# change there does not rebuild the kernel.
+"$here/initramfs/build.sh"

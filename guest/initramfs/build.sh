@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# Builds guest/out/initramfs.cpio.gz: Debian's static busybox (busybox-static), the
+# /init script of this directory and the smptest program (static C). Called by
+# guest/build.sh after the kernel; cached: a second run with the same inputs does
+# nothing. See docs/GUEST-USERMODE.md.
+set -euo pipefail
+here=$(cd "$(dirname "$0")" && pwd)
+out=$(cd "$here/.." && pwd)/out
+busybox=/bin/busybox
+
+need_pkgs=()
+{ [ -x $busybox ] && file -b $busybox 2>/dev/null | grep -q static; } || need_pkgs+=(busybox-static)
+command -v gcc >/dev/null 2>&1 || need_pkgs+=(build-essential)
+[ -f /usr/lib/x86_64-linux-gnu/libc.a ] || need_pkgs+=(libc6-dev)
+command -v cpio >/dev/null 2>&1 || need_pkgs+=(cpio)
+command -v file >/dev/null 2>&1 || need_pkgs+=(file)
+if [ ${#need_pkgs[@]} -gt 0 ]; then
+  echo "guest: installing ${need_pkgs[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq "${need_pkgs[@]}" >/dev/null
+fi
+
+bb_ver=$(dpkg-query -W -f='${Version}' busybox-static 2>/dev/null || sha256sum $busybox | cut -c1-16)
+cc_ver=$(gcc -dumpfullversion 2>/dev/null || gcc -dumpversion)
+key=$(cat "$here/build.sh" "$here/init" "$here/smptest.c" | sha256sum | cut -c1-16)-$bb_ver-$cc_ver
+mkdir -p "$out"
+if [ -f "$out/initramfs.cpio.gz" ] && [ "$(cat "$out/initramfs.key" 2>/dev/null)" = "$key" ]; then
+  echo "guest: initramfs is up to date ($out/initramfs.cpio.gz)"
+  exit 0
+fi
+
+echo "guest: building initramfs (busybox $bb_ver, smptest)"
+root=$(mktemp -d)
+trap 'rm -rf "$root"' EXIT
+mkdir -p "$root"/{bin,sbin,usr/bin,usr/sbin,proc,sys,dev,tmp,root,etc}
+cp $busybox "$root/bin/busybox"
+# One symlink per applet (at build time: the guest is slow, `busybox --install` at
+# boot would cost seconds).
+$busybox --list-full | while read -r applet; do
+  [ -e "$root/$applet" ] || ln -s /bin/busybox "$root/$applet"
+done
+install -m 0755 "$here/init" "$root/init"
+gcc -static -O2 -pthread -Wall -Wextra -s -o "$root/bin/smptest" "$here/smptest.c"
+echo "root:x:0:0:root:/root:/bin/sh" > "$root/etc/passwd"
+# The kernel opens /dev/console for /init before anything is mounted (its built-in
+# initramfs has one too; this one is kept for kernels without it).
+mknod -m 600 "$root/dev/console" c 5 1 2>/dev/null || true
+(cd "$root" && find . -mindepth 1 | LC_ALL=C sort | cpio -o -H newc -R 0:0 --quiet) > "$out/initramfs.cpio.tmp"
+# The guest unpacks with the kernel's inflate, which is slow on a software KVM host
+# (see docs/GUEST-USERMODE.md): a low level keeps the unpack time down.
+gzip -n -${GZIP_LEVEL:-1} < "$out/initramfs.cpio.tmp" > "$out/initramfs.cpio.gz.tmp"
+rm -f "$out/initramfs.cpio.tmp"
+mv "$out/initramfs.cpio.gz.tmp" "$out/initramfs.cpio.gz"
+echo "$key" > "$out/initramfs.key"
+echo "guest: built $out/initramfs.cpio.gz ($(stat -c %s "$out/initramfs.cpio.gz") bytes)"
