@@ -25,6 +25,13 @@
 //!   [`handle_emulation_failure`] recognises that case, steps over the `0xcc` and injects
 //!   the #BP exception the guest expects, so its int3 self-test and kprobes work.
 //!   `fwait` fails the same way and is stepped over (see [`EmulationFix::SkipFwait`]).
+//! * **Guest user mode: not possible on a software backend.** On `syscall` from guest
+//!   CPL 3 the backend loads RIP = LSTAR, RCX, R11 and masks RFLAGS but leaves CS/SS at
+//!   the user selectors, so the fetch at LSTAR faults (#PF error 0x15) and the guest
+//!   kernel kills the process; `int $0x80` from CPL 3 raises #UD. No exit reaches the
+//!   VMM at that point (MSR filters, guest-debug breakpoints and single-step were
+//!   tried), so there is nothing to fix here. See docs/GUEST-USERMODE.md and
+//!   guest/probe/run.sh. A hardware host runs `syscall` in hardware and needs nothing.
 
 /// Which kind of KVM this host has.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
