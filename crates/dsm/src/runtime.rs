@@ -483,31 +483,35 @@ impl Dsm {
             if self.closing.load(Ordering::SeqCst) || fds[1].revents != 0 {
                 return;
             }
-            // Drain everything that is queued; then keep polling without sleeping for
-            // `spin` (yielding the CPU) so a thread that faults again right after being
+            // Handle what is queued. With `spin`, keep polling without sleeping for that
+            // long (yielding the CPU) so a thread that faults again right after being
             // woken does not pay for waking this thread up.
             let mut idle_since = Instant::now();
             loop {
                 faults.clear();
-                match self.region.uffd().read_faults(&mut faults) {
-                    Ok(true) => {}
-                    Ok(false) => {
-                        if idle_since.elapsed() >= self.spin || self.closing.load(Ordering::Relaxed)
-                        {
-                            break;
-                        }
-                        thread::yield_now();
-                        continue;
-                    }
+                let n = match self.region.uffd().read_faults(&mut faults) {
+                    Ok(n) => n,
                     Err(e) => {
                         self.fail(None, format!("reading the userfaultfd failed: {e}"));
                         return;
                     }
-                }
+                };
                 for f in &faults {
                     self.handle_fault(*f);
                 }
-                idle_since = Instant::now();
+                if n > 0 {
+                    idle_since = Instant::now();
+                }
+                if n == crate::uffd::READ_BATCH {
+                    continue; // there may be more queued
+                }
+                if self.spin.is_zero()
+                    || idle_since.elapsed() >= self.spin
+                    || self.closing.load(Ordering::Relaxed)
+                {
+                    break;
+                }
+                thread::yield_now();
             }
         }
     }

@@ -111,6 +111,9 @@ const UFFDIO_COPY: u64 = iowr(0x03, std::mem::size_of::<UffdioCopy>());
 const UFFDIO_ZEROPAGE: u64 = iowr(0x04, std::mem::size_of::<UffdioZeropage>());
 const UFFDIO_WRITEPROTECT: u64 = iowr(0x06, std::mem::size_of::<UffdioWriteprotect>());
 
+/// Most events [`Uffd::read_faults`] reads at once.
+pub const READ_BATCH: usize = 16;
+
 /// A page fault read from the userfaultfd.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Fault {
@@ -347,11 +350,11 @@ impl Uffd {
         self.ioctl(UFFDIO_WAKE, &mut r, "UFFDIO_WAKE", start)
     }
 
-    /// Reads the pending events without blocking (the descriptor is non-blocking):
-    /// page faults go to `out`; other events are ignored. Returns `Ok(false)` if there
-    /// was nothing to read.
-    pub fn read_faults(&self, out: &mut Vec<Fault>) -> io::Result<bool> {
-        let mut msgs = [UffdMsg::default(); 16];
+    /// Reads up to [`READ_BATCH`] pending events without blocking (the descriptor is
+    /// non-blocking): page faults go to `out`; other events are ignored. Returns the
+    /// number of events read (0 if there was nothing to read).
+    pub fn read_faults(&self, out: &mut Vec<Fault>) -> io::Result<usize> {
+        let mut msgs = [UffdMsg::default(); READ_BATCH];
         let size = std::mem::size_of_val(&msgs);
         loop {
             // SAFETY: reads at most `size` bytes into `msgs`, a plain-data array.
@@ -366,7 +369,7 @@ impl Uffd {
                 let e = io::Error::last_os_error();
                 match e.kind() {
                     io::ErrorKind::Interrupted => continue,
-                    io::ErrorKind::WouldBlock => return Ok(false),
+                    io::ErrorKind::WouldBlock => return Ok(0),
                     _ => return Err(e),
                 }
             }
@@ -380,7 +383,7 @@ impl Uffd {
                     });
                 }
             }
-            return Ok(count > 0);
+            return Ok(count);
         }
     }
 
