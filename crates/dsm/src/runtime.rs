@@ -238,6 +238,16 @@ impl Dsm {
                 return Err(DsmError::Spawn(e));
             }
         }
+        // Not joined by `shutdown` (a hook may run for long, e.g. wait for vCPUs); it
+        // returns once the hook ran or the runtime is closing.
+        let d = dsm.clone();
+        if let Err(e) = thread::Builder::new()
+            .name(format!("dsm-watch-{me}"))
+            .spawn(move || d.watch_loop())
+        {
+            dsm.shutdown();
+            return Err(DsmError::Spawn(e));
+        }
         Ok(dsm)
     }
 
@@ -333,11 +343,33 @@ impl Dsm {
         self.goodbyes_ok.store(true, Ordering::SeqCst);
     }
 
-    /// Installs a callback run once when the DSM fails (on the thread that detected it;
-    /// it must not block on the DSM). Typical use: stop vCPUs and exit the process —
-    /// threads blocked in a fault on an unreachable page cannot be woken otherwise.
+    /// Installs a callback run once when the DSM fails (at once if it already failed), on
+    /// a dedicated watcher thread, so it may call into the `Dsm`. Typical use: stop
+    /// vCPUs and exit the process — threads blocked in a fault on an unreachable page
+    /// cannot be woken otherwise.
     pub fn set_failure_hook(&self, hook: impl Fn(&DsmFailure) + Send + Sync + 'static) {
         *lock(&self.failure_hook) = Some(Box::new(hook));
+        let _f = lock(&self.failure);
+        self.failure_cv.notify_all();
+    }
+
+    /// Runs the failure hook on this (dedicated) thread, never under the engine lock.
+    fn watch_loop(&self) {
+        let mut f = lock(&self.failure);
+        loop {
+            if self.closing.load(Ordering::SeqCst) {
+                return;
+            }
+            if let Some(failure) = f.clone() {
+                let hook = lock(&self.failure_hook).take();
+                if let Some(h) = hook {
+                    drop(f);
+                    h(&failure);
+                    return;
+                }
+            }
+            f = self.failure_cv.wait(f).unwrap_or_else(|p| p.into_inner());
+        }
     }
 
     /// The first fatal error, if any.
@@ -365,7 +397,8 @@ impl Dsm {
         }
     }
 
-    /// Records a fatal error (the first one wins), logs it and runs the hook.
+    /// Records a fatal error (the first one wins), logs it, tells the peers, and wakes
+    /// the waiters and the hook's watcher thread.
     fn fail(&self, node: Option<NodeId>, message: String) {
         {
             let mut f = lock(&self.failure);
@@ -384,9 +417,6 @@ impl Dsm {
                 let _ = self.sender.send(to, DSM_CHANNEL, &abort, None);
             }
             self.failure_cv.notify_all();
-        }
-        if let Some(h) = lock(&self.failure_hook).as_ref() {
-            h(&DsmFailure { node, message });
         }
     }
 
@@ -434,6 +464,10 @@ impl Dsm {
     /// `Arc<Dsm>` is dropped.
     pub fn shutdown(&self) {
         self.closing.store(true, Ordering::SeqCst);
+        {
+            let _f = lock(&self.failure);
+            self.failure_cv.notify_all();
+        }
         let one: u64 = 1;
         // SAFETY: writes 8 bytes from `one` to our eventfd.
         let _ = unsafe {

@@ -140,3 +140,26 @@ fn expected_goodbyes_are_not_failures() {
     d0.shutdown();
     m0.shutdown();
 }
+
+#[test]
+fn failure_hook_runs_on_a_watcher_thread() {
+    if !is_root() {
+        eprintln!("SKIPPED: not root (userfaultfd needs root)");
+        return;
+    }
+    let ((m0, d0), (m1, d1)) = pair(4);
+    let (tx, rx) = crossbeam_channel::bounded(1);
+    let d = d0.clone();
+    d0.set_failure_hook(move |f| {
+        // The hook may call into the DSM.
+        let _ = d.stats();
+        let _ = tx.send((f.node, std::thread::current().name().map(String::from)));
+    });
+    d1.shutdown();
+    m1.shutdown();
+    let (node, thread) = rx.recv_timeout(Duration::from_secs(10)).expect("hook ran");
+    assert_eq!(node, Some(1));
+    assert_eq!(thread.as_deref(), Some("dsm-watch-0"));
+    d0.shutdown();
+    m0.shutdown();
+}
