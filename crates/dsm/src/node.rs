@@ -107,6 +107,9 @@ pub struct NodeArgs {
     /// The fault thread keeps polling for this many µs after handling faults.
     #[arg(long, default_value_t = 0)]
     pub spin_us: u64,
+    /// Read-ahead window in pages on sequential remote read faults (0 = off).
+    #[arg(long, default_value_t = 0)]
+    pub readahead: u64,
     /// Seconds to wait for all nodes to join.
     #[arg(long, default_value_t = 30)]
     pub connect_timeout_s: u64,
@@ -351,6 +354,7 @@ pub fn join(args: &NodeArgs) -> Result<Node, String> {
     let opts = DsmOptions {
         hold: Duration::from_micros(args.hold_us),
         spin: Duration::from_micros(args.spin_us),
+        readahead: args.readahead,
     };
     let (mesh, dsm) = connect(cfg, listener, region, homes, opts, move |ev| c.on_event(ev))
         .map_err(|e| format!("node {me}: {e}"))?;

@@ -34,6 +34,9 @@ pub struct DsmOptions {
     /// After handling faults, the fault thread keeps polling the userfaultfd (yielding
     /// the CPU in between) for this long before it sleeps. Zero: sleep at once.
     pub spin: Duration,
+    /// Read-ahead: on sequential remote read faults, also request read copies of the
+    /// next this many pages. 0 (the default) disables it.
+    pub readahead: u64,
 }
 
 impl Default for DsmOptions {
@@ -41,6 +44,7 @@ impl Default for DsmOptions {
         DsmOptions {
             hold: DEFAULT_HOLD,
             spin: Duration::ZERO,
+            readahead: 0,
         }
     }
 }
@@ -73,6 +77,9 @@ struct Core {
     held_since: HashMap<PageId, Instant>,
     /// Peers with frames queued by the current engine call(s), to flush after unlocking.
     touched: Vec<NodeId>,
+    /// Read-ahead: the last remote read fault, and the page after the last prefetched.
+    last_read_fault: Option<PageId>,
+    ra_next: PageId,
 }
 
 /// A frame waiting in a peer's outgoing queue.
@@ -122,6 +129,7 @@ pub struct Dsm {
     counters: Counters,
     hold: Duration,
     spin: Duration,
+    readahead: u64,
     release_tx: crossbeam_channel::Sender<ReleaseMsg>,
     failure: Mutex<Option<DsmFailure>>,
     failure_cv: Condvar,
@@ -205,12 +213,15 @@ impl Dsm {
                 lat: Default::default(),
                 held_since: HashMap::new(),
                 touched: Vec::new(),
+                last_read_fault: None,
+                ra_next: 0,
             }),
             out: (0..nodes).map(|_| OutQueue::default()).collect(),
             sender,
             counters: Counters::default(),
             hold: opts.hold,
             spin: opts.spin,
+            readahead: opts.readahead,
             release_tx,
             failure: Mutex::new(None),
             failure_cv: Condvar::new(),
@@ -447,6 +458,7 @@ impl Dsm {
             requests_queued: s.requests_queued,
             bad_frames: Counters::get(&c.bad_frames),
             protocol_errors: Counters::get(&c.protocol_errors),
+            prefetches: Counters::get(&c.prefetches),
             read_latency: core.lat[0].clone(),
             write_latency: core.lat[1].clone(),
             upgrade_latency: core.lat[2].clone(),
@@ -578,6 +590,9 @@ impl Dsm {
                     core.waiting.entry(page).or_default().push((now, kind));
                 }
                 self.run(&mut core, page, &actions, None);
+                if access == Access::Read && !immediate && self.readahead > 0 {
+                    self.read_ahead(&mut core, page);
+                }
                 let touched = std::mem::take(&mut core.touched);
                 drop(core);
                 self.flush(&touched);
@@ -588,6 +603,38 @@ impl Dsm {
                 error!(node = self.me, page, "engine refused a local fault: {e}");
             }
         }
+    }
+
+    /// Sequential read detection: a remote read fault right after the previous page's,
+    /// or inside the window being prefetched, requests read copies of the next
+    /// `readahead` pages that are neither here nor requested (faults no thread waits for:
+    /// the engine installs them and the wake finds nobody).
+    fn read_ahead(&self, core: &mut Core, page: PageId) {
+        let ra = self.readahead;
+        let sequential = core.last_read_fault.is_some_and(|l| l + 1 == page)
+            || (page < core.ra_next && page + ra >= core.ra_next);
+        core.last_read_fault = Some(page);
+        if !sequential {
+            return;
+        }
+        let end = (page + 1 + ra).min(self.region.pages());
+        let start = core.ra_next.max(page + 1);
+        for q in start..end {
+            if core.engine.local_access(q) != LocalAccess::None || core.engine.is_pending(q) {
+                continue;
+            }
+            match core.engine.fault(q, Access::Read) {
+                Ok(actions) => {
+                    Counters::add(&self.counters.prefetches, 1);
+                    self.run(core, q, &actions, None);
+                }
+                Err(e) => {
+                    error!(node = self.me, page = q, "read-ahead refused: {e}");
+                    break;
+                }
+            }
+        }
+        core.ra_next = core.ra_next.max(end);
     }
 
     fn release_loop(&self, rx: &Receiver<ReleaseMsg>) {

@@ -67,6 +67,8 @@ pub struct DsmStats {
     pub bad_frames: u64,
     /// Messages the protocol engine refused (logged and ignored).
     pub protocol_errors: u64,
+    /// Pages requested by read-ahead (also counted in `read_faults`).
+    pub prefetches: u64,
     /// Fault-to-wake latency of read faults.
     pub read_latency: Histogram,
     /// Fault-to-wake latency of write faults.
@@ -104,6 +106,7 @@ pub(crate) struct Counters {
     pub pages_received: AtomicU64,
     pub bad_frames: AtomicU64,
     pub protocol_errors: AtomicU64,
+    pub prefetches: AtomicU64,
 }
 
 impl Counters {

@@ -16,6 +16,11 @@ fn is_root() -> bool {
 }
 
 fn pair(pages: u64) -> ((Mesh, Arc<Dsm>), (Mesh, Arc<Dsm>)) {
+    pair_with(pages, DsmOptions::default())
+}
+
+/// Two nodes, all pages homed at node 0; node 1 runs with `opts1`.
+fn pair_with(pages: u64, opts1: DsmOptions) -> ((Mesh, Arc<Dsm>), (Mesh, Arc<Dsm>)) {
     let l0 = TcpListener::bind("127.0.0.1:0").expect("bind");
     let l1 = TcpListener::bind("127.0.0.1:0").expect("bind");
     let addrs = vec![
@@ -29,7 +34,7 @@ fn pair(pages: u64) -> ((Mesh, Arc<Dsm>), (Mesh, Arc<Dsm>)) {
             Some(l1),
             Region::new(pages).expect("region (needs root)"),
             Box::new(AllOnNode(0)),
-            DsmOptions::default(),
+            opts1,
             |_| {},
         )
         .expect("node 1")
@@ -160,6 +165,52 @@ fn failure_hook_runs_on_a_watcher_thread() {
     let (node, thread) = rx.recv_timeout(Duration::from_secs(10)).expect("hook ran");
     assert_eq!(node, Some(1));
     assert_eq!(thread.as_deref(), Some("dsm-watch-0"));
+    d0.shutdown();
+    m0.shutdown();
+}
+
+#[test]
+fn read_ahead_prefetches_and_stays_coherent() {
+    if !is_root() {
+        eprintln!("SKIPPED: not root (userfaultfd needs root)");
+        return;
+    }
+    let opts = DsmOptions {
+        readahead: 8,
+        ..DsmOptions::default()
+    };
+    let ((m0, d0), (m1, d1)) = pair_with(64, opts);
+    let a0 = d0.clone();
+    on_thread(move || {
+        for p in 0..64 {
+            word(&a0, p).store(p + 100, Ordering::SeqCst);
+        }
+    });
+    let a1 = d1.clone();
+    let seen = on_thread(move || {
+        (0..64)
+            .map(|p| word(&a1, p).load(Ordering::SeqCst))
+            .collect::<Vec<_>>()
+    });
+    assert_eq!(seen, (0..64).map(|p| p + 100).collect::<Vec<_>>());
+    assert!(d1.stats().prefetches > 0, "{:?}", d1.stats());
+    // The home writes everything again: prefetched copies must be invalidated.
+    let a0 = d0.clone();
+    on_thread(move || {
+        for p in 0..64 {
+            word(&a0, p).store(p + 200, Ordering::SeqCst);
+        }
+    });
+    let a1 = d1.clone();
+    let seen = on_thread(move || {
+        (0..64)
+            .map(|p| word(&a1, p).load(Ordering::SeqCst))
+            .collect::<Vec<_>>()
+    });
+    assert_eq!(seen, (0..64).map(|p| p + 200).collect::<Vec<_>>());
+    d0.expect_goodbyes();
+    d1.shutdown();
+    m1.shutdown();
     d0.shutdown();
     m0.shutdown();
 }

@@ -199,7 +199,9 @@ fn garbage_and_wrong_secret_are_refused_while_the_workload_completes() {
     let _g = serial();
     let t = Instant::now();
     let iters = 1200;
-    let mut c = Cluster::spawn(&counters(3, iters)).expect("spawn");
+    // Also covers another home policy and read-ahead.
+    let l = counters(3, iters).args(["--homes", "node0", "--readahead", "4"]);
+    let mut c = Cluster::spawn(&l).expect("spawn");
     let target = c.addrs[0];
     std::thread::sleep(Duration::from_millis(500));
     assert_eq!(c.poll(), 3, "nodes exited early\n{}", c.report());

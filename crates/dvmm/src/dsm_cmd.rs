@@ -18,6 +18,9 @@ pub struct BenchDsmArgs {
     /// Page hold time after a wake, in µs.
     #[arg(long, default_value_t = 50)]
     pub hold_us: u64,
+    /// Read-ahead window in pages on sequential remote read faults (0 = off).
+    #[arg(long, default_value_t = 0)]
+    pub readahead: u64,
 }
 
 /// Arguments of one DSM node process.
@@ -39,6 +42,7 @@ pub fn bench(args: BenchDsmArgs) -> Result<(), String> {
         samples: args.samples,
         seq_mib: args.seq_mib,
         hold_us: args.hold_us,
+        readahead: args.readahead,
     };
     let r = dsm::bench::run(&exe, &["dsm-node"], &opts)?;
     dsm::bench::print_human(&r);
