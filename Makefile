@@ -18,8 +18,10 @@ build: deps
 guest: deps
 	@guest/build.sh
 
+# The guest on a 2-node local cluster (one vCPU per node process); it runs the kernel's
+# lock torture test for 10 s and powers off.
 demo: build guest
-	$(DVMM) run --nodes 1 --vcpus 2 --memory 512M
+	$(DVMM) run --nodes 2 --vcpus 2 --memory 512M
 
 # The whole suite: lints, unit tests, the DSM model check (small configuration),
 # multi-process DSM tests, and real guest boots under KVM.
@@ -39,6 +41,7 @@ check-dsm:
 bench: build guest
 	$(DVMM) bench boot
 	$(DVMM) bench dsm --nodes 3
+	$(DVMM) bench cluster
 
 clean:
 	$(CARGO) clean

@@ -131,7 +131,10 @@ impl ClusterConfig {
             return Err(ConfigError::Invalid("no [[node]] entries".into()));
         }
         if raw.node.len() > 64 {
-            return Err(ConfigError::Invalid(format!("{} nodes: at most 64", raw.node.len())));
+            return Err(ConfigError::Invalid(format!(
+                "{} nodes: at most 64",
+                raw.node.len()
+            )));
         }
         let mut nodes = Vec::new();
         for (i, n) in raw.node.iter().enumerate() {
@@ -158,7 +161,10 @@ impl ClusterConfig {
         }
         for (i, a) in nodes.iter().enumerate() {
             if nodes[..i].iter().any(|b| b.addr == a.addr) {
-                return Err(ConfigError::Invalid(format!("node {i}: address {} is used twice", a.addr)));
+                return Err(ConfigError::Invalid(format!(
+                    "node {i}: address {} is used twice",
+                    a.addr
+                )));
             }
         }
         let secret = match (raw.secret, raw.secret_file) {
@@ -171,14 +177,20 @@ impl ClusterConfig {
                 s.trim().as_bytes().to_vec()
             }
             (Some(_), Some(_)) => {
-                return Err(ConfigError::Invalid("give either secret or secret_file, not both".into()))
+                return Err(ConfigError::Invalid(
+                    "give either secret or secret_file, not both".into(),
+                ))
             }
             (None, None) => {
-                return Err(ConfigError::Invalid("a cluster secret is required (secret or secret_file)".into()))
+                return Err(ConfigError::Invalid(
+                    "a cluster secret is required (secret or secret_file)".into(),
+                ))
             }
         };
         if secret.len() < 16 {
-            return Err(ConfigError::Invalid("the cluster secret must have at least 16 characters".into()));
+            return Err(ConfigError::Invalid(
+                "the cluster secret must have at least 16 characters".into(),
+            ));
         }
         let c = ClusterConfig {
             kernel: raw.kernel.unwrap_or_else(|| PathBuf::from(DEFAULT_KERNEL)),
@@ -263,7 +275,9 @@ mod tests {
             ("not toml at all [", ""),
         ];
         for (text, want) in bad {
-            let e = ClusterConfig::parse(text, Path::new(".")).unwrap_err().to_string();
+            let e = ClusterConfig::parse(text, Path::new("."))
+                .unwrap_err()
+                .to_string();
             assert!(e.contains(want), "{text:?}: {e}");
         }
     }

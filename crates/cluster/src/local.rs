@@ -76,8 +76,19 @@ impl Netns {
             ip(&["netns", "add", &name])?;
             ns.names.push(name.clone());
             let peer = format!("b{k}");
-            ip(&["-n", &name, "link", "add", "eth0", "type", "veth", "peer", "name", &peer, "netns", &hub])?;
-            ip(&["-n", &name, "addr", "add", &format!("{}/24", Self::addr(k)), "dev", "eth0"])?;
+            ip(&[
+                "-n", &name, "link", "add", "eth0", "type", "veth", "peer", "name", &peer, "netns",
+                &hub,
+            ])?;
+            ip(&[
+                "-n",
+                &name,
+                "addr",
+                "add",
+                &format!("{}/24", Self::addr(k)),
+                "dev",
+                "eth0",
+            ])?;
             ip(&["-n", &name, "link", "set", "eth0", "up"])?;
             ip(&["-n", &name, "link", "set", "lo", "up"])?;
             ip(&["-n", &hub, "link", "set", &peer, "master", "br0"])?;
@@ -119,12 +130,16 @@ fn free_port() -> Result<u16, String> {
 fn secret() -> String {
     use rand::Rng;
     let mut rng = rand::thread_rng();
-    (0..32).map(|_| format!("{:02x}", rng.gen::<u8>())).collect()
+    (0..32)
+        .map(|_| format!("{:02x}", rng.gen::<u8>()))
+        .collect()
 }
 
 /// Splits `total` into `n` parts, the first ones one larger.
 pub fn spread(total: usize, n: usize) -> Vec<usize> {
-    (0..n).map(|i| total / n + usize::from(i < total % n)).collect()
+    (0..n)
+        .map(|i| total / n + usize::from(i < total % n))
+        .collect()
 }
 
 /// Writes the cluster description for a local run.
@@ -132,7 +147,10 @@ pub fn write_config(dir: &Path, run: &LocalRun, addrs: &[String]) -> Result<Path
     let unit = 2u64 << 20;
     let per = (run.memory / run.nodes as u64) / unit * unit;
     let mut text = String::new();
-    text.push_str(&format!("kernel = {:?}\n", run.kernel.display().to_string()));
+    text.push_str(&format!(
+        "kernel = {:?}\n",
+        run.kernel.display().to_string()
+    ));
     if let Some(i) = &run.initrd {
         text.push_str(&format!("initrd = {:?}\n", i.display().to_string()));
     }
@@ -217,7 +235,9 @@ pub fn run(run: &LocalRun) -> Result<i32, String> {
         None
     };
     let addrs: Vec<String> = match &netns {
-        Some(_) => (0..run.nodes).map(|k| format!("{}:7100", Netns::addr(k))).collect(),
+        Some(_) => (0..run.nodes)
+            .map(|k| format!("{}:7100", Netns::addr(k)))
+            .collect(),
         None => (0..run.nodes)
             .map(|_| free_port().map(|p| format!("127.0.0.1:{p}")))
             .collect::<Result<_, _>>()?,
@@ -242,7 +262,11 @@ pub fn run(run: &LocalRun) -> Result<i32, String> {
             .arg("--timeout")
             .arg(run.timeout.to_string())
             .stdin(Stdio::null())
-            .stdout(if k == 0 { Stdio::inherit() } else { Stdio::null() })
+            .stdout(if k == 0 {
+                Stdio::inherit()
+            } else {
+                Stdio::null()
+            })
             .stderr(Stdio::inherit());
         match cmd.spawn() {
             Ok(c) => children.push((k, c)),
@@ -294,7 +318,11 @@ fn supervise(mut children: Vec<(usize, Child)>) -> Result<i32, String> {
     if node0 != 0 {
         return Ok(node0);
     }
-    Ok(if statuses.iter().all(|s| code(s) == 0) { 0 } else { 1 })
+    Ok(if statuses.iter().all(|s| code(s) == 0) {
+        0
+    } else {
+        1
+    })
 }
 
 #[cfg(test)]

@@ -73,7 +73,10 @@ impl ShareHomes {
 impl HomePolicy for ShareHomes {
     fn home(&self, page: PageId) -> NodeId {
         let n = self.bounds.len().saturating_sub(1).max(1);
-        let i = self.bounds.partition_point(|b| *b <= page).saturating_sub(1);
+        let i = self
+            .bounds
+            .partition_point(|b| *b <= page)
+            .saturating_sub(1);
         i.min(n - 1) as NodeId
     }
 }
@@ -154,7 +157,9 @@ impl Node {
                 dsm::DSM_CHANNEL => self.on_dsm(from, &header, payload),
                 CTRL_CHANNEL => match Ctrl::decode(&header) {
                     Ok(m) => self.on_ctrl(from, m),
-                    Err(e) => tracing::warn!(from, error = %e, "undecodable control message dropped"),
+                    Err(e) => {
+                        tracing::warn!(from, error = %e, "undecodable control message dropped")
+                    }
                 },
                 other => tracing::warn!(from, channel = other, "frame on unknown channel dropped"),
             },
@@ -468,19 +473,23 @@ pub fn run_node(cfg: &ClusterConfig, me: u16, opts: NodeOptions) -> Result<NodeR
     }
     // SAFETY: the DSM region maps exactly total_mem bytes and lives in `d`, which this
     // function keeps until the VM is gone.
-    let mem = unsafe { vmm::memory::guest_memory_over(d.region().as_ptr(), total_mem) }
-        .map_err(|e| NodeError::Dsm {
-            me,
-            msg: e.to_string(),
+    let mem =
+        unsafe { vmm::memory::guest_memory_over(d.region().as_ptr(), total_mem) }.map_err(|e| {
+            NodeError::Dsm {
+                me,
+                msg: e.to_string(),
+            }
         })?;
 
     let startup = |msg: String| NodeError::Startup { me, msg };
     let tsc_base = if me == 0 {
         host_tsc()
     } else {
-        node.wait("node 0 to start the guest", cfg.connect_timeout + Duration::from_secs(60), || {
-            *node.start.lock().unwrap_or_else(|p| p.into_inner())
-        })
+        node.wait(
+            "node 0 to start the guest",
+            cfg.connect_timeout + Duration::from_secs(60),
+            || *node.start.lock().unwrap_or_else(|p| p.into_inner()),
+        )
         .map_err(startup)?
     };
     let console = if me == 0 {
@@ -519,16 +528,25 @@ pub fn run_node(cfg: &ClusterConfig, me: u16, opts: NodeOptions) -> Result<NodeR
             node.apply(&vm.handle(), m);
         }
     }
-    if let Some(f) = node.failure.lock().unwrap_or_else(|p| p.into_inner()).clone() {
+    if let Some(f) = node
+        .failure
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .clone()
+    {
         vm.handle().fail(f);
     }
     if me == 0 {
         node.broadcast(&Ctrl::Start { tsc_base });
         let others = nodes - 1;
-        let r = node.wait("the other nodes to create their VMs", Duration::from_secs(120), || {
-            let n = *node.ready.lock().unwrap_or_else(|p| p.into_inner());
-            (n >= others).then_some(())
-        });
+        let r = node.wait(
+            "the other nodes to create their VMs",
+            Duration::from_secs(120),
+            || {
+                let n = *node.ready.lock().unwrap_or_else(|p| p.into_inner());
+                (n >= others).then_some(())
+            },
+        );
         if let Err(e) = r {
             vm.handle().fail(e);
         }
@@ -538,7 +556,7 @@ pub fn run_node(cfg: &ClusterConfig, me: u16, opts: NodeOptions) -> Result<NodeR
     let handle = vm.handle();
     let result = vm.run();
     node.stopping.store(true, Ordering::SeqCst);
-    let dsm_stats = format!("{:?}", d.stats());
+    let dsm_stats = d.stats().to_string();
     let s = &node.stats;
     let link_stats = format!(
         "irqs_sent={} irqs_received={} io_forwarded={} io_served={}",

@@ -21,6 +21,17 @@ use crate::stats::{Counters, DsmStats, FaultKind};
 use crate::uffd::Fault;
 use crate::{wire, DsmError, DSM_CHANNEL};
 
+/// How many pages [`DsmStats::hot_pages`] lists.
+const HOT_PAGES: usize = 8;
+
+/// The `n` pages with the most faults, most first (ties: lower page first).
+fn hottest(counts: &HashMap<PageId, u64>, n: usize) -> Vec<(PageId, u64)> {
+    let mut v: Vec<(PageId, u64)> = counts.iter().map(|(&p, &c)| (p, c)).collect();
+    v.sort_unstable_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
+    v.truncate(n);
+    v
+}
+
 /// Default for [`DsmOptions::hold`].
 pub const DEFAULT_HOLD: Duration = Duration::from_micros(50);
 
@@ -80,6 +91,8 @@ struct Core {
     /// Read-ahead: the last remote read fault, and the page after the last prefetched.
     last_read_fault: Option<PageId>,
     ra_next: PageId,
+    /// Fault events per page (for [`DsmStats::hot_pages`]).
+    faults_per_page: HashMap<PageId, u64>,
 }
 
 /// A frame waiting in a peer's outgoing queue.
@@ -215,6 +228,7 @@ impl Dsm {
                 touched: Vec::new(),
                 last_read_fault: None,
                 ra_next: 0,
+                faults_per_page: HashMap::new(),
             }),
             out: (0..nodes).map(|_| OutQueue::default()).collect(),
             sender,
@@ -462,6 +476,7 @@ impl Dsm {
             read_latency: core.lat[0].clone(),
             write_latency: core.lat[1].clone(),
             upgrade_latency: core.lat[2].clone(),
+            hot_pages: hottest(&core.faults_per_page, HOT_PAGES),
         }
     }
 
@@ -574,6 +589,7 @@ impl Dsm {
         let access = if f.write { Access::Write } else { Access::Read };
         let now = Instant::now();
         let mut core = lock(&self.core);
+        *core.faults_per_page.entry(page).or_default() += 1;
         let kind = match access {
             Access::Read => FaultKind::Read,
             Access::Write if core.engine.local_access(page) == LocalAccess::Read => {

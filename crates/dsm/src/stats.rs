@@ -75,6 +75,56 @@ pub struct DsmStats {
     pub write_latency: Histogram,
     /// Fault-to-wake latency of upgrade faults.
     pub upgrade_latency: Histogram,
+    /// The pages with the most fault events (page number, events), most first: where
+    /// the workload bounces pages between nodes.
+    #[serde(default)]
+    pub hot_pages: Vec<(u64, u64)>,
+}
+
+impl std::fmt::Display for DsmStats {
+    /// One line: the counters that matter to an operator, latencies as p50/p99 in µs,
+    /// and the hottest pages as guest-physical addresses.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "faults read={} write={} upgrade={} merged={} zero_fill={} \
+             msgs out={} in={} bytes out={} in={} pages out={} in={} inval out={} in={} \
+             fwd={} queued={} bad_frames={} errors={}",
+            self.read_faults,
+            self.write_faults,
+            self.upgrade_faults,
+            self.merged_faults,
+            self.zero_fills,
+            self.messages_sent,
+            self.messages_received,
+            self.bytes_out,
+            self.bytes_in,
+            self.pages_sent,
+            self.pages_received,
+            self.invalidations_sent,
+            self.invalidations_received,
+            self.forwards_sent,
+            self.requests_queued,
+            self.bad_frames,
+            self.protocol_errors,
+        )?;
+        for (name, h) in [
+            ("read", &self.read_latency),
+            ("write", &self.write_latency),
+            ("upgrade", &self.upgrade_latency),
+        ] {
+            if h.count() > 0 {
+                write!(f, " {name}_us p50={:.0} p99={:.0}", h.p50_us(), h.p99_us())?;
+            }
+        }
+        if !self.hot_pages.is_empty() {
+            write!(f, " hot")?;
+            for (page, n) in &self.hot_pages {
+                write!(f, " {:#x}:{n}", page * 4096)?;
+            }
+        }
+        Ok(())
+    }
 }
 
 impl DsmStats {

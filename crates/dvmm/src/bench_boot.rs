@@ -36,7 +36,15 @@ pub fn time_boot(vcpus: usize, memory: &str, extra: &[&str]) -> Result<BootTimin
     let exe = std::env::current_exe().map_err(|e| e.to_string())?;
     let start = Instant::now();
     let mut child = Command::new(exe)
-        .args(["run", "--vcpus", &vcpus.to_string(), "--memory", memory, "--timeout", "300"])
+        .args([
+            "run",
+            "--vcpus",
+            &vcpus.to_string(),
+            "--memory",
+            memory,
+            "--timeout",
+            "300",
+        ])
         .args(extra)
         .stdout(Stdio::piped())
         .stderr(Stdio::null())

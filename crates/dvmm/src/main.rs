@@ -6,6 +6,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 mod bench_boot;
+mod bench_cluster;
 mod dsm_cmd;
 use vmm::compat::HostKind;
 use vmm::devices::ConsoleOut;
@@ -16,7 +17,11 @@ use vmm::{GuestEnd, VmConfig};
 const DEFAULT_KERNEL: &str = "guest/out/vmlinux";
 
 #[derive(Parser)]
-#[command(name = "dvmm", version, about = "A distributed virtual machine monitor")]
+#[command(
+    name = "dvmm",
+    version,
+    about = "A distributed virtual machine monitor"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -42,6 +47,8 @@ enum BenchCommand {
     Boot(bench_boot::BenchBootArgs),
     /// The distributed shared memory: fault latencies, invalidations, throughput.
     Dsm(dsm_cmd::BenchDsmArgs),
+    /// The guest on several cluster shapes: boot time, locktorture ops/s, DSM counters.
+    Cluster(bench_cluster::BenchClusterArgs),
 }
 
 #[derive(clap::Args)]
@@ -172,6 +179,7 @@ fn main() -> ExitCode {
         Command::Node(a) => node(a),
         Command::Bench(BenchCommand::Dsm(a)) => dsm_cmd::bench(a),
         Command::Bench(BenchCommand::Boot(a)) => bench_boot::bench(a),
+        Command::Bench(BenchCommand::Cluster(a)) => bench_cluster::bench(a),
         Command::DsmNode(a) => dsm_cmd::node(a),
     };
     match r {

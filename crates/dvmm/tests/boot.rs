@@ -1,33 +1,8 @@
 //! Real guest boots under KVM: the guest kernel from `make guest`, the `dvmm` binary.
 
-use std::path::PathBuf;
-use std::process::{Command, Output};
+mod common;
 
-fn workspace() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
-
-fn kernel() -> PathBuf {
-    let k = workspace().join("guest/out/vmlinux");
-    assert!(
-        k.is_file(),
-        "{} is missing: run `make guest` first (make test does)",
-        k.display()
-    );
-    k
-}
-
-fn dvmm(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_dvmm"))
-        .args(args)
-        .current_dir(workspace())
-        .output()
-        .expect("run dvmm")
-}
-
-fn text(b: &[u8]) -> String {
-    String::from_utf8_lossy(b).into_owned()
-}
+use common::{dvmm, kernel, text};
 
 #[test]
 fn two_vcpus_boot_run_locktorture_and_power_off() {
@@ -52,7 +27,10 @@ fn two_vcpus_boot_run_locktorture_and_power_off() {
         "dvmm run failed: {err}\n--- console tail ---\n{}",
         &console[console.len().saturating_sub(3000)..]
     );
-    assert!(console.contains("smp: Brought up 1 node, 2 CPUs"), "{console}");
+    assert!(
+        console.contains("smp: Brought up 1 node, 2 CPUs"),
+        "{console}"
+    );
     assert!(console.contains("End of test: SUCCESS"), "{console}");
     assert!(!console.contains("Fail: 1"), "{console}");
     assert!(console.contains("reboot: Power down"), "{console}");
@@ -65,12 +43,27 @@ fn bad_inputs_give_one_line_errors() {
     let k = k.to_str().unwrap();
     let cases: Vec<(Vec<&str>, &str)> = vec![
         (vec!["run", "--kernel", "/nonexistent/vmlinux"], "not found"),
-        (vec!["run", "--kernel", "/etc/hostname"], "is not a Linux kernel"),
+        (
+            vec!["run", "--kernel", "/etc/hostname"],
+            "is not a Linux kernel",
+        ),
         (vec!["run", "--kernel", k, "--memory", "1M"], "memory size"),
-        (vec!["run", "--kernel", k, "--memory", "3000G"], "memory size"),
-        (vec!["run", "--kernel", k, "--vcpus", "0"], "vCPUs is not possible"),
-        (vec!["run", "--kernel", k, "--vcpus", "1000"], "vCPUs is not possible"),
-        (vec!["run", "--kernel", k, "--memory", "lots"], "invalid size"),
+        (
+            vec!["run", "--kernel", k, "--memory", "3000G"],
+            "memory size",
+        ),
+        (
+            vec!["run", "--kernel", k, "--vcpus", "0"],
+            "vCPUs is not possible",
+        ),
+        (
+            vec!["run", "--kernel", k, "--vcpus", "1000"],
+            "vCPUs is not possible",
+        ),
+        (
+            vec!["run", "--kernel", k, "--memory", "lots"],
+            "invalid size",
+        ),
     ];
     for (args, want) in cases {
         let out = dvmm(&args);

@@ -144,7 +144,10 @@ mod tests {
         assert_eq!(HostKind::Hardware.extra_cmdline(), "");
         assert!(HostKind::Software.extra_cmdline().contains("xsave"));
         assert!(HostKind::Software.extra_cmdline().contains("hypervisor"));
-        assert_eq!(HostKind::Software.tsc_cmdline(2_596_000), "tsc_early_khz=2596000");
+        assert_eq!(
+            HostKind::Software.tsc_cmdline(2_596_000),
+            "tsc_early_khz=2596000"
+        );
         assert_eq!(HostKind::Hardware.tsc_cmdline(2_596_000), "");
     }
 
@@ -153,8 +156,14 @@ mod tests {
         // As seen on this host: flags = 1, insn_size = 15, bytes cc 90 90 90 90 ...
         let seen = [1, 0x7c83_9090_9090_cc0f, 0x480b_0f02_7401_0424, 0x1000];
         assert_eq!(handle_emulation_failure(1, &seen), EmulationFix::Int3);
-        assert_eq!(handle_emulation_failure(1, &[1, 0x01_0f03]), EmulationFix::Unhandled);
-        assert_eq!(handle_emulation_failure(1, &[0, 0xcc01]), EmulationFix::Unhandled);
+        assert_eq!(
+            handle_emulation_failure(1, &[1, 0x01_0f03]),
+            EmulationFix::Unhandled
+        );
+        assert_eq!(
+            handle_emulation_failure(1, &[0, 0xcc01]),
+            EmulationFix::Unhandled
+        );
         assert_eq!(handle_emulation_failure(3, &seen), EmulationFix::Unhandled);
         // fwait in fpu__drop, as seen on this host.
         let fwait = [1, 0x40d0_05c7_4865_9b0f, 0x65c3_0000_0000_7f00, 0x1000];

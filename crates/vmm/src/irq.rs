@@ -151,7 +151,11 @@ mod tests {
         r.send(&msg(Destination::Physical(2), Shorthand::None, 0x40));
         assert_eq!(*seen[2].0.lock().unwrap(), vec![0x40]);
         assert!(seen[0].0.lock().unwrap().is_empty());
-        r.send(&msg(Destination::Physical(0), Shorthand::AllExcludingSelf, 0x41));
+        r.send(&msg(
+            Destination::Physical(0),
+            Shorthand::AllExcludingSelf,
+            0x41,
+        ));
         assert!(seen[0].0.lock().unwrap().is_empty());
         assert_eq!(seen[1].0.lock().unwrap().last(), Some(&0x41));
         assert_eq!(seen[2].0.lock().unwrap().last(), Some(&0x41));

@@ -23,4 +23,6 @@ pub mod stats;
 pub mod vcpu;
 pub mod vm;
 
-pub use vm::{run, ClusterLink, GuestEnd, IoAccess, Placement, RunReport, Vm, VmConfig, VmError, VmHandle};
+pub use vm::{
+    run, ClusterLink, GuestEnd, IoAccess, Placement, RunReport, Vm, VmConfig, VmError, VmHandle,
+};

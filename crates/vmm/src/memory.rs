@@ -39,7 +39,10 @@ pub fn ram_ranges(size: u64) -> Result<Vec<(u64, u64)>, MemoryError> {
     Ok(if size <= MMIO_HOLE_START {
         vec![(0, size)]
     } else {
-        vec![(0, MMIO_HOLE_START), (HIGH_RAM_START, size - MMIO_HOLE_START)]
+        vec![
+            (0, MMIO_HOLE_START),
+            (HIGH_RAM_START, size - MMIO_HOLE_START),
+        ]
     })
 }
 
@@ -58,13 +61,19 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
     let (num, mult) = match t.char_indices().find(|(_, c)| !c.is_ascii_digit()) {
         None => (t, 1u64),
         Some((i, _)) => {
-            let unit = t[i..].trim_end_matches(['B', 'b', 'i']).to_ascii_uppercase();
+            let unit = t[i..]
+                .trim_end_matches(['B', 'b', 'i'])
+                .to_ascii_uppercase();
             let m = match unit.as_str() {
                 "K" => 1 << 10,
                 "M" => 1 << 20,
                 "G" => 1 << 30,
                 "T" => 1 << 40,
-                _ => return Err(format!("invalid size '{s}': use a number with K, M, G or T")),
+                _ => {
+                    return Err(format!(
+                        "invalid size '{s}': use a number with K, M, G or T"
+                    ))
+                }
             };
             (&t[..i], m)
         }
@@ -72,7 +81,8 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
     let n: u64 = num
         .parse()
         .map_err(|_| format!("invalid size '{s}': use a number with K, M, G or T"))?;
-    n.checked_mul(mult).ok_or_else(|| format!("invalid size '{s}': too large"))
+    n.checked_mul(mult)
+        .ok_or_else(|| format!("invalid size '{s}': too large"))
 }
 
 /// Builds the guest memory map over an existing host mapping of `size` bytes (e.g. the
@@ -126,7 +136,10 @@ mod tests {
         assert_eq!(ram_ranges(512 << 20).unwrap(), vec![(0, 512 << 20)]);
         assert_eq!(
             ram_ranges(4 << 30).unwrap(),
-            vec![(0, MMIO_HOLE_START), (HIGH_RAM_START, (4 << 30) - MMIO_HOLE_START)]
+            vec![
+                (0, MMIO_HOLE_START),
+                (HIGH_RAM_START, (4 << 30) - MMIO_HOLE_START)
+            ]
         );
         assert!(ram_ranges(1 << 20).is_err());
         assert!(ram_ranges((512 << 20) + 4096).is_err());

@@ -285,7 +285,10 @@ impl VcpuHandle {
         let run: *mut kvm_bindings::kvm_run = vcpu.get_kvm_run();
         // SAFETY: pthread_self has no preconditions.
         let thread = unsafe { libc::pthread_self() };
-        *self.kicker.lock().unwrap_or_else(|p| p.into_inner()) = Some(Kicker { thread, kvm_run: run });
+        *self.kicker.lock().unwrap_or_else(|p| p.into_inner()) = Some(Kicker {
+            thread,
+            kvm_run: run,
+        });
     }
 
     fn unregister(&self) {
@@ -410,7 +413,10 @@ impl ExitHandler for Ctx<'_> {
             let n = data.len().min(4);
             b[..n].copy_from_slice(&data[..n]);
             let value = u32::from_le_bytes(b);
-            let effect = self.handle.lapic().write(off & !3, value, self.env.now_ns());
+            let effect = self
+                .handle
+                .lapic()
+                .write(off & !3, value, self.env.now_ns());
             match effect {
                 LapicWriteEffect::None => {}
                 LapicWriteEffect::Ipi(msg) => {
@@ -489,7 +495,8 @@ fn run_inner(
             vcpu.set_sregs(&s).map_err(kvm_err(idx, "KVM_SET_SREGS"))?;
             vcpu.set_regs(&regs::boot_regs(boot.entry, boot.zero_page))
                 .map_err(kvm_err(idx, "KVM_SET_REGS"))?;
-            vcpu.set_fpu(&regs::boot_fpu()).map_err(kvm_err(idx, "KVM_SET_FPU"))?;
+            vcpu.set_fpu(&regs::boot_fpu())
+                .map_err(kvm_err(idx, "KVM_SET_FPU"))?;
             RunState::Running
         }
         Start::Ap => RunState::WaitForInit,
@@ -550,7 +557,11 @@ fn run_inner(
                         Next::InternalError => internal_error(vcpu, handle)?,
                         Next::Unhandled(exit) => {
                             let rip = vcpu.get_regs().map(|r| r.rip).unwrap_or(0);
-                            return Err(VcpuError::Unhandled { vcpu: idx, exit, rip });
+                            return Err(VcpuError::Unhandled {
+                                vcpu: idx,
+                                exit,
+                                rip,
+                            });
                         }
                     }
                 } else {
@@ -759,13 +770,25 @@ mod tests {
         let mut f = Fake::default();
         let s = VcpuStats::default();
         let mut buf = [0u8; 1];
-        assert_eq!(dispatch(VcpuExit::IoIn(0x3f8, &mut buf), &mut f, &s), Next::Continue);
+        assert_eq!(
+            dispatch(VcpuExit::IoIn(0x3f8, &mut buf), &mut f, &s),
+            Next::Continue
+        );
         assert_eq!(buf, [0xf8]);
-        assert_eq!(dispatch(VcpuExit::IoOut(0x3f8, b"x"), &mut f, &s), Next::Continue);
+        assert_eq!(
+            dispatch(VcpuExit::IoOut(0x3f8, b"x"), &mut f, &s),
+            Next::Continue
+        );
         assert_eq!(f.out, vec![(0x3f8, b"x".to_vec())]);
-        assert_eq!(dispatch(VcpuExit::IoOut(0x64, &[0xfe]), &mut f, &s), Next::Reset);
+        assert_eq!(
+            dispatch(VcpuExit::IoOut(0x64, &[0xfe]), &mut f, &s),
+            Next::Reset
+        );
         let mut m = [0u8; 4];
-        assert_eq!(dispatch(VcpuExit::MmioRead(0xfec0_0000, &mut m), &mut f, &s), Next::Continue);
+        assert_eq!(
+            dispatch(VcpuExit::MmioRead(0xfec0_0000, &mut m), &mut f, &s),
+            Next::Continue
+        );
         assert_eq!(m, [0xab; 4]);
         assert_eq!(
             dispatch(VcpuExit::MmioWrite(0xfec0_0010, &[1, 0, 0, 0]), &mut f, &s),
@@ -782,9 +805,15 @@ mod tests {
         let mut f = Fake::default();
         let s = VcpuStats::default();
         assert_eq!(dispatch(VcpuExit::Hlt, &mut f, &s), Next::Halt);
-        assert_eq!(dispatch(VcpuExit::IrqWindowOpen, &mut f, &s), Next::Continue);
+        assert_eq!(
+            dispatch(VcpuExit::IrqWindowOpen, &mut f, &s),
+            Next::Continue
+        );
         assert_eq!(dispatch(VcpuExit::Shutdown, &mut f, &s), Next::TripleFault);
-        assert_eq!(dispatch(VcpuExit::InternalError, &mut f, &s), Next::InternalError);
+        assert_eq!(
+            dispatch(VcpuExit::InternalError, &mut f, &s),
+            Next::InternalError
+        );
         assert_eq!(dispatch(VcpuExit::Intr, &mut f, &s), Next::Interrupted);
         assert_eq!(
             dispatch(
@@ -794,7 +823,10 @@ mod tests {
             ),
             Next::PowerOff
         );
-        assert!(matches!(dispatch(VcpuExit::Unknown, &mut f, &s), Next::Unhandled(_)));
+        assert!(matches!(
+            dispatch(VcpuExit::Unknown, &mut f, &s),
+            Next::Unhandled(_)
+        ));
         assert!(matches!(
             dispatch(VcpuExit::FailEntry(7, 0), &mut f, &s),
             Next::Unhandled(_)

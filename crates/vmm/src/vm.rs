@@ -197,8 +197,12 @@ impl VcpuEnv for Shared {
         self.stop.load(Ordering::SeqCst)
     }
     fn pio_read(&self, vcpu: usize, port: u16, data: &mut [u8]) {
+        tracing::trace!(vcpu, port, "pio_read");
         match (&self.devices, &self.link) {
-            (Some(d), _) => d.lock().unwrap_or_else(|p| p.into_inner()).pio_read(port, data),
+            (Some(d), _) => d
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .pio_read(port, data),
             (None, Some(link)) => {
                 link.io(vcpu, IoAccess::PioRead(port), data);
             }
@@ -207,7 +211,10 @@ impl VcpuEnv for Shared {
     }
     fn pio_write(&self, vcpu: usize, port: u16, data: &[u8]) -> PortEvent {
         match (&self.devices, &self.link) {
-            (Some(d), _) => d.lock().unwrap_or_else(|p| p.into_inner()).pio_write(port, data),
+            (Some(d), _) => d
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .pio_write(port, data),
             (None, Some(link)) => {
                 let mut buf = data.to_vec();
                 link.io(vcpu, IoAccess::PioWrite(port), &mut buf)
@@ -552,19 +559,19 @@ impl Vm {
             None => memory::create_guest_memory(cfg.memory)?,
         };
         let vm = create_vm(&kvm, &mem)?;
-        vcpu::install_kick_handler()
-            .map_err(|e| VmError::Kvm(format!("signal handler: {e}")))?;
+        vcpu::install_kick_handler().map_err(|e| VmError::Kvm(format!("signal handler: {e}")))?;
         let link = cfg.placement.as_ref().map(|p| p.link.clone());
-        let ioapic = (node == 0)
-            .then(|| Arc::new(Mutex::new(IoApic::new(mptable::ioapic_id(cfg.vcpus)))));
+        let ioapic =
+            (node == 0).then(|| Arc::new(Mutex::new(IoApic::new(mptable::ioapic_id(cfg.vcpus)))));
         let ioapic_link: Arc<dyn IoApicLink> = match (&ioapic, &link) {
             (Some(io), _) => io.clone(),
             (None, Some(l)) => Arc::new(RemoteIoApic(l.clone())),
             (None, None) => return Err(VmError::Config("no IOAPIC reachable".into())),
         };
         let router = Arc::new(Router::new(cfg.vcpus, ioapic_link));
-        let handles: Vec<Arc<VcpuHandle>> =
-            (0..cfg.vcpus).map(|i| Arc::new(VcpuHandle::new(i))).collect();
+        let handles: Vec<Arc<VcpuHandle>> = (0..cfg.vcpus)
+            .map(|i| Arc::new(VcpuHandle::new(i)))
+            .collect();
         for h in &handles {
             match (&cfg.placement, local[h.index]) {
                 (Some(p), false) => router.set_target(
@@ -579,8 +586,7 @@ impl Vm {
             }
         }
         let console = cfg.console.watch();
-        let devices =
-            (node == 0).then(|| Mutex::new(Devices::new(cfg.console, router.clone())));
+        let devices = (node == 0).then(|| Mutex::new(Devices::new(cfg.console, router.clone())));
         let shared = Arc::new(Shared {
             start: Instant::now(),
             stop: AtomicBool::new(false),

@@ -108,17 +108,19 @@ pub fn load(mem: &GuestMemoryMmap, spec: &BootSpec<'_>) -> Result<BootInfo, Boot
     let (entry, setup_header) =
         match Elf::load(mem, None, &mut file, Some(GuestAddress(HIMEM_START))) {
             Ok(r) => (r.kernel_load.0, None),
-            Err(elf_err) => match BzImage::load(mem, None, &mut file, Some(GuestAddress(HIMEM_START))) {
-                // The 64-bit entry of a bzImage is 0x200 past the protected-mode code.
-                Ok(r) => (r.kernel_load.0 + 0x200, r.setup_header),
-                Err(bz_err) => {
-                    return Err(BootError::NotAKernel {
-                        path: spec.kernel.to_path_buf(),
-                        elf: elf_err.to_string(),
-                        bz: bz_err.to_string(),
-                    })
+            Err(elf_err) => {
+                match BzImage::load(mem, None, &mut file, Some(GuestAddress(HIMEM_START))) {
+                    // The 64-bit entry of a bzImage is 0x200 past the protected-mode code.
+                    Ok(r) => (r.kernel_load.0 + 0x200, r.setup_header),
+                    Err(bz_err) => {
+                        return Err(BootError::NotAKernel {
+                            path: spec.kernel.to_path_buf(),
+                            elf: elf_err.to_string(),
+                            bz: bz_err.to_string(),
+                        })
+                    }
                 }
-            },
+            }
         };
 
     let mut cmdline = linux_loader::cmdline::Cmdline::new(CMDLINE_MAX)

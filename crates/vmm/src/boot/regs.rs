@@ -78,7 +78,10 @@ pub fn write_boot_tables<M: GuestMemory>(mem: &M) -> Result<(), vm_memory::Guest
     mem.write_obj(0u64, GuestAddress(IDT_ADDR))?;
     mem.write_obj(PDPT_ADDR | 0x03, GuestAddress(PML4_ADDR))?;
     for pd in 0..4u64 {
-        mem.write_obj((PD_ADDR + pd * 0x1000) | 0x03, GuestAddress(PDPT_ADDR + pd * 8))?;
+        mem.write_obj(
+            (PD_ADDR + pd * 0x1000) | 0x03,
+            GuestAddress(PDPT_ADDR + pd * 8),
+        )?;
         for i in 0..512u64 {
             let phys = (pd << 30) | (i << 21);
             mem.write_obj(phys | 0x83, GuestAddress(PD_ADDR + pd * 0x1000 + i * 8))?;

@@ -61,7 +61,13 @@ impl Devices {
     pub fn new(console: ConsoleOut, line: Arc<dyn IrqLine>) -> Self {
         Devices {
             watch: console.watch(),
-            serial: Serial::new(PinTrigger { line, pin: COM1_IRQ }, console),
+            serial: Serial::new(
+                PinTrigger {
+                    line,
+                    pin: COM1_IRQ,
+                },
+                console,
+            ),
             pic_imr: [0xff, 0xff],
             cmos_index: 0,
             port_0x61: 0,
@@ -93,6 +99,11 @@ impl Devices {
                 self.port_0x61 ^= 0x10;
                 self.port_0x61
             }
+            // PIT channel 2 counter: there is no PIT, and a counter that reads as not
+            // counting down from 0xffff makes the kernel's quick PIT calibration give up
+            // after one read instead of polling it 100,000 times (the TSC frequency
+            // comes from `tsc_early_khz`).
+            0x42 => 0,
             0x64 => 0x1c, // i8042 status: input/output buffers empty
             0x60 => 0,
             0x71 => self.cmos_read(),

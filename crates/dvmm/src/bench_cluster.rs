@@ -1,0 +1,362 @@
+//! `dvmm bench cluster`: the guest on several cluster shapes (nodes x vCPUs), each run
+//! timed to `smp: Brought up`, then locktorture for a fixed time: lock acquisitions per
+//! second and the DSM counters of every node. The first shape (by default 1 node x 2
+//! vCPUs, no DSM) is the floor the others are compared with, measured in the same run.
+
+use std::io::{BufRead, BufReader, Read};
+use std::process::{Command, Stdio};
+use std::time::Instant;
+
+/// Arguments of `dvmm bench cluster`.
+#[derive(clap::Args)]
+pub struct BenchClusterArgs {
+    /// Cluster shapes as NODESxVCPUS, comma separated; the first is the reference.
+    #[arg(long, default_value = "1x2,2x1,2x2,4x1", value_delimiter = ',')]
+    pub configs: Vec<String>,
+    /// Guest memory.
+    #[arg(long, default_value = "1G")]
+    pub memory: String,
+    /// Lock type tortured (locktorture.torture_type).
+    #[arg(long, default_value = "spin_lock")]
+    pub lock: String,
+    /// Seconds of locktorture before the guest powers off (locktorture.shutdown_secs).
+    #[arg(long, default_value_t = 30)]
+    pub secs: u64,
+    /// Run each shape in network namespaces (`dvmm run --netns`).
+    #[arg(long)]
+    pub netns: bool,
+    /// Print one JSON object as the last line.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// DSM counters summed over the nodes of a run.
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct DsmTotals {
+    /// Read + write + upgrade faults.
+    pub faults: u64,
+    /// Upgrade faults (write on a read-only copy).
+    pub upgrades: u64,
+    /// DSM messages sent.
+    pub messages: u64,
+    /// DSM bytes sent.
+    pub bytes: u64,
+    /// Pages sent.
+    pub pages: u64,
+    /// Invalidations sent.
+    pub invalidations: u64,
+}
+
+/// One measured run.
+#[derive(Debug)]
+pub struct ClusterRun {
+    /// Node processes.
+    pub nodes: usize,
+    /// vCPUs in all.
+    pub vcpus: usize,
+    /// Wall seconds from start to the `smp: Brought up` line.
+    pub brought_up_s: Option<f64>,
+    /// Wall seconds to the end of the run.
+    pub end_s: f64,
+    /// Lock acquisitions counted by locktorture.
+    pub ops: Option<u64>,
+    /// Guest seconds the writers ran (first writer start to shutdown).
+    pub torture_s: Option<f64>,
+    /// DSM counters (None for a single node, which has no DSM).
+    pub dsm: Option<DsmTotals>,
+    /// Whether the run exited 0 with locktorture's SUCCESS.
+    pub ok: bool,
+}
+
+impl ClusterRun {
+    /// Lock acquisitions per second.
+    pub fn ops_per_s(&self) -> Option<f64> {
+        match (self.ops, self.torture_s) {
+            (Some(o), Some(s)) if s > 0.0 => Some(o as f64 / s),
+            _ => None,
+        }
+    }
+}
+
+/// Parses "NxV".
+fn parse_shape(s: &str) -> Result<(usize, usize), String> {
+    let bad = || format!("bad cluster shape '{s}': expected NODESxVCPUS, e.g. 2x2");
+    let (n, v) = s.trim().split_once('x').ok_or_else(bad)?;
+    let n: usize = n.parse().map_err(|_| bad())?;
+    let v: usize = v.parse().map_err(|_| bad())?;
+    if n == 0 || v < n {
+        return Err(format!(
+            "bad cluster shape '{s}': every node needs at least one vCPU"
+        ));
+    }
+    Ok((n, v))
+}
+
+/// The guest's timestamp of a console line (`[   12.345678] ...`).
+fn guest_time(line: &str) -> Option<f64> {
+    let rest = line.trim_start().strip_prefix('[')?;
+    rest.split_once(']')?.0.trim().parse().ok()
+}
+
+/// The number after `key` in `line` (`key` includes its `=` or `:`).
+fn number_after(line: &str, key: &str) -> Option<u64> {
+    let rest = &line[line.find(key)? + key.len()..];
+    rest.split_whitespace().next()?.parse().ok()
+}
+
+/// Adds one node's `stats dsm` line to `t`.
+fn add_dsm_line(t: &mut DsmTotals, line: &str) -> bool {
+    let Some(rest) = line.split_once("stats dsm ").map(|(_, r)| r) else {
+        return false;
+    };
+    let read = number_after(rest, "faults read=").unwrap_or(0);
+    let write = number_after(rest, " write=").unwrap_or(0);
+    let upgrade = number_after(rest, " upgrade=").unwrap_or(0);
+    t.faults += read + write + upgrade;
+    t.upgrades += upgrade;
+    t.messages += number_after(rest, "msgs out=").unwrap_or(0);
+    t.bytes += number_after(rest, "bytes out=").unwrap_or(0);
+    t.pages += number_after(rest, "pages out=").unwrap_or(0);
+    t.invalidations += number_after(rest, "inval out=").unwrap_or(0);
+    true
+}
+
+/// Boots the guest once on `nodes` x `vcpus` and measures it.
+fn measure(args: &BenchClusterArgs, nodes: usize, vcpus: usize) -> Result<ClusterRun, String> {
+    let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+    let cmdline = format!(
+        "locktorture.torture_type={} locktorture.shutdown_secs={}",
+        args.lock, args.secs
+    );
+    let start = Instant::now();
+    let mut cmd = Command::new(exe);
+    cmd.args([
+        "run",
+        "--nodes",
+        &nodes.to_string(),
+        "--vcpus",
+        &vcpus.to_string(),
+    ])
+    .args([
+        "--memory",
+        &args.memory,
+        "--timeout",
+        "1200",
+        "--cmdline",
+        &cmdline,
+    ]);
+    if args.netns {
+        cmd.arg("--netns");
+    }
+    let mut child = cmd
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("cannot start dvmm run: {e}"))?;
+    let mut stderr = child.stderr.take();
+    let err_reader = std::thread::spawn(move || {
+        let mut s = String::new();
+        if let Some(e) = stderr.as_mut() {
+            let _ = e.read_to_string(&mut s);
+        }
+        s
+    });
+    let (mut brought_up, mut t0, mut t1, mut ops, mut success) = (None, None, None, None, false);
+    let success_tag = format!("{}-torture:--- End of test: SUCCESS", args.lock);
+    if let Some(out) = child.stdout.take() {
+        for line in BufReader::new(out).lines() {
+            let Ok(line) = line else { break };
+            if brought_up.is_none() && line.contains("smp: Brought up") {
+                brought_up = Some(start.elapsed().as_secs_f64());
+            }
+            if t0.is_none() && line.contains("lock_torture_writer task started") {
+                t0 = guest_time(&line);
+            }
+            if line.contains("torture_shutdown task shutting down system") {
+                t1 = guest_time(&line);
+            }
+            if line.contains("Writes:  Total:") {
+                ops = number_after(&line, "Total:").or(ops);
+            }
+            success |= line.contains(&success_tag);
+        }
+    }
+    let status = child.wait().map_err(|e| e.to_string())?;
+    let err = err_reader.join().unwrap_or_default();
+    let mut dsm = DsmTotals::default();
+    let dsm_lines = err.lines().filter(|l| add_dsm_line(&mut dsm, l)).count();
+    let ok = status.success() && success;
+    if !ok {
+        let tail: Vec<&str> = err.lines().rev().take(5).collect();
+        eprintln!(
+            "dvmm: bench: {nodes}x{vcpus} failed ({status}); stderr ends with:\n{}",
+            tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+        );
+    }
+    Ok(ClusterRun {
+        nodes,
+        vcpus,
+        brought_up_s: brought_up,
+        end_s: start.elapsed().as_secs_f64(),
+        ops,
+        torture_s: match (t0, t1) {
+            (Some(a), Some(b)) if b > a => Some(b - a),
+            _ => None,
+        },
+        dsm: (dsm_lines > 0).then_some(dsm),
+        ok,
+    })
+}
+
+fn opt(v: Option<f64>, digits: usize) -> String {
+    v.map_or("-".into(), |x| format!("{x:.digits$}"))
+}
+
+/// Runs the cluster benchmark.
+pub fn bench(args: BenchClusterArgs) -> Result<(), String> {
+    let shapes = args
+        .configs
+        .iter()
+        .map(|s| parse_shape(s))
+        .collect::<Result<Vec<_>, _>>()?;
+    if shapes.is_empty() {
+        return Err("no cluster shape given".into());
+    }
+    println!(
+        "locktorture {} for {} s per run, {} of guest memory{}; ratios are against {}x{}",
+        args.lock,
+        args.secs,
+        args.memory,
+        if args.netns {
+            ", nodes in namespaces"
+        } else {
+            ""
+        },
+        shapes[0].0,
+        shapes[0].1
+    );
+    println!(
+        "{:>6} {:>11} {:>7} {:>8} {:>8} {:>6} {:>9} {:>9} {:>9} {:>8} {:>9}",
+        "shape",
+        "brought_up",
+        "end",
+        "ops",
+        "ops/s",
+        "ratio",
+        "faults",
+        "upgrades",
+        "msgs",
+        "MiB",
+        "inval"
+    );
+    let mut runs: Vec<ClusterRun> = Vec::new();
+    for &(n, v) in &shapes {
+        let r = measure(&args, n, v)?;
+        let ratio = match (r.ops_per_s(), runs.first().and_then(|f| f.ops_per_s())) {
+            (Some(a), Some(b)) if b > 0.0 => Some(a / b),
+            (Some(_), None) if runs.is_empty() => Some(1.0),
+            _ => None,
+        };
+        let d = r.dsm.clone();
+        println!(
+            "{:>6} {:>10}s {:>6.1}s {:>8} {:>8} {:>6} {:>9} {:>9} {:>9} {:>8} {:>9}{}",
+            format!("{n}x{v}"),
+            opt(r.brought_up_s, 1),
+            r.end_s,
+            r.ops.map_or("-".into(), |o| o.to_string()),
+            opt(r.ops_per_s(), 1),
+            opt(ratio, 3),
+            d.as_ref().map_or("-".into(), |d| d.faults.to_string()),
+            d.as_ref().map_or("-".into(), |d| d.upgrades.to_string()),
+            d.as_ref().map_or("-".into(), |d| d.messages.to_string()),
+            d.as_ref()
+                .map_or("-".into(), |d| format!("{:.1}", d.bytes as f64 / 1048576.0)),
+            d.as_ref()
+                .map_or("-".into(), |d| d.invalidations.to_string()),
+            if r.ok { "" } else { "  FAILED" }
+        );
+        runs.push(r);
+    }
+    if args.json {
+        let floor = runs.first().and_then(|f| f.ops_per_s());
+        let items: Vec<serde_json::Value> = runs
+            .iter()
+            .map(|r| {
+                serde_json::json!({
+                    "nodes": r.nodes,
+                    "vcpus": r.vcpus,
+                    "brought_up_s": r.brought_up_s,
+                    "end_s": r.end_s,
+                    "ops": r.ops,
+                    "torture_s": r.torture_s,
+                    "ops_per_s": r.ops_per_s(),
+                    "ratio": r.ops_per_s().zip(floor).map(|(a, b)| a / b),
+                    "dsm": r.dsm.as_ref().map(|d| serde_json::json!({
+                        "faults": d.faults,
+                        "upgrades": d.upgrades,
+                        "messages": d.messages,
+                        "bytes": d.bytes,
+                        "pages": d.pages,
+                        "invalidations": d.invalidations,
+                    })),
+                    "ok": r.ok,
+                })
+            })
+            .collect();
+        println!(
+            "{}",
+            serde_json::json!({ "lock": args.lock, "secs": args.secs, "runs": items })
+        );
+    }
+    if runs.iter().all(|r| r.ok) {
+        Ok(())
+    } else {
+        Err("a run failed (see above)".into())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shapes_parse() {
+        assert_eq!(parse_shape("2x4"), Ok((2, 4)));
+        assert!(parse_shape("4x2").is_err());
+        assert!(parse_shape("0x1").is_err());
+        assert!(parse_shape("2").is_err());
+        assert!(parse_shape("ax2").is_err());
+    }
+
+    #[test]
+    fn console_lines_parse() {
+        assert_eq!(
+            guest_time("[   72.378244] spin_lock-torture: x"),
+            Some(72.378244)
+        );
+        assert_eq!(guest_time("no stamp"), None);
+        let w = "[   75.6] Writes:  Total: 4380  Max/Min: 929/272 ???  Fail: 0 ";
+        assert_eq!(number_after(w, "Total:"), Some(4380));
+    }
+
+    #[test]
+    fn dsm_lines_add_up() {
+        let mut t = DsmTotals::default();
+        let l = "dvmm: node 1 stats dsm faults read=10 write=2 upgrade=3 merged=4 zero_fill=0 \
+                 msgs out=100 in=90 bytes out=4096 in=0 pages out=1 in=0 inval out=7 in=1 fwd=0";
+        assert!(add_dsm_line(&mut t, l));
+        assert!(add_dsm_line(&mut t, l));
+        assert!(!add_dsm_line(&mut t, "dvmm: node 1 stats irqs_sent=3"));
+        assert_eq!(
+            t,
+            DsmTotals {
+                faults: 30,
+                upgrades: 6,
+                messages: 200,
+                bytes: 8192,
+                pages: 2,
+                invalidations: 14
+            }
+        );
+    }
+}

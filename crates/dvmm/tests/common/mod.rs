@@ -1,0 +1,106 @@
+//! Helpers shared by the integration tests (each test binary uses a subset).
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::path::PathBuf;
+use std::process::{Child, Command, Output};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+pub fn workspace() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+/// The guest kernel built by `make guest`.
+pub fn kernel() -> PathBuf {
+    let k = workspace().join("guest/out/vmlinux");
+    assert!(
+        k.is_file(),
+        "{} is missing: run `make guest` first (make test does)",
+        k.display()
+    );
+    k
+}
+
+/// Runs `dvmm` with `args` from the workspace and waits for it.
+pub fn dvmm(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_dvmm"))
+        .args(args)
+        .current_dir(workspace())
+        .output()
+        .expect("run dvmm")
+}
+
+pub fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+/// Reads `child`'s stdout on a thread; lines arrive on the returned channel.
+pub fn lines(child: &mut Child) -> mpsc::Receiver<String> {
+    let out = child.stdout.take().expect("stdout piped");
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for l in BufReader::new(out).lines() {
+            let Ok(l) = l else { break };
+            if tx.send(l).is_err() {
+                break;
+            }
+        }
+    });
+    rx
+}
+
+/// Waits up to `limit` for a line containing `needle`; the error carries the last lines.
+pub fn wait_for(rx: &mpsc::Receiver<String>, needle: &str, limit: Duration) -> Result<(), String> {
+    let deadline = Instant::now() + limit;
+    let mut tail = Vec::new();
+    while Instant::now() < deadline {
+        match rx.recv_timeout(Duration::from_millis(200)) {
+            Ok(l) => {
+                if l.contains(needle) {
+                    return Ok(());
+                }
+                tail.push(l);
+                if tail.len() > 30 {
+                    tail.remove(0);
+                }
+            }
+            Err(mpsc::RecvTimeoutError::Timeout) => {}
+            Err(mpsc::RecvTimeoutError::Disconnected) => break,
+        }
+    }
+    Err(format!(
+        "'{needle}' not seen; console tail:\n{}",
+        tail.join("\n")
+    ))
+}
+
+/// Pids of `dvmm node` processes whose command line contains `tag`.
+pub fn node_pids(tag: &str) -> Vec<i32> {
+    let mut pids = Vec::new();
+    for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+        let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
+        if cmd.contains(" node --config ") && cmd.contains(tag) {
+            pids.push(pid);
+        }
+    }
+    pids
+}
+
+/// Network namespaces whose name contains `tag`.
+pub fn namespaces(tag: &str) -> Vec<String> {
+    let out = Command::new("ip")
+        .args(["netns", "list"])
+        .output()
+        .expect("run ip netns list");
+    text(&out.stdout)
+        .lines()
+        .filter_map(|l| l.split_whitespace().next())
+        .filter(|n| n.contains(tag))
+        .map(str::to_owned)
+        .collect()
+}
