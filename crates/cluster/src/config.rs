@@ -60,6 +60,7 @@ struct RawConfig {
     secret: Option<String>,
     secret_file: Option<PathBuf>,
     connect_timeout_secs: Option<u64>,
+    dsm_hold_us: Option<u64>,
     #[serde(default)]
     node: Vec<RawNode>,
 }
@@ -96,6 +97,9 @@ pub struct ClusterConfig {
     pub secret: Vec<u8>,
     /// How long to wait for the other nodes.
     pub connect_timeout: std::time::Duration,
+    /// How long a node keeps a page it just received before giving it away
+    /// (`dsm_hold_us`; see [`dsm::DsmOptions::hold`]).
+    pub dsm_hold: std::time::Duration,
     /// The nodes, node 0 first.
     pub nodes: Vec<NodeConfig>,
 }
@@ -187,6 +191,11 @@ impl ClusterConfig {
                 ))
             }
         };
+        if raw.dsm_hold_us.is_some_and(|h| h > 1_000_000) {
+            return Err(ConfigError::Invalid(
+                "dsm_hold_us must be at most 1000000 (1 s)".into(),
+            ));
+        }
         if secret.len() < 16 {
             return Err(ConfigError::Invalid(
                 "the cluster secret must have at least 16 characters".into(),
@@ -198,6 +207,9 @@ impl ClusterConfig {
             cmdline: raw.cmdline,
             secret,
             connect_timeout: std::time::Duration::from_secs(raw.connect_timeout_secs.unwrap_or(60)),
+            dsm_hold: raw
+                .dsm_hold_us
+                .map_or(dsm::DEFAULT_HOLD, std::time::Duration::from_micros),
             nodes,
         };
         vmm::vm::validate(c.total_vcpus(), c.total_memory())

@@ -31,6 +31,8 @@ pub struct LocalRun {
     pub netns: bool,
     /// Run timeout in seconds (0: none).
     pub timeout: u64,
+    /// DSM hold time in µs (None: the default).
+    pub dsm_hold_us: Option<u64>,
 }
 
 static INTERRUPTED: AtomicBool = AtomicBool::new(false);
@@ -157,6 +159,9 @@ pub fn write_config(dir: &Path, run: &LocalRun, addrs: &[String]) -> Result<Path
     text.push_str(&format!("cmdline = {:?}\n", run.cmdline));
     std::fs::write(dir.join("secret"), secret()).map_err(|e| e.to_string())?;
     text.push_str("secret_file = \"secret\"\nconnect_timeout_secs = 30\n");
+    if let Some(h) = run.dsm_hold_us {
+        text.push_str(&format!("dsm_hold_us = {h}\n"));
+    }
     let vcpus = spread(run.vcpus, run.nodes);
     for (k, addr) in addrs.iter().enumerate() {
         let mem = if k == 0 {
@@ -279,6 +284,9 @@ pub fn run(run: &LocalRun) -> Result<i32, String> {
     supervise(children)
 }
 
+/// How long the other nodes get to stop after the first node process ended.
+const STOP_GRACE: Duration = Duration::from_secs(8);
+
 fn supervise(mut children: Vec<(usize, Child)>) -> Result<i32, String> {
     let mut statuses: Vec<Option<ExitStatus>> = vec![None; children.len()];
     let mut first_end: Option<Instant> = None;
@@ -299,9 +307,11 @@ fn supervise(mut children: Vec<(usize, Child)>) -> Result<i32, String> {
             kill_all(&mut children);
             return Ok(130);
         }
-        // Every node stops within 10 s of the first one (it hears over the mesh);
-        // whatever is left is killed.
-        if first_end.is_some_and(|t| t.elapsed() > Duration::from_secs(12)) {
+        // Every node hears of the first one's end over the mesh (at once on a closed
+        // connection, within the 3 s heartbeat timeout on a silent link) and stops;
+        // whatever is left after the grace period is killed, so that the whole
+        // cluster is gone within 10 s.
+        if first_end.is_some_and(|t| t.elapsed() > STOP_GRACE) {
             for (k, c) in children.iter_mut() {
                 if statuses[*k].is_none() {
                     eprintln!("dvmm: node {k} did not stop: killing it");
@@ -349,10 +359,12 @@ mod tests {
             cmdline: "a=\"b\"".into(),
             netns: false,
             timeout: 0,
+            dsm_hold_us: Some(250),
         };
         let p = write_config(&dir, &run, &["127.0.0.1:1".into(), "127.0.0.1:2".into()]).unwrap();
         let c = crate::ClusterConfig::load(&p).unwrap();
         assert_eq!(c.total_vcpus(), 3);
+        assert_eq!(c.dsm_hold, Duration::from_micros(250));
         assert_eq!(c.total_memory(), 1 << 30);
         assert_eq!(c.cmdline, "a=\"b\"");
         std::fs::remove_dir_all(&dir).unwrap();

@@ -462,9 +462,15 @@ pub fn run_node(cfg: &ClusterConfig, me: u16, opts: NodeOptions) -> Result<NodeR
         msg: e.to_string(),
     })?;
     let homes = Box::new(ShareHomes::new(cfg.home_bounds()));
-    let d = Dsm::new(me, nodes, region, homes, sender.clone()).map_err(|e| NodeError::Dsm {
-        me,
-        msg: e.to_string(),
+    let dsm_opts = dsm::DsmOptions {
+        hold: cfg.dsm_hold,
+        ..Default::default()
+    };
+    let d = Dsm::with_options(me, nodes, region, homes, sender.clone(), dsm_opts).map_err(|e| {
+        NodeError::Dsm {
+            me,
+            msg: e.to_string(),
+        }
     })?;
     let _ = node.dsm.set(d.clone());
     {

@@ -10,6 +10,15 @@ use dsm::{connect, Dsm, DsmOptions, Region};
 use dsm_proto::AllOnNode;
 use transport::{Mesh, MeshConfig};
 
+/// These tests need root (userfaultfd with vm.unprivileged_userfaultfd=0): without it
+/// they fail rather than pass without having checked anything.
+fn require_root() {
+    assert!(
+        is_root(),
+        "this test needs root (userfaultfd); run it as root, as `make test` does"
+    );
+}
+
 fn is_root() -> bool {
     // SAFETY: geteuid has no preconditions.
     unsafe { libc::geteuid() == 0 }
@@ -72,10 +81,7 @@ fn on_thread<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
 
 #[test]
 fn install_paths_and_stats() {
-    if !is_root() {
-        eprintln!("SKIPPED: not root (userfaultfd needs root)");
-        return;
-    }
+    require_root();
     let ((m0, d0), (m1, d1)) = pair(8);
     let (a0, a1) = (d0.clone(), d1.clone());
 
@@ -132,10 +138,7 @@ fn install_paths_and_stats() {
 
 #[test]
 fn expected_goodbyes_are_not_failures() {
-    if !is_root() {
-        eprintln!("SKIPPED: not root (userfaultfd needs root)");
-        return;
-    }
+    require_root();
     let ((m0, d0), (m1, d1)) = pair(4);
     d0.expect_goodbyes();
     d1.expect_goodbyes();
@@ -148,10 +151,7 @@ fn expected_goodbyes_are_not_failures() {
 
 #[test]
 fn failure_hook_runs_on_a_watcher_thread() {
-    if !is_root() {
-        eprintln!("SKIPPED: not root (userfaultfd needs root)");
-        return;
-    }
+    require_root();
     let ((m0, d0), (m1, d1)) = pair(4);
     let (tx, rx) = crossbeam_channel::bounded(1);
     let d = d0.clone();
@@ -171,10 +171,7 @@ fn failure_hook_runs_on_a_watcher_thread() {
 
 #[test]
 fn read_ahead_prefetches_and_stays_coherent() {
-    if !is_root() {
-        eprintln!("SKIPPED: not root (userfaultfd needs root)");
-        return;
-    }
+    require_root();
     let opts = DsmOptions {
         readahead: 8,
         ..DsmOptions::default()

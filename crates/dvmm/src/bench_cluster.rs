@@ -25,6 +25,9 @@ pub struct BenchClusterArgs {
     /// Run each shape in network namespaces (`dvmm run --netns`).
     #[arg(long)]
     pub netns: bool,
+    /// DSM hold time in µs (`dvmm run --dsm-hold-us`; default: the DSM's).
+    #[arg(long)]
+    pub dsm_hold_us: Option<u64>,
     /// Print one JSON object as the last line.
     #[arg(long)]
     pub json: bool,
@@ -147,6 +150,9 @@ fn measure(args: &BenchClusterArgs, nodes: usize, vcpus: usize) -> Result<Cluste
     ]);
     if args.netns {
         cmd.arg("--netns");
+    }
+    if let Some(h) = args.dsm_hold_us {
+        cmd.args(["--dsm-hold-us", &h.to_string()]);
     }
     let mut child = cmd
         .stdout(Stdio::piped())

@@ -77,6 +77,10 @@ struct RunArgs {
     /// Put every node in its own network namespace, joined by veth pairs on a bridge.
     #[arg(long)]
     netns: bool,
+    /// With several nodes: how long (µs) a node keeps a guest page it just received
+    /// before the DSM may take it away again [default: 50].
+    #[arg(long)]
+    dsm_hold_us: Option<u64>,
 }
 
 #[derive(clap::Args)]
@@ -131,6 +135,7 @@ fn run(args: RunArgs) -> Result<(), String> {
             cmdline: args.cmdline,
             netns: args.netns,
             timeout: args.timeout,
+            dsm_hold_us: args.dsm_hold_us,
         })?;
         if code == 0 {
             return Ok(());
