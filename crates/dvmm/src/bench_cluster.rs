@@ -10,7 +10,8 @@ use std::time::Instant;
 /// Arguments of `dvmm bench cluster`.
 #[derive(clap::Args)]
 pub struct BenchClusterArgs {
-    /// Cluster shapes as NODESxVCPUS, comma separated; the first is the reference.
+    /// Cluster shapes as NODESxVCPUS (vCPUs per node), comma separated; the first is
+    /// the reference.
     #[arg(long, default_value = "1x2,2x1,2x2,4x1", value_delimiter = ',')]
     pub configs: Vec<String>,
     /// Guest memory.
@@ -55,7 +56,7 @@ pub struct DsmTotals {
 pub struct ClusterRun {
     /// Node processes.
     pub nodes: usize,
-    /// vCPUs in all.
+    /// vCPUs in all (the same number on every node).
     pub vcpus: usize,
     /// Wall seconds from start to the `smp: Brought up` line.
     pub brought_up_s: Option<f64>,
@@ -81,16 +82,14 @@ impl ClusterRun {
     }
 }
 
-/// Parses "NxV".
+/// Parses "NxV" (N nodes with V vCPUs each) into (nodes, vCPUs per node).
 fn parse_shape(s: &str) -> Result<(usize, usize), String> {
-    let bad = || format!("bad cluster shape '{s}': expected NODESxVCPUS, e.g. 2x2");
+    let bad = || format!("bad cluster shape '{s}': expected NODESxVCPUS (per node), e.g. 2x2");
     let (n, v) = s.trim().split_once('x').ok_or_else(bad)?;
     let n: usize = n.parse().map_err(|_| bad())?;
     let v: usize = v.parse().map_err(|_| bad())?;
-    if n == 0 || v < n {
-        return Err(format!(
-            "bad cluster shape '{s}': every node needs at least one vCPU"
-        ));
+    if n == 0 || v == 0 || n > 64 {
+        return Err(bad());
     }
     Ok((n, v))
 }
@@ -124,8 +123,9 @@ fn add_dsm_line(t: &mut DsmTotals, line: &str) -> bool {
     true
 }
 
-/// Boots the guest once on `nodes` x `vcpus` and measures it.
-fn measure(args: &BenchClusterArgs, nodes: usize, vcpus: usize) -> Result<ClusterRun, String> {
+/// Boots the guest once on `nodes` nodes with `per_node` vCPUs each and measures it.
+fn measure(args: &BenchClusterArgs, nodes: usize, per_node: usize) -> Result<ClusterRun, String> {
+    let vcpus = nodes * per_node;
     let exe = std::env::current_exe().map_err(|e| e.to_string())?;
     let cmdline = format!(
         "locktorture.torture_type={} locktorture.shutdown_secs={}",
@@ -195,7 +195,7 @@ fn measure(args: &BenchClusterArgs, nodes: usize, vcpus: usize) -> Result<Cluste
     if !ok {
         let tail: Vec<&str> = err.lines().rev().take(5).collect();
         eprintln!(
-            "dvmm: bench: {nodes}x{vcpus} failed ({status}); stderr ends with:\n{}",
+            "dvmm: bench: {nodes}x{per_node} failed ({status}); stderr ends with:\n{}",
             tail.into_iter().rev().collect::<Vec<_>>().join("\n")
         );
     }
@@ -266,7 +266,7 @@ pub fn bench(args: BenchClusterArgs) -> Result<(), String> {
         let d = r.dsm.clone();
         println!(
             "{:>6} {:>10}s {:>6.1}s {:>8} {:>8} {:>6} {:>9} {:>9} {:>9} {:>8} {:>9}{}",
-            format!("{n}x{v}"),
+            format!("{}x{}", r.nodes, r.vcpus / r.nodes),
             opt(r.brought_up_s, 1),
             r.end_s,
             r.ops.map_or("-".into(), |o| o.to_string()),
@@ -291,6 +291,7 @@ pub fn bench(args: BenchClusterArgs) -> Result<(), String> {
                 serde_json::json!({
                     "nodes": r.nodes,
                     "vcpus": r.vcpus,
+                    "vcpus_per_node": r.vcpus / r.nodes,
                     "brought_up_s": r.brought_up_s,
                     "end_s": r.end_s,
                     "ops": r.ops,
@@ -328,8 +329,9 @@ mod tests {
     #[test]
     fn shapes_parse() {
         assert_eq!(parse_shape("2x4"), Ok((2, 4)));
-        assert!(parse_shape("4x2").is_err());
+        assert_eq!(parse_shape("4x1"), Ok((4, 1)));
         assert!(parse_shape("0x1").is_err());
+        assert!(parse_shape("2x0").is_err());
         assert!(parse_shape("2").is_err());
         assert!(parse_shape("ax2").is_err());
     }
