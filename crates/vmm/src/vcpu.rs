@@ -501,6 +501,8 @@ fn run_inner(
         }
         Start::Ap => RunState::WaitForInit,
     };
+    // Where this vCPU is, logged once when the VM asks (on a timeout).
+    let mut dumped = false;
     loop {
         if env.stopping() {
             return Ok(VcpuEnd::Stopped);
@@ -537,7 +539,7 @@ fn run_inner(
                     match next {
                         Next::Continue => {}
                         Next::Interrupted => {
-                            if env.dump_requested() {
+                            if env.dump_requested() && !std::mem::replace(&mut dumped, true) {
                                 if let (Ok(r), Ok(s)) = (vcpu.get_regs(), vcpu.get_sregs()) {
                                     tracing::warn!(
                                         vcpu = idx,
