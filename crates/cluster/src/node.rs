@@ -2,13 +2,13 @@
 //! the VM and serves the other nodes' interrupts, EOIs and device accesses.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex, OnceLock};
+use std::sync::{mpsc, Arc, Condvar, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
-use dsm::Dsm;
+use dsm::{Dsm, DsmSlot};
 use dsm_proto::{HomePolicy, NodeId, PageId};
 use irqchip::Interrupt;
-use transport::{Event, Mesh, MeshConfig, PageBuf, Sender};
+use transport::{Event, Mesh, MeshConfig, Sender};
 use vmm::compat::HostKind;
 use vmm::devices::{ConsoleOut, PortEvent};
 use vmm::{ClusterLink, GuestEnd, IoAccess, Placement, Vm, VmConfig, VmHandle};
@@ -104,7 +104,8 @@ struct Node {
     me: u16,
     nodes: u16,
     sender: OnceLock<Sender>,
-    dsm: OnceLock<Arc<Dsm>>,
+    /// The DSM, attached once the mesh is up; DSM frames that arrive earlier wait in it.
+    dsm: Arc<DsmSlot>,
     vm: OnceLock<VmHandle>,
     early: Mutex<Vec<Ctrl>>,
     start: Mutex<Option<u64>>,
@@ -114,6 +115,18 @@ struct Node {
     slots: Vec<Slot>,
     stopping: AtomicBool,
     stats: LinkStats,
+    /// Forwarded device accesses, served in arrival order by the `io-server` thread so
+    /// that a device that blocks (a full console pipe, a device reading guest memory
+    /// through the DSM) never holds up the transport reader that DSM frames need.
+    io_jobs: Mutex<Option<mpsc::Sender<IoJob>>>,
+}
+
+/// A device access forwarded from `from`'s vCPU `vcpu`.
+struct IoJob {
+    from: u16,
+    vcpu: u32,
+    access: IoAccess,
+    data: Vec<u8>,
 }
 
 impl Node {
@@ -147,47 +160,27 @@ impl Node {
     }
 
     fn on_event(&self, ev: Event) {
-        match ev {
-            Event::Frame {
-                from,
-                channel,
-                header,
-                payload,
-            } => match channel {
-                dsm::DSM_CHANNEL => self.on_dsm(from, &header, payload),
-                CTRL_CHANNEL => match Ctrl::decode(&header) {
-                    Ok(m) => self.on_ctrl(from, m),
-                    Err(e) => {
-                        tracing::warn!(from, error = %e, "undecodable control message dropped")
-                    }
-                },
-                other => tracing::warn!(from, channel = other, "frame on unknown channel dropped"),
-            },
-            Event::PeerLost { node, reason } => {
-                if !self.stopping.load(Ordering::SeqCst) || self.vm.get().is_none() {
-                    self.fail(format!("node {node} is gone ({reason})"));
-                }
-                if let Some(d) = self.dsm.get() {
-                    d.on_peer_lost(node, &reason);
-                }
+        // A lost peer stops the VM with a message naming it before the DSM (which the
+        // slot also tells) reports its own view of the loss.
+        if let Event::PeerLost { node, reason } = &ev {
+            if !self.stopping.load(Ordering::SeqCst) || self.vm.get().is_none() {
+                self.fail(format!("node {node} is gone ({reason})"));
             }
         }
-    }
-
-    fn on_dsm(&self, from: u16, header: &[u8], payload: Option<PageBuf>) {
-        // Our own DSM is created right after the mesh; a peer's first fault can only
-        // race that by microseconds.
-        let t = Instant::now();
-        loop {
-            if let Some(d) = self.dsm.get() {
-                d.on_frame(from, header, payload);
-                return;
+        match self.dsm.route(ev) {
+            Some(Event::Frame {
+                from,
+                channel: CTRL_CHANNEL,
+                header,
+                ..
+            }) => match Ctrl::decode(&header) {
+                Ok(m) => self.on_ctrl(from, m),
+                Err(e) => tracing::warn!(from, error = %e, "undecodable control message dropped"),
+            },
+            Some(Event::Frame { from, channel, .. }) => {
+                tracing::warn!(from, channel, "frame on unknown channel dropped")
             }
-            if t.elapsed() > Duration::from_secs(10) {
-                tracing::warn!(from, "DSM frame before the DSM started: dropped");
-                return;
-            }
-            std::thread::sleep(Duration::from_micros(100));
+            Some(Event::PeerLost { .. }) | None => {}
         }
     }
 
@@ -220,9 +213,8 @@ impl Node {
                 vcpu,
                 kind,
                 addr,
-                mut data,
+                data,
             } => {
-                let Some(vm) = self.vm.get() else { return };
                 let access = match kind {
                     0 => IoAccess::PioRead(addr as u16),
                     1 => IoAccess::PioWrite(addr as u16),
@@ -233,14 +225,20 @@ impl Node {
                     tracing::warn!(from, "oversized I/O request dropped");
                     return;
                 }
-                self.stats.io_served.fetch_add(1, Ordering::Relaxed);
-                let ev = vm.io(vcpu as usize, access, &mut data);
-                let event = match ev {
-                    PortEvent::None => 0,
-                    PortEvent::Reset => 1,
-                    PortEvent::PowerOff => 2,
+                let job = IoJob {
+                    from,
+                    vcpu,
+                    access,
+                    data,
                 };
-                self.send(from, &Ctrl::IoResp { vcpu, event, data });
+                if let Some(tx) = self
+                    .io_jobs
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .as_ref()
+                {
+                    let _ = tx.send(job);
+                }
             }
             Ctrl::IoResp { vcpu, event, data } => {
                 if let Some(s) = self.slots.get(vcpu as usize) {
@@ -267,6 +265,31 @@ impl Node {
                     }
                 }
             }
+        }
+    }
+
+    /// Serves forwarded device accesses until the node stops.
+    fn io_server(&self, jobs: mpsc::Receiver<IoJob>) {
+        while !self.stopping.load(Ordering::SeqCst) {
+            let Ok(mut job) = jobs.recv_timeout(Duration::from_millis(100)) else {
+                continue;
+            };
+            // The VM exists before any vCPU can forward an access.
+            let Some(vm) = self.vm.get() else { continue };
+            self.stats.io_served.fetch_add(1, Ordering::Relaxed);
+            let event = match vm.io(job.vcpu as usize, job.access, &mut job.data) {
+                PortEvent::None => 0,
+                PortEvent::Reset => 1,
+                PortEvent::PowerOff => 2,
+            };
+            self.send(
+                job.from,
+                &Ctrl::IoResp {
+                    vcpu: job.vcpu,
+                    event,
+                    data: job.data,
+                },
+            );
         }
     }
 
@@ -416,6 +439,15 @@ fn host_tsc() -> u64 {
     unsafe { core::arch::x86_64::_rdtsc() }
 }
 
+/// Marks the node as stopping when dropped (ends its helper threads on any return).
+struct StopOnDrop(Arc<Node>);
+
+impl Drop for StopOnDrop {
+    fn drop(&mut self) {
+        self.0.stopping.store(true, Ordering::SeqCst);
+    }
+}
+
 /// Runs node `me` of the cluster until the guest ends.
 pub fn run_node(cfg: &ClusterConfig, me: u16, opts: NodeOptions) -> Result<NodeReport, NodeError> {
     let nodes = cfg.nodes.len() as u16;
@@ -430,7 +462,7 @@ pub fn run_node(cfg: &ClusterConfig, me: u16, opts: NodeOptions) -> Result<NodeR
         me,
         nodes,
         sender: OnceLock::new(),
-        dsm: OnceLock::new(),
+        dsm: DsmSlot::new(),
         vm: OnceLock::new(),
         early: Mutex::new(Vec::new()),
         start: Mutex::new(None),
@@ -440,7 +472,20 @@ pub fn run_node(cfg: &ClusterConfig, me: u16, opts: NodeOptions) -> Result<NodeR
         slots: (0..total_vcpus).map(|_| Slot::default()).collect(),
         stopping: AtomicBool::new(false),
         stats: LinkStats::default(),
+        io_jobs: Mutex::new(None),
     });
+    let (io_tx, io_rx) = mpsc::channel();
+    *node.io_jobs.lock().unwrap_or_else(|p| p.into_inner()) = Some(io_tx);
+    {
+        let n = node.clone();
+        // Detached: it ends within 100 ms of `stopping`, which `_stop` sets on every
+        // return from here on.
+        std::thread::Builder::new()
+            .name(format!("io-server-{me}"))
+            .spawn(move || n.io_server(io_rx))
+            .map_err(|e| NodeError::Config(format!("cannot start the I/O thread: {e}")))?;
+    }
+    let _stop = StopOnDrop(node.clone());
     let mut mcfg = MeshConfig::new(
         me,
         cfg.nodes.iter().map(|n| n.addr).collect(),
@@ -472,7 +517,7 @@ pub fn run_node(cfg: &ClusterConfig, me: u16, opts: NodeOptions) -> Result<NodeR
             msg: e.to_string(),
         }
     })?;
-    let _ = node.dsm.set(d.clone());
+    node.dsm.attach(d.clone());
     {
         let n = node.clone();
         d.set_failure_hook(move |f| n.fail(format!("{f}")));
