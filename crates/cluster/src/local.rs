@@ -202,7 +202,11 @@ pub fn run(run: &LocalRun) -> Result<i32, String> {
     }
     let per = (run.memory / run.nodes as u64) / (2 << 20) * (2 << 20);
     if per == 0 {
-        return Err("not enough memory to give every node a share".into());
+        return Err(format!(
+            "--memory {} MiB on {} nodes: every node needs a share of at least 2 MiB",
+            run.memory >> 20,
+            run.nodes
+        ));
     }
     let kernel = std::fs::canonicalize(&run.kernel).map_err(|_| {
         format!(

@@ -56,9 +56,9 @@ struct RunArgs {
     /// Number of node processes.
     #[arg(long, default_value_t = 1)]
     nodes: usize,
-    /// Number of vCPUs of the guest.
-    #[arg(long, default_value_t = 1)]
-    vcpus: usize,
+    /// Number of vCPUs of the guest, spread over the nodes [default: one per node].
+    #[arg(long)]
+    vcpus: Option<usize>,
     /// Guest memory, e.g. 512M or 1G.
     #[arg(long, default_value = "512M", value_parser = parse_size)]
     memory: u64,
@@ -125,10 +125,11 @@ fn node(args: NodeArgs) -> Result<(), String> {
 }
 
 fn run(args: RunArgs) -> Result<(), String> {
+    let vcpus = args.vcpus.unwrap_or(args.nodes.max(1));
     if args.nodes != 1 || args.netns {
         let code = cluster::local::run(&cluster::local::LocalRun {
             nodes: args.nodes,
-            vcpus: args.vcpus,
+            vcpus,
             memory: args.memory,
             kernel: args.kernel,
             initrd: args.initrd,
@@ -144,7 +145,7 @@ fn run(args: RunArgs) -> Result<(), String> {
     }
     let (console, _watch) = ConsoleOut::new(Box::new(std::io::stdout()));
     let report = vmm::run(VmConfig {
-        vcpus: args.vcpus,
+        vcpus,
         memory: args.memory,
         kernel: args.kernel,
         initrd: args.initrd,
