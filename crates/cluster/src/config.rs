@@ -271,6 +271,7 @@ mod tests {
         assert_eq!(c.vcpu_nodes(), vec![0, 0, 1]);
         assert_eq!(c.home_bounds(), vec![0, 131072, 196608]);
         assert_eq!(c.kernel, PathBuf::from(DEFAULT_KERNEL));
+        assert_eq!(c.dsm_hold, dsm::DEFAULT_HOLD);
     }
 
     #[test]
@@ -284,6 +285,7 @@ mod tests {
             ("secret = \"0123456789abcdef\"\n[[node]]\naddr = \"127.0.0.1:1\"\nvcpus = 1\nmemory = \"1K\"", "multiple of 2 MiB"),
             ("secret = \"0123456789abcdef\"\nbogus = 1\n[[node]]\naddr = \"127.0.0.1:1\"\nvcpus = 1\nmemory = \"512M\"", "unknown field"),
             ("secret = \"0123456789abcdef\"\n[[node]]\naddr = \"127.0.0.1:1\"\nvcpus = 1\nmemory = \"512M\"\n[[node]]\naddr = \"127.0.0.1:1\"\nvcpus = 1\nmemory = \"512M\"", "used twice"),
+            ("secret = \"0123456789abcdef\"\ndsm_hold_us = 2000000\n[[node]]\naddr = \"127.0.0.1:1\"\nvcpus = 1\nmemory = \"512M\"", "dsm_hold_us"),
             ("not toml at all [", ""),
         ];
         for (text, want) in bad {
