@@ -11,6 +11,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
+use transport::netns::NetnsLab;
 
 /// How to run the local cluster.
 #[derive(Debug, Clone)]
@@ -39,81 +40,6 @@ static INTERRUPTED: AtomicBool = AtomicBool::new(false);
 
 extern "C" fn on_signal(_: libc::c_int) {
     INTERRUPTED.store(true, Ordering::SeqCst);
-}
-
-/// Network namespaces of one run, removed on drop.
-struct Netns {
-    names: Vec<String>,
-}
-
-fn ip(args: &[&str]) -> Result<(), String> {
-    let out = Command::new("ip")
-        .args(args)
-        .output()
-        .map_err(|e| format!("cannot run ip: {e}"))?;
-    if out.status.success() {
-        Ok(())
-    } else {
-        Err(format!(
-            "ip {}: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr).trim()
-        ))
-    }
-}
-
-impl Netns {
-    /// A hub namespace with a bridge and one namespace per node, node k at 10.213.0.(k+1).
-    fn create(nodes: usize) -> Result<Netns, String> {
-        let tag = std::process::id();
-        let hub = format!("dvmm{tag}h");
-        let mut ns = Netns {
-            names: vec![hub.clone()],
-        };
-        ip(&["netns", "add", &hub])?;
-        ip(&["-n", &hub, "link", "add", "br0", "type", "bridge"])?;
-        ip(&["-n", &hub, "link", "set", "br0", "up"])?;
-        for k in 0..nodes {
-            let name = format!("dvmm{tag}n{k}");
-            ip(&["netns", "add", &name])?;
-            ns.names.push(name.clone());
-            let peer = format!("b{k}");
-            ip(&[
-                "-n", &name, "link", "add", "eth0", "type", "veth", "peer", "name", &peer, "netns",
-                &hub,
-            ])?;
-            ip(&[
-                "-n",
-                &name,
-                "addr",
-                "add",
-                &format!("{}/24", Self::addr(k)),
-                "dev",
-                "eth0",
-            ])?;
-            ip(&["-n", &name, "link", "set", "eth0", "up"])?;
-            ip(&["-n", &name, "link", "set", "lo", "up"])?;
-            ip(&["-n", &hub, "link", "set", &peer, "master", "br0"])?;
-            ip(&["-n", &hub, "link", "set", &peer, "up"])?;
-        }
-        Ok(ns)
-    }
-
-    fn addr(k: usize) -> String {
-        format!("10.213.0.{}", k + 1)
-    }
-
-    fn node(&self, k: usize) -> &str {
-        &self.names[k + 1]
-    }
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        for n in self.names.iter().rev() {
-            let _ = ip(&["netns", "del", n]);
-        }
-    }
 }
 
 struct TempDir(PathBuf);
@@ -239,13 +165,15 @@ pub fn run(run: &LocalRun) -> Result<i32, String> {
         let _ = std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700));
     }
     let netns = if run.netns {
-        Some(Netns::create(run.nodes)?)
+        // Node k in namespace dvmm<pid>n<k> at 10.213.0.(k+1).
+        let tag = format!("dvmm{}", std::process::id());
+        Some(NetnsLab::create(&tag, run.nodes, "10.213.0")?)
     } else {
         None
     };
     let addrs: Vec<String> = match &netns {
-        Some(_) => (0..run.nodes)
-            .map(|k| format!("{}:7100", Netns::addr(k)))
+        Some(ns) => (0..run.nodes)
+            .map(|k| format!("{}:7100", ns.addr(k)))
             .collect(),
         None => (0..run.nodes)
             .map(|_| free_port().map(|p| format!("127.0.0.1:{p}")))
@@ -258,7 +186,7 @@ pub fn run(run: &LocalRun) -> Result<i32, String> {
         let mut cmd = match &netns {
             Some(ns) => {
                 let mut c = Command::new("ip");
-                c.args(["netns", "exec", ns.node(k)]).arg(&exe);
+                c.args(["netns", "exec", ns.host(k)]).arg(&exe);
                 c
             }
             None => Command::new(&exe),

@@ -8,6 +8,7 @@ use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use dsm::cluster::{Cluster, Launch};
+use transport::netns::NetnsLab;
 
 static SERIAL: Mutex<()> = Mutex::new(());
 
@@ -91,76 +92,15 @@ fn three_nodes_loopback_exact_counters() {
     eprintln!("three_nodes_loopback_exact_counters: {:?}", t.elapsed());
 }
 
-/// Network namespaces of one test run, removed on drop (also when the test fails).
-struct Netns {
-    names: Vec<String>,
-}
-
-fn ip(args: &[&str]) -> Result<(), String> {
-    let out = std::process::Command::new("ip")
-        .args(args)
-        .output()
-        .map_err(|e| format!("cannot run ip: {e}"))?;
-    if out.status.success() {
-        Ok(())
-    } else {
-        Err(format!(
-            "ip {} failed: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr)
-        ))
-    }
-}
-
-impl Netns {
-    /// `nodes` namespaces, each with a veth whose peer sits on a bridge in a hub
-    /// namespace; node `i` has 10.213.0.(i+1)/24. Names are unique per run.
-    fn create(nodes: u16) -> Result<(Netns, Vec<String>), String> {
-        let tag = format!("dsmt{}x{:04x}", std::process::id(), rand::random::<u16>());
-        let hub = format!("{tag}-hub");
-        let mut ns = Netns { names: Vec::new() };
-        ip(&["netns", "add", &hub])?;
-        ns.names.push(hub.clone());
-        ip(&["-n", &hub, "link", "set", "lo", "up"])?;
-        ip(&["-n", &hub, "link", "add", "br0", "type", "bridge"])?;
-        ip(&["-n", &hub, "link", "set", "br0", "up"])?;
-        let mut nodes_ns = Vec::new();
-        for i in 0..nodes {
-            let name = format!("{tag}-n{i}");
-            ip(&["netns", "add", &name])?;
-            ns.names.push(name.clone());
-            let (v, b) = (format!("v{i}"), format!("b{i}"));
-            ip(&[
-                "link", "add", &v, "netns", &name, "type", "veth", "peer", "name", &b, "netns",
-                &hub,
-            ])?;
-            ip(&["-n", &name, "link", "set", "lo", "up"])?;
-            ip(&[
-                "-n",
-                &name,
-                "addr",
-                "add",
-                &format!("10.213.0.{}/24", i + 1),
-                "dev",
-                &v,
-            ])?;
-            ip(&["-n", &name, "link", "set", &v, "up"])?;
-            ip(&["-n", &hub, "link", "set", &b, "master", "br0"])?;
-            ip(&["-n", &hub, "link", "set", &b, "up"])?;
-            nodes_ns.push(name);
-        }
-        Ok((ns, nodes_ns))
-    }
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        for n in self.names.iter().rev() {
-            if let Err(e) = ip(&["netns", "del", n]) {
-                eprintln!("cleanup: {e}");
-            }
-        }
-    }
+/// `nodes` namespaces joined by a bridge, node `i` at 10.213.0.(i+1); names unique
+/// per run. Removed when the guard drops (also when the test fails).
+fn netns(nodes: u16) -> Result<(NetnsLab, Vec<String>), String> {
+    let tag = format!("dsmt{}x{:04x}", std::process::id(), rand::random::<u16>());
+    let lab = NetnsLab::create(&tag, nodes as usize, "10.213.0")?;
+    let names = (0..nodes as usize)
+        .map(|k| lab.host(k).to_owned())
+        .collect();
+    Ok((lab, names))
 }
 
 #[test]
@@ -168,7 +108,7 @@ fn three_nodes_in_network_namespaces_exact_counters() {
     require_root!();
     let _g = serial();
     let t = Instant::now();
-    let (guard, names) = Netns::create(3).expect("create network namespaces");
+    let (guard, names) = netns(3).expect("create network namespaces");
     let mut l = counters(3, 400);
     l.addrs = Some(
         (0..3)

@@ -7,6 +7,7 @@ use common::{kernel, lines, namespaces, node_pids, wait_for};
 use std::io::Read;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
+use transport::netns::NetnsLab;
 
 /// Kills node 1 of a 2-node `--netns` cluster while the guest runs locktorture: the
 /// other node and `dvmm run` stop within 10 s naming node 1, with a failure status, and
@@ -84,55 +85,13 @@ fn killing_a_node_during_locktorture_stops_the_whole_cluster() {
     assert!(ours.is_empty(), "namespaces left behind: {ours:?}");
 }
 
-struct Ns(Vec<String>);
-
-impl Drop for Ns {
-    fn drop(&mut self) {
-        for n in self.0.iter().rev() {
-            let _ = Command::new("ip").args(["netns", "del", n]).status();
-        }
-    }
-}
-
-fn ip(args: &[&str]) {
-    let st = Command::new("ip").args(args).status().expect("run ip");
-    assert!(st.success(), "ip {}", args.join(" "));
-}
-
 /// Nodes described by a config file, each started with `dvmm node --config` in its own
 /// namespace, node 1 first: node 0 waits for it and the guest boots on both.
 #[test]
 fn nodes_started_in_reverse_order_in_namespaces_boot_the_guest() {
     let k = kernel();
     let tag = format!("dvt{}", std::process::id());
-    let hub = format!("{tag}h");
-    let mut ns = Ns(vec![]);
-    ip(&["netns", "add", &hub]);
-    ns.0.push(hub.clone());
-    ip(&["-n", &hub, "link", "add", "br0", "type", "bridge"]);
-    ip(&["-n", &hub, "link", "set", "br0", "up"]);
-    for i in 0..2 {
-        let n = format!("{tag}n{i}");
-        ip(&["netns", "add", &n]);
-        ns.0.push(n.clone());
-        let peer = format!("b{i}");
-        ip(&[
-            "-n", &n, "link", "add", "eth0", "type", "veth", "peer", "name", &peer, "netns", &hub,
-        ]);
-        ip(&[
-            "-n",
-            &n,
-            "addr",
-            "add",
-            &format!("10.214.0.{}/24", i + 1),
-            "dev",
-            "eth0",
-        ]);
-        ip(&["-n", &n, "link", "set", "eth0", "up"]);
-        ip(&["-n", &n, "link", "set", "lo", "up"]);
-        ip(&["-n", &hub, "link", "set", &peer, "master", "br0"]);
-        ip(&["-n", &hub, "link", "set", &peer, "up"]);
-    }
+    let ns = NetnsLab::create(&tag, 2, "10.214.0").expect("create namespaces");
     let dir = std::env::temp_dir().join(format!("{tag}-cfg"));
     std::fs::create_dir_all(&dir).unwrap();
     let cfg = dir.join("cluster.toml");
@@ -148,7 +107,7 @@ fn nodes_started_in_reverse_order_in_namespaces_boot_the_guest() {
     .unwrap();
     let start = |id: usize| {
         Command::new("ip")
-            .args(["netns", "exec", &format!("{tag}n{id}")])
+            .args(["netns", "exec", ns.host(id)])
             .arg(env!("CARGO_BIN_EXE_dvmm"))
             .args(["node", "--config"])
             .arg(&cfg)

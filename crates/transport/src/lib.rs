@@ -101,6 +101,7 @@ mod error;
 mod frame;
 mod handshake;
 mod mesh;
+pub mod netns;
 mod page;
 
 pub use error::{LostReason, TransportError};
