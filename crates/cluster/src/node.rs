@@ -118,7 +118,7 @@ struct Node {
     /// Forwarded device accesses, served in arrival order by the `io-server` thread so
     /// that a device that blocks (a full console pipe, a device reading guest memory
     /// through the DSM) never holds up the transport reader that DSM frames need.
-    io_jobs: Mutex<Option<mpsc::Sender<IoJob>>>,
+    io_jobs: mpsc::Sender<IoJob>,
 }
 
 /// A device access forwarded from `from`'s vCPU `vcpu`.
@@ -231,14 +231,8 @@ impl Node {
                     access,
                     data,
                 };
-                if let Some(tx) = self
-                    .io_jobs
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .as_ref()
-                {
-                    let _ = tx.send(job);
-                }
+                // Fails only once the io-server has ended, i.e. the node is stopping.
+                let _ = self.io_jobs.send(job);
             }
             Ctrl::IoResp { vcpu, event, data } => {
                 if let Some(s) = self.slots.get(vcpu as usize) {
@@ -458,6 +452,7 @@ pub fn run_node(cfg: &ClusterConfig, me: u16, opts: NodeOptions) -> Result<NodeR
         )));
     }
     let total_vcpus = cfg.total_vcpus();
+    let (io_tx, io_rx) = mpsc::channel();
     let node = Arc::new(Node {
         me,
         nodes,
@@ -472,10 +467,8 @@ pub fn run_node(cfg: &ClusterConfig, me: u16, opts: NodeOptions) -> Result<NodeR
         slots: (0..total_vcpus).map(|_| Slot::default()).collect(),
         stopping: AtomicBool::new(false),
         stats: LinkStats::default(),
-        io_jobs: Mutex::new(None),
+        io_jobs: io_tx,
     });
-    let (io_tx, io_rx) = mpsc::channel();
-    *node.io_jobs.lock().unwrap_or_else(|p| p.into_inner()) = Some(io_tx);
     {
         let n = node.clone();
         // Detached: it ends within 100 ms of `stopping`, which `_stop` sets on every

@@ -24,15 +24,8 @@ fn locktorture(nodes: usize, lock: &str, netns: bool) {
     let out = dvmm(&args);
     let console = text(&out.stdout);
     let err = text(&out.stderr);
-    let tail: String = console
-        .lines()
-        .rev()
-        .take(40)
-        .collect::<Vec<_>>()
-        .into_iter()
-        .rev()
-        .collect::<Vec<_>>()
-        .join("\n");
+    let all: Vec<&str> = console.lines().collect();
+    let tail = all[all.len().saturating_sub(40)..].join("\n");
     assert!(
         console.contains("smp: Brought up 1 node, 4 CPUs"),
         "4 CPUs not brought up:\n{tail}\n{err}"
