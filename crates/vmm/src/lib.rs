@@ -11,7 +11,9 @@
 //! * [`irq`]: the interrupt routing decision ("which vCPU, here or elsewhere") behind one
 //!   interface, on top of the user-space LAPIC/IOAPIC models of the `irqchip` crate;
 //! * [`devices`]: the 16550 serial console (vm-superio) and the few legacy ports a PC has;
-//! * [`compat`]: what this host's KVM needs that a hardware-virtualized host does not.
+//! * [`compat`]: what this host's KVM needs that a hardware-virtualized host does not
+//!   (with [`compat::usermode`], the system-call repair, and [`paging`], the guest
+//!   page-table walk it reads the guest with).
 #![deny(missing_docs)]
 
 pub mod boot;
@@ -19,6 +21,7 @@ pub mod compat;
 pub mod devices;
 pub mod irq;
 pub mod memory;
+pub mod paging;
 pub mod stats;
 pub mod vcpu;
 pub mod vm;

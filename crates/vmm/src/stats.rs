@@ -22,15 +22,19 @@ pub enum ExitKind {
     Intr,
     /// Emulation failure fixed by the compat module (int3, fwait).
     Int3,
-    /// MSR access handled in user space (TSC deadline).
+    /// MSR access handled in user space (TSC deadline, `syscall` MSRs).
     Msr,
+    /// A guest system call repaired by the VMM (software-KVM hosts).
+    Syscall,
+    /// A guest page fault passed through the user-mode hook (software-KVM hosts).
+    PageFault,
     /// Anything else.
     Other,
 }
 
 impl ExitKind {
     /// All kinds, in display order.
-    pub const ALL: [ExitKind; 10] = [
+    pub const ALL: [ExitKind; 12] = [
         ExitKind::IoIn,
         ExitKind::IoOut,
         ExitKind::MmioRead,
@@ -40,6 +44,8 @@ impl ExitKind {
         ExitKind::Intr,
         ExitKind::Int3,
         ExitKind::Msr,
+        ExitKind::Syscall,
+        ExitKind::PageFault,
         ExitKind::Other,
     ];
     /// Short name.
@@ -54,6 +60,8 @@ impl ExitKind {
             ExitKind::Intr => "intr",
             ExitKind::Int3 => "emul_fix",
             ExitKind::Msr => "msr",
+            ExitKind::Syscall => "syscall",
+            ExitKind::PageFault => "page_fault",
             ExitKind::Other => "other",
         }
     }
@@ -62,7 +70,7 @@ impl ExitKind {
 /// Counters of one vCPU.
 #[derive(Debug, Default)]
 pub struct VcpuStats {
-    exits: [AtomicU64; 10],
+    exits: [AtomicU64; 12],
     /// Interrupts injected with KVM_INTERRUPT.
     pub injected: AtomicU64,
     /// IPIs sent by this vCPU.

@@ -21,6 +21,7 @@ use kvm_ioctls::{VcpuExit, VcpuFd};
 use vmm_sys_util::ioctl::ioctl_with_ref;
 
 use crate::boot::{regs, BootInfo};
+use crate::compat::usermode::{Breakpoint, UserMode, MSR_LSTAR};
 use crate::compat::{handle_emulation_failure, EmulationFix};
 use crate::devices::PortEvent;
 use crate::irq::VcpuTarget;
@@ -332,12 +333,18 @@ pub trait VcpuEnv: Send + Sync {
     fn dump_requested(&self) -> bool {
         false
     }
+    /// The system-call repair, on hosts that need it (see [`crate::compat::usermode`]).
+    fn user_mode(&self) -> Option<&UserMode> {
+        None
+    }
 }
 
 struct Ctx<'a> {
     handle: &'a VcpuHandle,
     env: &'a dyn VcpuEnv,
     tsc: &'a TscClock,
+    /// Trapped MSR writes that must reach KVM before the next entry.
+    msr_writes: Vec<(u32, u64)>,
 }
 
 /// IA32_TSC_DEADLINE.
@@ -384,6 +391,14 @@ impl ExitHandler for Ctx<'_> {
                 self.env.timer_changed();
                 true
             }
+            i if UserMode::traps(i) => match self.env.user_mode() {
+                Some(um) => {
+                    um.msr_written(self.handle.index, i, value);
+                    self.msr_writes.push((i, value));
+                    true
+                }
+                None => false,
+            },
             _ => false,
         }
     }
@@ -556,7 +571,7 @@ fn run_inner(
                             let rip = vcpu.get_regs().map(|r| r.rip).unwrap_or(0);
                             return Err(VcpuError::TripleFault { vcpu: idx, rip });
                         }
-                        Next::InternalError => internal_error(vcpu, handle)?,
+                        Next::InternalError => internal_error(vcpu, handle, env)?,
                         Next::Unhandled(exit) => {
                             let rip = vcpu.get_regs().map(|r| r.rip).unwrap_or(0);
                             return Err(VcpuError::Unhandled {
@@ -617,7 +632,12 @@ fn enter_guest(
             None => run.request_interrupt_window = 0,
         }
     }
-    let mut ctx = Ctx { handle, env, tsc };
+    let mut ctx = Ctx {
+        handle,
+        env,
+        tsc,
+        msr_writes: Vec::new(),
+    };
     let next = match vcpu.run() {
         Ok(exit) => dispatch(exit, &mut ctx, &handle.stats),
         Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
@@ -635,7 +655,54 @@ fn enter_guest(
     };
     handle.in_guest.store(false, Ordering::SeqCst);
     vcpu.set_kvm_immediate_exit(0);
+    if !ctx.msr_writes.is_empty() {
+        apply_msr_writes(vcpu, idx, &ctx.msr_writes, env)?;
+    }
     Ok(Some(next))
+}
+
+/// Gives KVM the MSR values the guest wrote while the filter trapped them; after an
+/// LSTAR write (the guest's `syscall_init`, its IDT in place) places the user-mode
+/// repair's breakpoint.
+fn apply_msr_writes(
+    vcpu: &mut VcpuFd,
+    idx: usize,
+    writes: &[(u32, u64)],
+    env: &dyn VcpuEnv,
+) -> Result<(), VcpuError> {
+    let entries: Vec<kvm_bindings::kvm_msr_entry> = writes
+        .iter()
+        .map(|&(index, data)| kvm_bindings::kvm_msr_entry {
+            index,
+            data,
+            ..Default::default()
+        })
+        .collect();
+    let msrs = kvm_bindings::Msrs::from_entries(&entries).map_err(|_| VcpuError::Kvm {
+        vcpu: idx,
+        what: "KVM_SET_MSRS (syscall MSRs)",
+        source: kvm_ioctls::Error::new(libc::EINVAL),
+    })?;
+    let n = vcpu
+        .set_msrs(&msrs)
+        .map_err(kvm_err(idx, "KVM_SET_MSRS (syscall MSRs)"))?;
+    if n != entries.len() {
+        return Err(VcpuError::Kvm {
+            vcpu: idx,
+            what: "KVM_SET_MSRS (syscall MSRs)",
+            source: kvm_ioctls::Error::new(libc::EINVAL),
+        });
+    }
+    if let Some(um) = env.user_mode() {
+        if writes.iter().any(|(i, _)| *i == MSR_LSTAR) && um.hook().is_none() {
+            let s = vcpu.get_sregs().map_err(kvm_err(idx, "KVM_GET_SREGS"))?;
+            let pt = crate::paging::PageTables::from_regs(s.cr3, s.cr4);
+            if let Err(e) = um.install(pt, s.idt.base, s.idt.limit) {
+                um.warn_once(&e);
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Reads the guest TSC frequency and current value to map TSC deadlines to VM time.
@@ -682,7 +749,11 @@ fn halt(vcpu: &mut VcpuFd, handle: &VcpuHandle, env: &dyn VcpuEnv) {
     }
 }
 
-fn internal_error(vcpu: &mut VcpuFd, handle: &VcpuHandle) -> Result<(), VcpuError> {
+fn internal_error(
+    vcpu: &mut VcpuFd,
+    handle: &VcpuHandle,
+    env: &dyn VcpuEnv,
+) -> Result<(), VcpuError> {
     let idx = handle.index;
     let run = vcpu.get_kvm_run();
     // SAFETY: exit_reason is KVM_EXIT_INTERNAL_ERROR, so `internal` is the union member
@@ -691,7 +762,23 @@ fn internal_error(vcpu: &mut VcpuFd, handle: &VcpuHandle) -> Result<(), VcpuErro
     let n = (internal.ndata as usize).min(internal.data.len());
     let data = internal.data[..n].to_vec();
     let mut regs = vcpu.get_regs().map_err(kvm_err(idx, "KVM_GET_REGS"))?;
-    match handle_emulation_failure(internal.suberror, &data) {
+    let fix = handle_emulation_failure(internal.suberror, &data);
+    if let (EmulationFix::Int3, Some(um)) = (fix, env.user_mode()) {
+        let mut sregs = vcpu.get_sregs().map_err(kvm_err(idx, "KVM_GET_SREGS"))?;
+        match um.on_breakpoint(idx, &mut regs, &mut sregs) {
+            Breakpoint::NotOurs => {}
+            Breakpoint::Syscall => {
+                handle.stats.exit(ExitKind::Syscall);
+                vcpu.set_sregs(&sregs).map_err(kvm_err(idx, "KVM_SET_SREGS"))?;
+                return vcpu.set_regs(&regs).map_err(kvm_err(idx, "KVM_SET_REGS"));
+            }
+            Breakpoint::PassThrough | Breakpoint::Refused => {
+                handle.stats.exit(ExitKind::PageFault);
+                return vcpu.set_regs(&regs).map_err(kvm_err(idx, "KVM_SET_REGS"));
+            }
+        }
+    }
+    match fix {
         EmulationFix::Int3 => {
             handle.stats.exit(ExitKind::Int3);
             regs.rip += 1;

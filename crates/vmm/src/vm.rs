@@ -11,6 +11,7 @@ use kvm_ioctls::{Kvm, VmFd};
 use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 
 use crate::boot::{self, mptable, BootSpec};
+use crate::compat::usermode::{UserMode, MSR_STAR};
 use crate::compat::HostKind;
 use crate::devices::{ConsoleOut, ConsoleWatch, Devices, PortEvent};
 use crate::irq::{IoApicLink, Router, VcpuTarget};
@@ -157,6 +158,7 @@ struct Shared {
     timer_cv: Condvar,
     console: ConsoleWatch,
     dump: AtomicBool,
+    user_mode: Option<UserMode>,
 }
 
 impl Shared {
@@ -287,6 +289,9 @@ impl VcpuEnv for Shared {
     fn dump_requested(&self) -> bool {
         self.dump.load(Ordering::SeqCst)
     }
+    fn user_mode(&self) -> Option<&UserMode> {
+        self.user_mode.as_ref()
+    }
     fn dead_halt(&self, _vcpu: usize, halted: bool) {
         if halted {
             let n = self.dead_halted.fetch_add(1, Ordering::SeqCst) + 1;
@@ -349,7 +354,7 @@ pub fn validate(vcpus: usize, memory: u64) -> Result<(), VmError> {
     Ok(())
 }
 
-fn create_vm(kvm: &Kvm, mem: &GuestMemoryMmap) -> Result<VmFd, VmError> {
+fn create_vm(kvm: &Kvm, mem: &GuestMemoryMmap, host: HostKind) -> Result<VmFd, VmError> {
     let vm = kvm
         .create_vm()
         .map_err(|e| VmError::Kvm(format!("KVM_CREATE_VM: {e}")))?;
@@ -375,15 +380,24 @@ fn create_vm(kvm: &Kvm, mem: &GuestMemoryMmap) -> Result<VmFd, VmError> {
     vm.enable_cap(&cap)
         .map_err(|e| VmError::Kvm(format!("KVM_CAP_X86_USER_SPACE_MSR: {e}")))?;
     let bitmap = [0u8; 1];
-    vm.set_msr_filter(
-        kvm_ioctls::MsrFilterDefaultAction::ALLOW,
-        &[kvm_ioctls::MsrFilterRange {
-            flags: kvm_ioctls::MsrFilterRangeFlags::READ | kvm_ioctls::MsrFilterRangeFlags::WRITE,
-            base: vcpu::MSR_TSC_DEADLINE,
-            msr_count: 1,
-            bitmap: &bitmap,
-        }],
-    )
+    // STAR, LSTAR, CSTAR, FMASK: writes of all but CSTAR (bit 2 set: allowed) exit to
+    // the VMM, which keeps them for the system-call repair and hands them to KVM.
+    let syscall_bitmap = [0b0100u8];
+    let mut ranges = vec![kvm_ioctls::MsrFilterRange {
+        flags: kvm_ioctls::MsrFilterRangeFlags::READ | kvm_ioctls::MsrFilterRangeFlags::WRITE,
+        base: vcpu::MSR_TSC_DEADLINE,
+        msr_count: 1,
+        bitmap: &bitmap,
+    }];
+    if host.traps_syscall_msrs() {
+        ranges.push(kvm_ioctls::MsrFilterRange {
+            flags: kvm_ioctls::MsrFilterRangeFlags::WRITE,
+            base: MSR_STAR,
+            msr_count: 4,
+            bitmap: &syscall_bitmap,
+        });
+    }
+    vm.set_msr_filter(kvm_ioctls::MsrFilterDefaultAction::ALLOW, &ranges)
     .map_err(|e| VmError::Kvm(format!("KVM_X86_SET_MSR_FILTER: {e}")))?;
     // Needed by Intel VMX without unrestricted guest; harmless elsewhere.
     let _ = vm.set_tss_address(0xfffb_d000);
@@ -558,7 +572,7 @@ impl Vm {
             Some(m) => m,
             None => memory::create_guest_memory(cfg.memory)?,
         };
-        let vm = create_vm(&kvm, &mem)?;
+        let vm = create_vm(&kvm, &mem, cfg.host)?;
         vcpu::install_kick_handler().map_err(|e| VmError::Kvm(format!("signal handler: {e}")))?;
         let link = cfg.placement.as_ref().map(|p| p.link.clone());
         let ioapic =
@@ -603,6 +617,10 @@ impl Vm {
             timer_cv: Condvar::new(),
             console,
             dump: AtomicBool::new(false),
+            user_mode: cfg
+                .host
+                .traps_syscall_msrs()
+                .then(|| UserMode::new(mem.clone(), cfg.vcpus)),
         });
 
         let tsc_base = cfg.placement.as_ref().and_then(|p| p.tsc_base);

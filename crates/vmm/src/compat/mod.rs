@@ -25,13 +25,13 @@
 //!   [`handle_emulation_failure`] recognises that case, steps over the `0xcc` and injects
 //!   the #BP exception the guest expects, so its int3 self-test and kprobes work.
 //!   `fwait` fails the same way and is stepped over (see [`EmulationFix::SkipFwait`]).
-//! * **Guest user mode: not possible on a software backend.** On `syscall` from guest
-//!   CPL 3 the backend loads RIP = LSTAR, RCX, R11 and masks RFLAGS but leaves CS/SS at
-//!   the user selectors, so the fetch at LSTAR faults (#PF error 0x15) and the guest
-//!   kernel kills the process; `int $0x80` from CPL 3 raises #UD. No exit reaches the
-//!   VMM at that point (MSR filters, guest-debug breakpoints and single-step were
-//!   tried), so there is nothing to fix here. See docs/GUEST-USERMODE.md and
-//!   guest/probe/run.sh. A hardware host runs `syscall` in hardware and needs nothing.
+//! * **Guest user mode.** On `syscall` from guest CPL 3 the backend loads RIP = LSTAR
+//!   but leaves CS/SS at the user selectors, so the fetch at LSTAR faults. The VMM
+//!   repairs that at a breakpoint on the guest's page-fault handler ([`usermode`]); the
+//!   `syscall` MSRs are trapped for it ([`HostKind::traps_syscall_msrs`]). A hardware
+//!   host runs `syscall` in hardware and needs nothing.
+
+pub mod usermode;
 
 /// Which kind of KVM this host has.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -72,6 +72,12 @@ impl HostKind {
             HostKind::Hardware => String::new(),
             HostKind::Software => format!("tsc_early_khz={tsc_khz}"),
         }
+    }
+
+    /// Whether the VMM repairs guest system calls (and so traps the `syscall` MSRs and
+    /// places its breakpoint): software backends only.
+    pub fn traps_syscall_msrs(self) -> bool {
+        self == HostKind::Software
     }
 
     /// Kernel command-line options this host needs, appended after the VMM's defaults.
