@@ -182,6 +182,7 @@ pub fn run(run: &LocalRun) -> Result<i32, String> {
     let config = write_config(&dir, &run, &addrs)?;
     let exe = std::env::current_exe().map_err(|e| e.to_string())?;
     let mut children: Vec<(usize, Child)> = Vec::new();
+    let mut relays = Vec::new();
     for k in 0..run.nodes {
         let mut cmd = match &netns {
             Some(ns) => {
@@ -198,22 +199,68 @@ pub fn run(run: &LocalRun) -> Result<i32, String> {
             .arg(k.to_string())
             .arg("--timeout")
             .arg(run.timeout.to_string())
-            .stdin(Stdio::null())
+            // Node 0 holds the console: the terminal (or pipe) is its input and output.
+            .stdin(if k == 0 {
+                Stdio::inherit()
+            } else {
+                Stdio::null()
+            })
             .stdout(if k == 0 {
                 Stdio::inherit()
             } else {
                 Stdio::null()
             })
-            .stderr(Stdio::inherit());
+            .stderr(Stdio::piped());
         match cmd.spawn() {
-            Ok(c) => children.push((k, c)),
+            Ok(mut c) => {
+                if let Some(err) = c.stderr.take() {
+                    relays.push(relay_lines(err));
+                }
+                children.push((k, c))
+            }
             Err(e) => {
                 kill_all(&mut children);
+                finish_relays(relays);
                 return Err(format!("cannot start node {k}: {e}"));
             }
         }
     }
-    supervise(children)
+    let r = supervise(children);
+    finish_relays(relays);
+    r
+}
+
+/// Copies a node's stderr to ours one whole line at a time (each with one write under
+/// the stderr lock), so that the lines of several nodes never cut into each other.
+fn relay_lines(from: std::process::ChildStderr) -> std::thread::JoinHandle<()> {
+    std::thread::spawn(move || {
+        use std::io::{BufRead, Write};
+        let mut r = std::io::BufReader::new(from);
+        let mut line = Vec::new();
+        loop {
+            line.clear();
+            match r.read_until(b'\n', &mut line) {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {
+                    let mut err = std::io::stderr().lock();
+                    let _ = err.write_all(&line);
+                }
+            }
+        }
+    })
+}
+
+/// Waits (a bounded time) for the relays to pass on the nodes' last lines.
+fn finish_relays(relays: Vec<std::thread::JoinHandle<()>>) {
+    let deadline = Instant::now() + Duration::from_secs(2);
+    for t in relays {
+        while !t.is_finished() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        if t.is_finished() {
+            let _ = t.join();
+        }
+    }
 }
 
 /// How long the other nodes get to stop after the first node process ended.

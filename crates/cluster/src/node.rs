@@ -11,6 +11,7 @@ use irqchip::Interrupt;
 use transport::{Event, Mesh, MeshConfig, Sender};
 use vmm::compat::HostKind;
 use vmm::devices::{ConsoleOut, PortEvent};
+use vmm::term::eprint_line;
 use vmm::{ClusterLink, GuestEnd, IoAccess, Placement, Vm, VmConfig, VmHandle};
 
 use crate::config::ClusterConfig;
@@ -581,6 +582,10 @@ pub fn run_node(cfg: &ClusterConfig, me: u16, opts: NodeOptions) -> Result<NodeR
         vm.handle().fail(f);
     }
     if me == 0 {
+        // The console's input: the terminal or pipe this process was given.
+        if let Err(e) = vmm::term::spawn_console_input(vm.handle()) {
+            tracing::warn!("no console input: {e}");
+        }
         node.broadcast(&Ctrl::Start { tsc_base });
         let others = nodes - 1;
         let r = node.wait(
@@ -616,10 +621,10 @@ pub fn run_node(cfg: &ClusterConfig, me: u16, opts: NodeOptions) -> Result<NodeR
     d.shutdown();
     if result.is_err() {
         for line in &vcpu_stats {
-            eprintln!("dvmm: node {me} stats {line}");
+            eprint_line(&format!("dvmm: node {me} stats {line}"));
         }
-        eprintln!("dvmm: node {me} stats {link_stats}");
-        eprintln!("dvmm: node {me} stats dsm {dsm_stats}");
+        eprint_line(&format!("dvmm: node {me} stats {link_stats}"));
+        eprint_line(&format!("dvmm: node {me} stats dsm {dsm_stats}"));
     }
     let report = result.map_err(|source| NodeError::Vm { me, source })?;
     Ok(NodeReport {

@@ -83,6 +83,19 @@ impl ClusterRun {
 }
 
 /// Parses "NxV" (N nodes with V vCPUs each) into (nodes, vCPUs per node).
+/// Parses a comma-separated list of shapes (at least one).
+pub fn parse_shapes(list: &str) -> Result<Vec<(usize, usize)>, String> {
+    let shapes = list
+        .split(',')
+        .filter(|s| !s.trim().is_empty())
+        .map(|s| parse_shape(s.trim()))
+        .collect::<Result<Vec<_>, _>>()?;
+    if shapes.is_empty() {
+        return Err("no cluster shape given".into());
+    }
+    Ok(shapes)
+}
+
 fn parse_shape(s: &str) -> Result<(usize, usize), String> {
     let bad = || format!("bad cluster shape '{s}': expected NODESxVCPUS (per node), e.g. 2x2");
     let (n, v) = s.trim().split_once('x').ok_or_else(bad)?;
@@ -123,13 +136,19 @@ fn add_dsm_line(t: &mut DsmTotals, line: &str) -> bool {
     true
 }
 
+/// The initramfs whose /init only waits: the kernel must not run out of things to do
+/// before locktorture powers it off.
+const IDLE_INITRD: &str = "guest/out/idle.cpio";
+
 /// Boots the guest once on `nodes` nodes with `per_node` vCPUs each and measures it.
 fn measure(args: &BenchClusterArgs, nodes: usize, per_node: usize) -> Result<ClusterRun, String> {
     let vcpus = nodes * per_node;
     let exe = std::env::current_exe().map_err(|e| e.to_string())?;
     let cmdline = format!(
-        "locktorture.torture_type={} locktorture.shutdown_secs={}",
-        args.lock, args.secs
+        "locktorture.torture_type={} locktorture.nwriters_stress={} locktorture.shutdown_secs={}",
+        args.lock,
+        2 * vcpus,
+        args.secs
     );
     let start = Instant::now();
     let mut cmd = Command::new(exe);
@@ -147,6 +166,8 @@ fn measure(args: &BenchClusterArgs, nodes: usize, per_node: usize) -> Result<Clu
         "1200",
         "--cmdline",
         &cmdline,
+        "--initrd",
+        IDLE_INITRD,
     ]);
     if args.netns {
         cmd.arg("--netns");
@@ -155,6 +176,7 @@ fn measure(args: &BenchClusterArgs, nodes: usize, per_node: usize) -> Result<Clu
         cmd.args(["--dsm-hold-us", &h.to_string()]);
     }
     let mut child = cmd
+        .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
@@ -220,14 +242,7 @@ fn opt(v: Option<f64>, digits: usize) -> String {
 
 /// Runs the cluster benchmark.
 pub fn bench(args: BenchClusterArgs) -> Result<(), String> {
-    let shapes = args
-        .configs
-        .iter()
-        .map(|s| parse_shape(s))
-        .collect::<Result<Vec<_>, _>>()?;
-    if shapes.is_empty() {
-        return Err("no cluster shape given".into());
-    }
+    let shapes = parse_shapes(&args.configs.join(","))?;
     println!(
         "locktorture {} for {} s per run, {} of guest memory{}; ratios are against {}x{}",
         args.lock,

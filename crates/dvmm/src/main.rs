@@ -11,10 +11,13 @@ mod dsm_cmd;
 use vmm::compat::HostKind;
 use vmm::devices::ConsoleOut;
 use vmm::memory::parse_size;
+use vmm::term::{eprint_line, RawTerminal};
 use vmm::{GuestEnd, VmConfig};
 
 /// The guest kernel `make guest` builds.
 const DEFAULT_KERNEL: &str = "guest/out/vmlinux";
+/// The busybox initramfs `make guest` builds (its /init opens a shell on the console).
+const DEFAULT_INITRD: &str = "guest/out/initramfs.cpio.gz";
 
 #[derive(Parser)]
 #[command(
@@ -65,9 +68,9 @@ struct RunArgs {
     /// Kernel image (ELF vmlinux or bzImage).
     #[arg(long, default_value = DEFAULT_KERNEL)]
     kernel: PathBuf,
-    /// Initial ramdisk.
-    #[arg(long)]
-    initrd: Option<PathBuf>,
+    /// Initial ramdisk (cpio, gzip-compressed or not), or `none`.
+    #[arg(long, default_value = DEFAULT_INITRD)]
+    initrd: PathBuf,
     /// Appended to the kernel command line the VMM needs (console, reboot policy, host quirks).
     #[arg(long, default_value = "")]
     cmdline: String,
@@ -98,6 +101,8 @@ struct NodeArgs {
 
 fn node(args: NodeArgs) -> Result<(), String> {
     let cfg = cluster::ClusterConfig::load(&args.config).map_err(|e| e.to_string())?;
+    // Node 0 has the console: raw keyboard input while it runs (restored on return).
+    let _raw = (args.id == 0).then(|| RawTerminal::enter(0)).flatten();
     let report = cluster::run_node(
         &cfg,
         args.id,
@@ -111,28 +116,38 @@ fn node(args: NodeArgs) -> Result<(), String> {
         GuestEnd::Reboot => "asked for a reboot",
     };
     if args.id == 0 {
-        eprintln!(
+        eprint_line(&format!(
             "\ndvmm: guest {how} after {:.1} s",
             report.elapsed.as_secs_f64()
-        );
+        ));
     }
     for line in &report.vcpu_stats {
-        eprintln!("dvmm: node {} stats {line}", args.id);
+        eprint_line(&format!("dvmm: node {} stats {line}", args.id));
     }
-    eprintln!("dvmm: node {} stats {}", args.id, report.link_stats);
-    eprintln!("dvmm: node {} stats dsm {}", args.id, report.dsm_stats);
+    eprint_line(&format!("dvmm: node {} stats {}", args.id, report.link_stats));
+    eprint_line(&format!("dvmm: node {} stats dsm {}", args.id, report.dsm_stats));
     Ok(())
 }
 
 fn run(args: RunArgs) -> Result<(), String> {
     let vcpus = args.vcpus.unwrap_or(args.nodes.max(1));
+    let initrd = (args.initrd.as_os_str() != "none").then_some(args.initrd);
+    if let Some(i) = initrd.as_ref().filter(|i| !i.is_file()) {
+        return Err(format!(
+            "initrd {} not found (build it with `make guest`, or pass --initrd none)",
+            i.display()
+        ));
+    }
+    // The guest's console has the keyboard: raw input while the guest runs, restored
+    // on every way out of this function (and before `exit`). Ctrl-A x stops the VM.
+    let raw = RawTerminal::enter(0);
     if args.nodes != 1 || args.netns {
         let code = cluster::local::run(&cluster::local::LocalRun {
             nodes: args.nodes,
             vcpus,
             memory: args.memory,
             kernel: args.kernel,
-            initrd: args.initrd,
+            initrd,
             cmdline: args.cmdline,
             netns: args.netns,
             timeout: args.timeout,
@@ -141,14 +156,15 @@ fn run(args: RunArgs) -> Result<(), String> {
         if code == 0 {
             return Ok(());
         }
+        drop(raw);
         std::process::exit(code);
     }
     let (console, _watch) = ConsoleOut::new(Box::new(std::io::stdout()));
-    let report = vmm::run(VmConfig {
+    let vm = vmm::Vm::create(VmConfig {
         vcpus,
         memory: args.memory,
         kernel: args.kernel,
-        initrd: args.initrd,
+        initrd,
         cmdline_extra: args.cmdline,
         console,
         host: HostKind::detect(),
@@ -157,16 +173,19 @@ fn run(args: RunArgs) -> Result<(), String> {
         guest_memory: None,
     })
     .map_err(|e| e.to_string())?;
+    vmm::term::spawn_console_input(vm.handle()).map_err(|e| format!("console input: {e}"))?;
+    let report = vm.run().map_err(|e| e.to_string())?;
+    drop(raw);
     let how = match report.end {
         GuestEnd::PowerOff => "powered off",
         GuestEnd::Reboot => "asked for a reboot",
     };
-    eprintln!(
+    eprint_line(&format!(
         "\ndvmm: guest {how} after {:.1} s",
         report.elapsed.as_secs_f64()
-    );
+    ));
     for line in &report.vcpu_stats {
-        eprintln!("dvmm: stats {line}");
+        eprint_line(&format!("dvmm: stats {line}"));
     }
     Ok(())
 }

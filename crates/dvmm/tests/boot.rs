@@ -2,7 +2,7 @@
 
 mod common;
 
-use common::{dvmm, kernel, text};
+use common::{dvmm, idle_initrd, kernel, text, torture};
 
 #[test]
 fn two_vcpus_boot_run_locktorture_and_power_off() {
@@ -17,6 +17,10 @@ fn two_vcpus_boot_run_locktorture_and_power_off() {
         "512M",
         "--kernel",
         k.to_str().unwrap(),
+        "--initrd",
+        &idle_initrd(),
+        "--cmdline",
+        &torture("spin_lock", 2, 10),
         "--timeout",
         "240",
     ]);
@@ -34,6 +38,7 @@ fn two_vcpus_boot_run_locktorture_and_power_off() {
     assert!(console.contains("End of test: SUCCESS"), "{console}");
     assert!(!console.contains("Fail: 1"), "{console}");
     assert!(console.contains("reboot: Power down"), "{console}");
+    assert!(console.contains("DVMM-GUEST idle"), "the idle init did not run: {console}");
     assert!(err.contains("guest powered off"), "{err}");
 }
 

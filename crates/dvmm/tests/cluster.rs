@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{kernel, lines, namespaces, node_pids, wait_for};
+use common::{idle_initrd, kernel, lines, namespaces, node_pids, torture, wait_for};
 use std::io::Read;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -19,14 +19,11 @@ fn killing_a_node_during_locktorture_stops_the_whole_cluster() {
         .args([
             "run", "--nodes", "2", "--vcpus", "4", "--memory", "1G", "--netns",
         ])
-        .args([
-            "--timeout",
-            "500",
-            "--cmdline",
-            "locktorture.shutdown_secs=300",
-        ])
+        .args(["--timeout", "500", "--cmdline", &torture("spin_lock", 4, 300)])
+        .args(["--initrd", &idle_initrd()])
         .arg("--kernel")
         .arg(&k)
+        .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
@@ -112,6 +109,7 @@ fn nodes_started_in_reverse_order_in_namespaces_boot_the_guest() {
             .args(["node", "--config"])
             .arg(&cfg)
             .args(["--id", &id.to_string(), "--timeout", "400"])
+            .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
             .spawn()
@@ -134,4 +132,82 @@ fn nodes_started_in_reverse_order_in_namespaces_boot_the_guest() {
     drop(ns);
     r.unwrap();
     assert!(namespaces(&tag).is_empty(), "namespaces left behind");
+}
+
+/// Checks one `stats` line a node printed: it must be whole (one node's line, from its
+/// start to its last field).
+fn whole_stats_line(l: &str) -> Result<(usize, &'static str), String> {
+    let bad = || format!("cut or mixed stats line: {l:?}");
+    let rest = l.strip_prefix("dvmm: node ").ok_or_else(bad)?;
+    if rest.contains("dvmm:") || rest.contains("node ") {
+        return Err(bad());
+    }
+    let (node, rest) = rest.split_once(" stats ").ok_or_else(bad)?;
+    let node: usize = node.parse().map_err(|_| bad())?;
+    let last_number = |s: &str, key: &str| {
+        s.rsplit_once(key)
+            .is_some_and(|(_, n)| !n.is_empty() && n.chars().all(|c| c.is_ascii_digit()))
+    };
+    let kind = if rest.starts_with("vcpu") {
+        (rest.contains(" exits io_in=") && last_number(rest, " ipis_sent=")).then_some("vcpu")
+    } else if rest.starts_with("irqs_sent=") {
+        last_number(rest, " io_served=").then_some("link")
+    } else if rest.starts_with("dsm faults read=") {
+        (rest.contains(" read_us p50=") && rest.contains(" upgrade_us p50=")).then_some("dsm")
+    } else {
+        None
+    };
+    kind.map(|k| (node, k)).ok_or_else(bad)
+}
+
+/// Four node processes end at the same moment (each node's run timeout, 1 s) and all
+/// print their statistics together: `dvmm run` passes every line on whole, 20 runs out
+/// of 20.
+#[test]
+fn four_nodes_print_whole_stats_lines_at_the_same_moment() {
+    let k = kernel();
+    let k = k.to_str().unwrap();
+    for run in 0..20 {
+        let out = common::dvmm(&[
+            "run", "--nodes", "4", "--vcpus", "4", "--memory", "256M", "--kernel", k,
+            "--initrd", "none", "--timeout", "1",
+        ]);
+        let err = common::text(&out.stderr);
+        assert!(!out.status.success(), "run {run}: a 1 s timeout must fail the run");
+        let mut seen = std::collections::BTreeSet::new();
+        for l in err.lines().filter(|l| l.contains("stats")) {
+            match whole_stats_line(l) {
+                Ok(k) => {
+                    seen.insert(k);
+                }
+                Err(e) => panic!("run {run}: {e}\n{err}"),
+            }
+        }
+        for node in 0..4 {
+            for kind in ["vcpu", "link", "dsm"] {
+                assert!(
+                    seen.contains(&(node, kind)),
+                    "run {run}: no whole {kind} line of node {node}:\n{err}"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn stats_line_check_finds_cut_lines() {
+    let dsm = "dvmm: node 1 stats dsm faults read=1 write=2 read_us p50=3 p99=4 upgrade_us p50=5 p99=6 hot 0x1000:3";
+    assert_eq!(whole_stats_line(dsm), Ok((1, "dsm")));
+    assert_eq!(
+        whole_stats_line("dvmm: node 0 stats irqs_sent=1 irqs_received=2 io_forwarded=0 io_served=0"),
+        Ok((0, "link"))
+    );
+    assert_eq!(
+        whole_stats_line("dvmm: node 2 stats vcpu2 exits io_in=1 hlt=2 injected=3 ipis_sent=4"),
+        Ok((2, "vcpu"))
+    );
+    // The cut seen on a shared stderr: another node's text in the middle.
+    assert!(whole_stats_line("dvmm: node 0 stats irqs_sent=1 irqs_received=2 io_forwarded=0 io_served=0dvmm: node ").is_err());
+    assert!(whole_stats_line("1 stats dsm faults read=1").is_err());
+    assert!(whole_stats_line("dvmm: node 3 stats vcpu3 exits io_in=1 hlt=2 ipis_sent=").is_err());
 }

@@ -5,15 +5,17 @@
 
 mod common;
 
-use common::{dvmm, kernel, namespaces, text};
+use common::{dvmm, idle_initrd, kernel, namespaces, text, torture};
 
 /// Boots the guest on `nodes` nodes with 4 vCPUs and 1 GiB, runs locktorture on `lock`,
 /// and checks the kernel's verdict, the exit status and (with `netns`) the clean-up.
 fn locktorture(nodes: usize, lock: &str, netns: bool) {
     let k = kernel();
     let nodes = nodes.to_string();
-    let cmdline = format!("locktorture.torture_type={lock} locktorture.shutdown_secs=30");
+    let cmdline = torture(lock, 4, 30);
+    let initrd = idle_initrd();
     let mut args = vec!["run", "--nodes", &nodes, "--vcpus", "4", "--memory", "1G"];
+    args.extend(["--initrd", &initrd]);
     args.extend(["--timeout", "600", "--cmdline", &cmdline]);
     let kernel = k.display().to_string();
     args.extend(["--kernel", &kernel]);

@@ -11,6 +11,8 @@
 //! * [`irq`]: the interrupt routing decision ("which vCPU, here or elsewhere") behind one
 //!   interface, on top of the user-space LAPIC/IOAPIC models of the `irqchip` crate;
 //! * [`devices`]: the 16550 serial console (vm-superio) and the few legacy ports a PC has;
+//! * [`term`]: the user's terminal: raw mode, the console input pump (escape Ctrl-A x),
+//!   whole-line messages on stderr;
 //! * [`compat`]: what this host's KVM needs that a hardware-virtualized host does not
 //!   (with [`compat::usermode`], the system-call repair, and [`paging`], the guest
 //!   page-table walk it reads the guest with).
@@ -23,6 +25,7 @@ pub mod irq;
 pub mod memory;
 pub mod paging;
 pub mod stats;
+pub mod term;
 pub mod vcpu;
 pub mod vm;
 

@@ -129,6 +129,9 @@ pub enum VmError {
     /// A thread could not be started.
     #[error("cannot start thread: {0}")]
     Thread(std::io::Error),
+    /// The user stopped the VM from the console (Ctrl-A x).
+    #[error("stopped from the console (Ctrl-A x)")]
+    ConsoleQuit,
 }
 
 /// The result of a run, with the counters.
@@ -518,6 +521,17 @@ impl VmHandle {
     pub fn fail(&self, why: String) {
         self.0.finish(Err(VmError::Cluster(why)));
     }
+    /// Bytes typed on the console, for the guest's serial port (I/O node only).
+    /// Returns how many the receive FIFO took.
+    pub fn console_input(&self, bytes: &[u8]) -> usize {
+        match &self.0.devices {
+            Some(d) => d
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .console_input(bytes),
+            None => 0,
+        }
+    }
     /// One line of counters per local vCPU.
     pub fn vcpu_stats(&self) -> Vec<String> {
         self.0
@@ -526,6 +540,18 @@ impl VmHandle {
             .filter(|h| self.0.local[h.index])
             .map(|h| format!("vcpu{} {}", h.index, h.stats.summary()))
             .collect()
+    }
+}
+
+impl crate::term::ConsoleSink for VmHandle {
+    fn offer(&self, bytes: &[u8]) -> usize {
+        self.console_input(bytes)
+    }
+    fn stopped(&self) -> bool {
+        self.0.stopping()
+    }
+    fn quit(&self) {
+        self.0.finish(Err(VmError::ConsoleQuit));
     }
 }
 

@@ -22,6 +22,29 @@ pub fn kernel() -> PathBuf {
     k
 }
 
+/// The initramfs whose /init only waits (for kernel-only runs such as locktorture).
+pub fn idle_initrd() -> String {
+    let i = workspace().join("guest/out/idle.cpio");
+    assert!(i.is_file(), "{} is missing: run `make guest` first", i.display());
+    i.display().to_string()
+}
+
+/// The busybox initramfs (shell, test programs).
+pub fn initramfs() -> String {
+    let i = workspace().join("guest/out/initramfs.cpio.gz");
+    assert!(i.is_file(), "{} is missing: run `make guest` first", i.display());
+    i.display().to_string()
+}
+
+/// The kernel options that run locktorture on `lock` with 2 writers per vCPU for
+/// `secs` seconds, then power the guest off.
+pub fn torture(lock: &str, vcpus: usize, secs: u32) -> String {
+    format!(
+        "locktorture.torture_type={lock} locktorture.nwriters_stress={} locktorture.shutdown_secs={secs}",
+        2 * vcpus
+    )
+}
+
 /// Runs `dvmm` with `args` from the workspace and waits for it.
 pub fn dvmm(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_dvmm"))

@@ -312,7 +312,10 @@ impl UserMode {
             // Another node may have placed it: look through this vCPU's IDT.
             None => match self.install(pt, sregs.idt.base, sregs.idt.limit) {
                 Ok(h) => h,
-                Err(_) => return Breakpoint::NotOurs,
+                Err(e) => {
+                    tracing::debug!(vcpu, rip = format_args!("{:#x}", regs.rip), "user-mode repair: no hook yet: {e}");
+                    return Breakpoint::NotOurs;
+                }
             },
         };
         if regs.rip != hook {
@@ -335,7 +338,8 @@ impl UserMode {
                     ss: w(5),
                 }
             }
-            Err(_) => {
+            Err(e) => {
+                tracing::warn!(vcpu, "user-mode repair: exception frame unreadable: {e}");
                 pass_through(regs);
                 self.stats.passed.fetch_add(1, Ordering::Relaxed);
                 return Breakpoint::PassThrough;
@@ -356,7 +360,15 @@ impl UserMode {
             Breakpoint::Refused => {
                 pass_through(regs);
                 self.stats.refused.fetch_add(1, Ordering::Relaxed);
-                tracing::debug!(vcpu, ?frame, "user-mode repair: refused an entry fault");
+                tracing::debug!(
+                    vcpu,
+                    ?frame,
+                    r11 = format_args!("{:#x}", regs.r11),
+                    rcx = format_args!("{:#x}", regs.rcx),
+                    ?msrs,
+                    ?insn,
+                    "user-mode repair: refused an entry fault"
+                );
             }
             _ => {
                 pass_through(regs);
@@ -458,7 +470,7 @@ mod tests {
         mem.write_slice(&[0x0f, 0x1f, 0x00, CLD, CALL_REL32], GuestAddress(0x20_0100)).unwrap();
 
         let um = UserMode::new(mem.clone(), 2);
-        assert_eq!(um.install(pt, idt_va, 0x1ff), Err(HookError::NoGate(0x1ff)));
+        assert_eq!(um.install(pt, idt_va, 0x7f), Err(HookError::NoGate(0x7f)));
         assert_eq!(um.install(pt, idt_va, 0xfff).unwrap(), handler + 3);
         assert_eq!(mem.read_obj::<u8>(GuestAddress(0x20_0103)).unwrap(), INT3);
         assert_eq!(um.install(pt, idt_va, 0xfff).unwrap(), handler + 3);

@@ -9,6 +9,11 @@ const PANIC_MARK: &[u8] = b"Kernel panic - not syncing";
 /// power the machine off: it prints this line and carries on, so the VMM takes the line
 /// itself as the power-off request.
 const POWER_OFF_MARK: &[u8] = b"reboot: Power down";
+/// What `kernel_halt()` prints; `poweroff -f` from user space becomes a halt when the
+/// kernel has no power-off method (no ACPI). Every CPU then stops with interrupts
+/// disabled: a single-node VM sees that, a cluster's nodes each see only their own
+/// vCPUs, so the line ends the run too.
+const HALT_MARK: &[u8] = b"reboot: System halted";
 const MARK_MAX: usize = 32;
 
 #[derive(Default)]
@@ -90,9 +95,9 @@ impl Write for ConsoleOut {
                 s.panicked = true;
             }
             if !s.powered_off
-                && s.tail
-                    .windows(POWER_OFF_MARK.len())
-                    .any(|w| w == POWER_OFF_MARK)
+                && [POWER_OFF_MARK, HALT_MARK]
+                    .iter()
+                    .any(|m| s.tail.windows(m.len()).any(|w| w == *m))
             {
                 s.powered_off = true;
             }
@@ -138,5 +143,10 @@ mod tests {
             c.write_all(&[*b]).unwrap();
         }
         assert!(w.powered_off());
+        let (mut c, w) = ConsoleOut::capture();
+        c.write_all(b"[ 9.2] reboot: System ha").unwrap();
+        assert!(!w.powered_off());
+        c.write_all(b"lted\r\n").unwrap();
+        assert!(w.powered_off(), "a halt ends the run as well");
     }
 }
