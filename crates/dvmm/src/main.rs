@@ -7,6 +7,7 @@ use clap::{Parser, Subcommand};
 
 mod bench_boot;
 mod bench_cluster;
+mod bench_ssi;
 mod dsm_cmd;
 use vmm::compat::HostKind;
 use vmm::devices::ConsoleOut;
@@ -52,6 +53,9 @@ enum BenchCommand {
     Dsm(dsm_cmd::BenchDsmArgs),
     /// The guest on several cluster shapes: boot time, locktorture ops/s, DSM counters.
     Cluster(bench_cluster::BenchClusterArgs),
+    /// A parallel user-space workload on 1 node x N vCPUs and N nodes x 1 vCPU: the
+    /// ratio is the SSI efficiency.
+    Ssi(bench_ssi::BenchSsiArgs),
 }
 
 #[derive(clap::Args)]
@@ -205,6 +209,7 @@ fn main() -> ExitCode {
         Command::Bench(BenchCommand::Dsm(a)) => dsm_cmd::bench(a),
         Command::Bench(BenchCommand::Boot(a)) => bench_boot::bench(a),
         Command::Bench(BenchCommand::Cluster(a)) => bench_cluster::bench(a),
+        Command::Bench(BenchCommand::Ssi(a)) => bench_ssi::bench(a),
         Command::DsmNode(a) => dsm_cmd::node(a),
     };
     match r {

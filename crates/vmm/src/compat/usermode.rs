@@ -360,7 +360,7 @@ impl UserMode {
             Breakpoint::Refused => {
                 pass_through(regs);
                 self.stats.refused.fetch_add(1, Ordering::Relaxed);
-                tracing::debug!(
+                tracing::warn!(
                     vcpu,
                     ?frame,
                     r11 = format_args!("{:#x}", regs.r11),
