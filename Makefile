@@ -18,10 +18,10 @@ build: deps
 guest: deps
 	@guest/build.sh
 
-# The guest on a 2-node local cluster (one vCPU per node process); it runs the kernel's
-# lock torture test for 10 s and powers off.
+# The guest on a 2-node local cluster (one vCPU per node process), at a busybox shell
+# prompt on the console. Leave with `poweroff -f` in the guest, or Ctrl-A x.
 demo: build guest
-	$(DVMM) run --nodes 2 --vcpus 2 --memory 512M
+	$(DVMM) run --nodes 2 --vcpus 2 --memory 1G --initrd guest/out/initramfs.cpio.gz
 
 # The whole suite: lints, unit tests, the DSM model check (small configuration),
 # multi-process DSM tests, and real guest boots under KVM.
@@ -40,6 +40,7 @@ check-dsm:
 # Benchmarks (numbers for docs/PERFORMANCE.md).
 bench: build guest
 	$(DVMM) bench boot
+	$(DVMM) bench ssi
 	$(DVMM) bench dsm --nodes 3
 	$(DVMM) bench cluster
 

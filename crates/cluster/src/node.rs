@@ -581,6 +581,11 @@ pub fn run_node(cfg: &ClusterConfig, me: u16, opts: NodeOptions) -> Result<NodeR
     {
         vm.handle().fail(f);
     }
+    {
+        // KVM's shadow page tables must not outlive a page another node writes.
+        let h = vm.handle();
+        d.set_page_lost_hook(move |_| h.page_lost());
+    }
     if me == 0 {
         // The console's input: the terminal or pipe this process was given.
         if let Err(e) = vmm::term::spawn_console_input(vm.handle()) {
@@ -608,9 +613,10 @@ pub fn run_node(cfg: &ClusterConfig, me: u16, opts: NodeOptions) -> Result<NodeR
     let dsm_stats = d.stats().to_string();
     let s = &node.stats;
     let link_stats = format!(
-        "irqs_sent={} irqs_received={} io_forwarded={} io_served={}",
+        "irqs_sent={} irqs_received={} shadow_flushes={} io_forwarded={} io_served={}",
         s.irqs_sent.load(Ordering::Relaxed),
         s.irqs_received.load(Ordering::Relaxed),
+        handle.shadow_flushes(),
         s.io_forwarded.load(Ordering::Relaxed),
         s.io_served.load(Ordering::Relaxed)
     );

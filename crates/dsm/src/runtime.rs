@@ -77,6 +77,7 @@ impl fmt::Display for DsmFailure {
 
 /// A callback run once, on the thread that detected the failure.
 type FailureHook = Box<dyn Fn(&DsmFailure) + Send + Sync>;
+type LostHook = Box<dyn Fn(PageId) + Send + Sync>;
 
 /// Protocol state and latency bookkeeping, under one lock.
 struct Core {
@@ -147,6 +148,7 @@ pub struct Dsm {
     failure: Mutex<Option<DsmFailure>>,
     failure_cv: Condvar,
     failure_hook: Mutex<Option<FailureHook>>,
+    lost_hook: std::sync::OnceLock<LostHook>,
     closing: AtomicBool,
     goodbyes_ok: AtomicBool,
     stop_fd: OwnedFd,
@@ -240,6 +242,7 @@ impl Dsm {
             failure: Mutex::new(None),
             failure_cv: Condvar::new(),
             failure_hook: Mutex::new(None),
+            lost_hook: std::sync::OnceLock::new(),
             closing: AtomicBool::new(false),
             goodbyes_ok: AtomicBool::new(false),
             stop_fd: eventfd()?,
@@ -366,6 +369,14 @@ impl Dsm {
     /// barrier of a run).
     pub fn expect_goodbyes(&self) {
         self.goodbyes_ok.store(true, Ordering::SeqCst);
+    }
+
+    /// Installs a callback run (under the engine lock: it must only take note and
+    /// return) every time this node gives up its copy of a page because another node is
+    /// about to write it. A software-KVM host uses it to drop KVM's shadow page tables,
+    /// which do not see writes made on other hosts. Only the first hook is kept.
+    pub fn set_page_lost_hook(&self, hook: impl Fn(PageId) + Send + Sync + 'static) {
+        let _ = self.lost_hook.set(Box::new(hook));
     }
 
     /// Installs a callback run once when the DSM fails (at once if it already failed), on
@@ -932,7 +943,13 @@ impl Dsm {
     fn set_access(&self, page: PageId, access: LocalAccess) {
         let addr = self.region.page_addr(page);
         let r = match access {
-            LocalAccess::None => self.region.zap(page),
+            LocalAccess::None => {
+                let r = self.region.zap(page);
+                if let Some(h) = self.lost_hook.get() {
+                    h(page);
+                }
+                r
+            }
             LocalAccess::Read => self
                 .region
                 .uffd()

@@ -11,6 +11,7 @@ use kvm_ioctls::{Kvm, VmFd};
 use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 
 use crate::boot::{self, mptable, BootSpec};
+use crate::compat::shadow::ShadowSync;
 use crate::compat::usermode::{UserMode, MSR_STAR};
 use crate::compat::HostKind;
 use crate::devices::{ConsoleOut, ConsoleWatch, Devices, PortEvent};
@@ -162,6 +163,7 @@ struct Shared {
     console: ConsoleWatch,
     dump: AtomicBool,
     user_mode: Option<UserMode>,
+    shadow: Option<Arc<ShadowSync>>,
 }
 
 impl Shared {
@@ -475,6 +477,9 @@ pub struct VmHandle(Arc<Shared>);
 impl VmHandle {
     /// An interrupt for local vCPU `vcpu` arrived from another node.
     pub fn deliver(&self, vcpu: usize, irq: &Interrupt) {
+        if let Some(s) = &self.0.shadow {
+            s.wait_flushed(Duration::from_millis(20));
+        }
         if let Some(h) = self.0.handles.get(vcpu).filter(|_| self.0.local[vcpu]) {
             h.deliver(irq);
         }
@@ -532,6 +537,20 @@ impl VmHandle {
             None => 0,
         }
     }
+    /// This node gave up a guest page that another node is about to write (called by
+    /// the DSM under its lock: it only takes note).
+    pub fn page_lost(&self) {
+        if let Some(s) = &self.0.shadow {
+            s.stale();
+        }
+    }
+    /// Shadow page-table flushes done on this node (software-KVM clusters).
+    pub fn shadow_flushes(&self) -> u64 {
+        self.0
+            .shadow
+            .as_ref()
+            .map_or(0, |s| s.flushes.load(Ordering::Relaxed))
+    }
     /// One line of counters per local vCPU.
     pub fn vcpu_stats(&self) -> Vec<String> {
         self.0
@@ -558,7 +577,7 @@ impl crate::term::ConsoleSink for VmHandle {
 /// A created VM, ready to run.
 pub struct Vm {
     shared: Arc<Shared>,
-    vm: VmFd,
+    vm: Arc<VmFd>,
     mem: GuestMemoryMmap,
     vcpus: Vec<(usize, kvm_ioctls::VcpuFd)>,
     boot: Option<boot::BootInfo>,
@@ -647,6 +666,8 @@ impl Vm {
                 .host
                 .traps_syscall_msrs()
                 .then(|| UserMode::new(mem.clone(), cfg.vcpus)),
+            shadow: (cfg.host.traps_syscall_msrs() && cfg.placement.is_some())
+                .then(|| Arc::new(ShadowSync::default())),
         });
 
         let tsc_base = cfg.placement.as_ref().and_then(|p| p.tsc_base);
@@ -700,7 +721,7 @@ impl Vm {
         };
         Ok(Vm {
             shared,
-            vm,
+            vm: Arc::new(vm),
             mem,
             vcpus,
             boot,
@@ -731,6 +752,23 @@ impl Vm {
                 std::thread::Builder::new()
                     .name("lapic-timer".into())
                     .spawn(move || timer_thread(&s))
+                    .map_err(VmError::Thread)?,
+            );
+        }
+        if let Some(sync) = shared.shadow.clone() {
+            let s = shared.clone();
+            let vmfd = vm.clone();
+            threads.push(
+                std::thread::Builder::new()
+                    .name("shadow-sync".into())
+                    .spawn(move || {
+                        if let Err(e) = sync.run(&vmfd, &|| s.stopping()) {
+                            s.finish(Err(VmError::Kvm(format!(
+                                "dropping shadow page tables (memory slot {}): {e}",
+                                crate::compat::shadow::DUMMY_SLOT
+                            ))));
+                        }
+                    })
                     .map_err(VmError::Thread)?,
             );
         }

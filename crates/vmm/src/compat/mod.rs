@@ -31,6 +31,7 @@
 //!   `syscall` MSRs are trapped for it ([`HostKind::traps_syscall_msrs`]). A hardware
 //!   host runs `syscall` in hardware and needs nothing.
 
+pub mod shadow;
 pub mod usermode;
 
 /// Which kind of KVM this host has.
