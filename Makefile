@@ -5,7 +5,7 @@
 CARGO ?= cargo
 DVMM := target/release/dvmm
 
-.PHONY: all deps build guest demo test test-rust clippy check-dsm bench clean
+.PHONY: all deps build guest demo test test-rust test-heavy clippy check-dsm bench clean
 
 all: build
 
@@ -29,6 +29,10 @@ test: build guest clippy test-rust
 
 test-rust:
 	$(CARGO) test --release --workspace -- --test-threads=1
+
+# Heavier guest runs kept out of the default suite (2 nodes x 4 vCPUs smptest).
+test-heavy: build guest
+	$(CARGO) test --release -p dvmm --test programs -- --ignored --test-threads=1
 
 clippy:
 	$(CARGO) clippy --release --workspace --all-targets -- -D warnings

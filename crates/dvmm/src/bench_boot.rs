@@ -49,9 +49,20 @@ pub fn time_boot(nodes: usize, vcpus: usize, args: &BenchBootArgs) -> Result<Boo
     let exe = std::env::current_exe().map_err(|e| e.to_string())?;
     let start = Instant::now();
     let mut child = Command::new(exe)
-        .args(["run", "--nodes", &nodes.to_string(), "--vcpus", &vcpus.to_string()])
+        .args([
+            "run",
+            "--nodes",
+            &nodes.to_string(),
+            "--vcpus",
+            &vcpus.to_string(),
+        ])
         .args(["--memory", &args.memory, "--timeout", "600"])
-        .args(["--initrd", &args.initrd, "--cmdline", "dvmm.script=poweroff+-f"])
+        .args([
+            "--initrd",
+            &args.initrd,
+            "--cmdline",
+            "dvmm.script=poweroff+-f",
+        ])
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::null())

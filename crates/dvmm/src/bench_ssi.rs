@@ -67,7 +67,13 @@ fn measure(args: &BenchSsiArgs, nodes: usize) -> Result<Vec<Par>, String> {
         args.iters, args.shared_iters
     );
     let mut child = Command::new(exe)
-        .args(["run", "--nodes", &nodes.to_string(), "--vcpus", &n.to_string()])
+        .args([
+            "run",
+            "--nodes",
+            &nodes.to_string(),
+            "--vcpus",
+            &n.to_string(),
+        ])
         .args(["--memory", &args.memory, "--initrd", &args.initrd])
         .args(["--cmdline", &script, "--timeout", "1800"])
         .stdin(Stdio::null())
@@ -136,7 +142,9 @@ mod tests {
 
     #[test]
     fn parses_par_lines() {
-        let p = parse_par("PAR mode=shared threads=2 iters=10 secs=1.500 mops_per_s=98.67 ran_on=0,1").unwrap();
+        let p =
+            parse_par("PAR mode=shared threads=2 iters=10 secs=1.500 mops_per_s=98.67 ran_on=0,1")
+                .unwrap();
         assert_eq!(p.mode, "shared");
         assert_eq!(p.secs, 1.5);
         assert_eq!(p.mops, 98.67);

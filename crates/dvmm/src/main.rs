@@ -128,8 +128,14 @@ fn node(args: NodeArgs) -> Result<(), String> {
     for line in &report.vcpu_stats {
         eprint_line(&format!("dvmm: node {} stats {line}", args.id));
     }
-    eprint_line(&format!("dvmm: node {} stats {}", args.id, report.link_stats));
-    eprint_line(&format!("dvmm: node {} stats dsm {}", args.id, report.dsm_stats));
+    eprint_line(&format!(
+        "dvmm: node {} stats {}",
+        args.id, report.link_stats
+    ));
+    eprint_line(&format!(
+        "dvmm: node {} stats dsm {}",
+        args.id, report.dsm_stats
+    ));
     Ok(())
 }
 

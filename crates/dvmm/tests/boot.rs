@@ -38,7 +38,10 @@ fn two_vcpus_boot_run_locktorture_and_power_off() {
     assert!(console.contains("End of test: SUCCESS"), "{console}");
     assert!(!console.contains("Fail: 1"), "{console}");
     assert!(console.contains("reboot: Power down"), "{console}");
-    assert!(console.contains("DVMM-GUEST idle"), "the idle init did not run: {console}");
+    assert!(
+        console.contains("DVMM-GUEST idle"),
+        "the idle init did not run: {console}"
+    );
     assert!(err.contains("guest powered off"), "{err}");
 }
 

@@ -19,7 +19,12 @@ fn killing_a_node_during_locktorture_stops_the_whole_cluster() {
         .args([
             "run", "--nodes", "2", "--vcpus", "4", "--memory", "1G", "--netns",
         ])
-        .args(["--timeout", "500", "--cmdline", &torture("spin_lock", 4, 300)])
+        .args([
+            "--timeout",
+            "500",
+            "--cmdline",
+            &torture("spin_lock", 4, 300),
+        ])
         .args(["--initrd", &idle_initrd()])
         .arg("--kernel")
         .arg(&k)
@@ -169,11 +174,25 @@ fn four_nodes_print_whole_stats_lines_at_the_same_moment() {
     let k = k.to_str().unwrap();
     for run in 0..20 {
         let out = common::dvmm(&[
-            "run", "--nodes", "4", "--vcpus", "4", "--memory", "256M", "--kernel", k,
-            "--initrd", "none", "--timeout", "1",
+            "run",
+            "--nodes",
+            "4",
+            "--vcpus",
+            "4",
+            "--memory",
+            "256M",
+            "--kernel",
+            k,
+            "--initrd",
+            "none",
+            "--timeout",
+            "1",
         ]);
         let err = common::text(&out.stderr);
-        assert!(!out.status.success(), "run {run}: a 1 s timeout must fail the run");
+        assert!(
+            !out.status.success(),
+            "run {run}: a 1 s timeout must fail the run"
+        );
         let mut seen = std::collections::BTreeSet::new();
         for l in err.lines().filter(|l| l.contains("stats")) {
             match whole_stats_line(l) {
@@ -199,7 +218,9 @@ fn stats_line_check_finds_cut_lines() {
     let dsm = "dvmm: node 1 stats dsm faults read=1 write=2 read_us p50=3 p99=4 upgrade_us p50=5 p99=6 hot 0x1000:3";
     assert_eq!(whole_stats_line(dsm), Ok((1, "dsm")));
     assert_eq!(
-        whole_stats_line("dvmm: node 0 stats irqs_sent=1 irqs_received=2 io_forwarded=0 io_served=0"),
+        whole_stats_line(
+            "dvmm: node 0 stats irqs_sent=1 irqs_received=2 io_forwarded=0 io_served=0"
+        ),
         Ok((0, "link"))
     );
     assert_eq!(
@@ -207,7 +228,10 @@ fn stats_line_check_finds_cut_lines() {
         Ok((2, "vcpu"))
     );
     // The cut seen on a shared stderr: another node's text in the middle.
-    assert!(whole_stats_line("dvmm: node 0 stats irqs_sent=1 irqs_received=2 io_forwarded=0 io_served=0dvmm: node ").is_err());
+    assert!(whole_stats_line(
+        "dvmm: node 0 stats irqs_sent=1 irqs_received=2 io_forwarded=0 io_served=0dvmm: node "
+    )
+    .is_err());
     assert!(whole_stats_line("1 stats dsm faults read=1").is_err());
     assert!(whole_stats_line("dvmm: node 3 stats vcpu3 exits io_in=1 hlt=2 ipis_sent=").is_err());
 }

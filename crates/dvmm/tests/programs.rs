@@ -56,7 +56,11 @@ fn tail(s: &str, n: usize) -> String {
 
 fn no_guest_errors(console: &str) {
     for bad in ["segfault", "Oops", "BUG:", "WARNING:", "Kernel panic"] {
-        assert!(!console.contains(bad), "'{bad}' in the guest log:\n{}", tail(console, 60));
+        assert!(
+            !console.contains(bad),
+            "'{bad}' in the guest log:\n{}",
+            tail(console, 60)
+        );
     }
 }
 
@@ -71,14 +75,26 @@ fn programs_on_2_nodes_2_vcpus() {
     );
     let (console, err, ok) = run_script(2, 2, &script);
     let t = tail(&console, 40);
-    assert!(console.contains("DVMM-GUEST nproc=2 "), "no init line:\n{t}\n{err}");
+    assert!(
+        console.contains("DVMM-GUEST nproc=2 "),
+        "no init line:\n{t}\n{err}"
+    );
     assert!(console.contains("SMPTEST PASS "), "smptest:\n{t}");
-    assert!(console.contains("ran_on=0,1"), "smptest did not run on both CPUs:\n{t}");
-    assert!(console.contains("USERTEST syscalls=100000 ok"), "syscalls:\n{t}");
+    assert!(
+        console.contains("ran_on=0,1"),
+        "smptest did not run on both CPUs:\n{t}"
+    );
+    assert!(
+        console.contains("USERTEST syscalls=100000 ok"),
+        "syscalls:\n{t}"
+    );
     assert!(console.contains("USERTEST fork=100 ok"), "fork:\n{t}");
     assert!(console.contains("USERTEST signals ok"), "signals:\n{t}");
     assert!(console.contains("USERTEST jump=SIGSEGV ok"), "jump:\n{t}");
-    assert!(console.contains("USERTEST syscalls=1000 ok"), "after the jump:\n{t}");
+    assert!(
+        console.contains("USERTEST syscalls=1000 ok"),
+        "after the jump:\n{t}"
+    );
     // Every command exited 0 but the jumping child, which the kernel reports once.
     assert_eq!(
         console.matches("DVMM-GUEST exit=0").count(),
@@ -111,7 +127,9 @@ fn programs_on_2_nodes_2_vcpus() {
     }
 }
 
+/// The second acceptance shape: heavy (about 4 minutes here), run by `make test-heavy`.
 #[test]
+#[ignore = "heavy: run by make test-heavy"]
 fn smptest_on_2_nodes_4_vcpus() {
     let (console, err, ok) = run_script(2, 4, "smptest;poweroff+-f");
     let t = tail(&console, 30);
@@ -185,7 +203,10 @@ impl Screen {
                 }
             }
             if Instant::now() > deadline {
-                panic!("'{needle}' not seen on the console; tail:\n{}", tail(&self.text(), 30));
+                panic!(
+                    "'{needle}' not seen on the console; tail:\n{}",
+                    tail(&self.text(), 30)
+                );
             }
             std::thread::sleep(Duration::from_millis(100));
         }
@@ -242,18 +263,30 @@ fn interactive_console_on_2_nodes() {
         }
         if Instant::now() > deadline {
             let _ = child.kill();
-            panic!("the run did not end after poweroff -f:\n{}", tail(&screen.text(), 30));
+            panic!(
+                "the run did not end after poweroff -f:\n{}",
+                tail(&screen.text(), 30)
+            );
         }
         std::thread::sleep(Duration::from_millis(100));
     };
     let after = termios(&slave);
     let all = screen.text();
-    assert!(status.success(), "dvmm run ended with {status}:\n{}", tail(&all, 30));
+    assert!(
+        status.success(),
+        "dvmm run ended with {status}:\n{}",
+        tail(&all, 30)
+    );
     assert!(screen.len() > mark);
     assert!(all.contains("guest powered off"), "{}", tail(&all, 20));
     assert_eq!(
         (after.c_lflag, after.c_iflag, after.c_oflag, after.c_cflag),
-        (before.c_lflag, before.c_iflag, before.c_oflag, before.c_cflag),
+        (
+            before.c_lflag,
+            before.c_iflag,
+            before.c_oflag,
+            before.c_cflag
+        ),
         "terminal settings not restored"
     );
     assert!(!all.contains("segfault"), "{}", tail(&all, 40));

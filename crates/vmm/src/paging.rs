@@ -153,7 +153,8 @@ pub(crate) mod tests {
             Err(PagingError::NotMapped(0xffff_ffff_8100_2000))
         );
         // A read across the two pages.
-        mem.write_slice(&[1, 2, 3, 4], GuestAddress(0x50_0ffe)).unwrap();
+        mem.write_slice(&[1, 2, 3, 4], GuestAddress(0x50_0ffe))
+            .unwrap();
         mem.write_slice(&[5, 6], GuestAddress(0x70_3000)).unwrap();
         let mut b = [0u8; 4];
         pt.read(&mem, 0xffff_ffff_8100_0ffe, &mut b).unwrap();

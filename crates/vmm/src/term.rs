@@ -249,14 +249,21 @@ mod tests {
         let msg = b"echo hello | wc -c\r\x01x".repeat(10);
         // SAFETY: writes from a live buffer to the pipe's write end, then closes it.
         unsafe {
-            assert_eq!(libc::write(fds[1], msg.as_ptr().cast(), msg.len()), msg.len() as isize);
+            assert_eq!(
+                libc::write(fds[1], msg.as_ptr().cast(), msg.len()),
+                msg.len() as isize
+            );
             libc::close(fds[1]);
         }
         let sink = Arc::new(Sink::default());
         pump(fds[0], false, &sink);
         // SAFETY: closes the read end this test opened.
         unsafe { libc::close(fds[0]) };
-        assert_eq!(*sink.got.lock().unwrap(), msg, "piped input is not filtered");
+        assert_eq!(
+            *sink.got.lock().unwrap(),
+            msg,
+            "piped input is not filtered"
+        );
         assert!(!sink.quit.load(Ordering::SeqCst));
     }
 }

@@ -769,7 +769,8 @@ fn internal_error(
             Breakpoint::NotOurs => {}
             Breakpoint::Syscall => {
                 handle.stats.exit(ExitKind::Syscall);
-                vcpu.set_sregs(&sregs).map_err(kvm_err(idx, "KVM_SET_SREGS"))?;
+                vcpu.set_sregs(&sregs)
+                    .map_err(kvm_err(idx, "KVM_SET_SREGS"))?;
                 return vcpu.set_regs(&regs).map_err(kvm_err(idx, "KVM_SET_REGS"));
             }
             Breakpoint::PassThrough | Breakpoint::Refused => {

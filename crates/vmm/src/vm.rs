@@ -403,7 +403,7 @@ fn create_vm(kvm: &Kvm, mem: &GuestMemoryMmap, host: HostKind) -> Result<VmFd, V
         });
     }
     vm.set_msr_filter(kvm_ioctls::MsrFilterDefaultAction::ALLOW, &ranges)
-    .map_err(|e| VmError::Kvm(format!("KVM_X86_SET_MSR_FILTER: {e}")))?;
+        .map_err(|e| VmError::Kvm(format!("KVM_X86_SET_MSR_FILTER: {e}")))?;
     // Needed by Intel VMX without unrestricted guest; harmless elsewhere.
     let _ = vm.set_tss_address(0xfffb_d000);
     Ok(vm)

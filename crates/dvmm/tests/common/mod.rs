@@ -25,14 +25,22 @@ pub fn kernel() -> PathBuf {
 /// The initramfs whose /init only waits (for kernel-only runs such as locktorture).
 pub fn idle_initrd() -> String {
     let i = workspace().join("guest/out/idle.cpio");
-    assert!(i.is_file(), "{} is missing: run `make guest` first", i.display());
+    assert!(
+        i.is_file(),
+        "{} is missing: run `make guest` first",
+        i.display()
+    );
     i.display().to_string()
 }
 
 /// The busybox initramfs (shell, test programs).
 pub fn initramfs() -> String {
     let i = workspace().join("guest/out/initramfs.cpio.gz");
-    assert!(i.is_file(), "{} is missing: run `make guest` first", i.display());
+    assert!(
+        i.is_file(),
+        "{} is missing: run `make guest` first",
+        i.display()
+    );
     i.display().to_string()
 }
 

@@ -133,13 +133,23 @@ impl SyscallMsrs {
 
 /// Decides what a hook exit is, from the frame, RCX, R11, the MSRs and the two bytes
 /// before RCX (None: unreadable).
-pub fn decide(frame: &Frame, rcx: u64, r11: u64, msrs: &SyscallMsrs, insn: Option<[u8; 2]>) -> Breakpoint {
+pub fn decide(
+    frame: &Frame,
+    rcx: u64,
+    r11: u64,
+    msrs: &SyscallMsrs,
+    insn: Option<[u8; 2]>,
+) -> Breakpoint {
     let _ = rcx;
-    let entry_fault = frame.error == PF_ERROR_SYSCALL && frame.rip == msrs.lstar && frame.cs & 3 == 3;
+    let entry_fault =
+        frame.error == PF_ERROR_SYSCALL && frame.rip == msrs.lstar && frame.cs & 3 == 3;
     if !entry_fault {
         return Breakpoint::PassThrough;
     }
-    if msrs.lstar == 0 || (r11 & !msrs.sfmask) != (frame.rflags & !RFLAGS_RF) || insn != Some(SYSCALL_INSN) {
+    if msrs.lstar == 0
+        || (r11 & !msrs.sfmask) != (frame.rflags & !RFLAGS_RF)
+        || insn != Some(SYSCALL_INSN)
+    {
         return Breakpoint::Refused;
     }
     Breakpoint::Syscall
@@ -250,11 +260,13 @@ impl UserMode {
 
     /// vCPU `vcpu`'s `syscall` MSRs.
     pub fn msrs(&self, vcpu: usize) -> SyscallMsrs {
-        self.msrs.get(vcpu).map_or_else(SyscallMsrs::default, |c| SyscallMsrs {
-            star: c.star.load(Ordering::Relaxed),
-            lstar: c.lstar.load(Ordering::Relaxed),
-            sfmask: c.sfmask.load(Ordering::Relaxed),
-        })
+        self.msrs
+            .get(vcpu)
+            .map_or_else(SyscallMsrs::default, |c| SyscallMsrs {
+                star: c.star.load(Ordering::Relaxed),
+                lstar: c.lstar.load(Ordering::Relaxed),
+                sfmask: c.sfmask.load(Ordering::Relaxed),
+            })
     }
 
     /// The breakpoint address, once known.
@@ -285,7 +297,10 @@ impl UserMode {
                 self.mem
                     .write_obj(INT3, GuestAddress(pa))
                     .map_err(|_| HookError::Write(pa))?;
-                tracing::info!(handler = format_args!("{handler:#x}"), "user-mode repair: breakpoint placed");
+                tracing::info!(
+                    handler = format_args!("{handler:#x}"),
+                    "user-mode repair: breakpoint placed"
+                );
             }
             // Placed already (by another node of the cluster).
             (INT3, CALL_REL32) => {}
@@ -305,7 +320,12 @@ impl UserMode {
     /// Handles a breakpoint exit of vCPU `vcpu` at `regs.rip` (pointing at the 0xcc).
     /// On `Syscall` and `PassThrough`/`Refused` the registers are updated for the
     /// caller to write back; on `NotOurs` they are untouched.
-    pub fn on_breakpoint(&self, vcpu: usize, regs: &mut kvm_regs, sregs: &mut kvm_sregs) -> Breakpoint {
+    pub fn on_breakpoint(
+        &self,
+        vcpu: usize,
+        regs: &mut kvm_regs,
+        sregs: &mut kvm_sregs,
+    ) -> Breakpoint {
         let pt = PageTables::from_regs(sregs.cr3, sregs.cr4);
         let hook = match self.hook() {
             Some(h) => h,
@@ -313,7 +333,11 @@ impl UserMode {
             None => match self.install(pt, sregs.idt.base, sregs.idt.limit) {
                 Ok(h) => h,
                 Err(e) => {
-                    tracing::debug!(vcpu, rip = format_args!("{:#x}", regs.rip), "user-mode repair: no hook yet: {e}");
+                    tracing::debug!(
+                        vcpu,
+                        rip = format_args!("{:#x}", regs.rip),
+                        "user-mode repair: no hook yet: {e}"
+                    );
                     return Breakpoint::NotOurs;
                 }
             },
@@ -349,7 +373,10 @@ impl UserMode {
         let mut insn = None;
         if frame.error == PF_ERROR_SYSCALL && frame.rip == msrs.lstar {
             let mut b = [0u8; 2];
-            insn = pt.read(&self.mem, regs.rcx.wrapping_sub(2), &mut b).ok().map(|()| b);
+            insn = pt
+                .read(&self.mem, regs.rcx.wrapping_sub(2), &mut b)
+                .ok()
+                .map(|()| b);
         }
         let d = decide(&frame, regs.rcx, regs.r11, &msrs, insn);
         match d {
@@ -409,20 +436,66 @@ mod tests {
         let ok = Some(SYSCALL_INSN);
         assert_eq!(decide(&f, 0x40_1002, 0x246, &MSRS, ok), Breakpoint::Syscall);
         // A program that jumps to LSTAR: user RFLAGS in the frame still has IF.
-        let jump = Frame { rflags: 0x246 | RFLAGS_RF, ..f };
-        assert_eq!(decide(&jump, 0x40_1002, 0x246, &MSRS, ok), Breakpoint::Refused);
+        let jump = Frame {
+            rflags: 0x246 | RFLAGS_RF,
+            ..f
+        };
+        assert_eq!(
+            decide(&jump, 0x40_1002, 0x246, &MSRS, ok),
+            Breakpoint::Refused
+        );
         // Even with R11 prepared to match the frame.
-        assert_eq!(decide(&jump, 0x40_1002, 0x246 | RFLAGS_RF, &MSRS, ok), Breakpoint::Refused);
+        assert_eq!(
+            decide(&jump, 0x40_1002, 0x246 | RFLAGS_RF, &MSRS, ok),
+            Breakpoint::Refused
+        );
         // No `syscall` instruction before RCX, or unreadable.
-        assert_eq!(decide(&f, 0x40_1002, 0x246, &MSRS, Some([0x90, 0x90])), Breakpoint::Refused);
-        assert_eq!(decide(&f, 0x40_1002, 0x246, &MSRS, None), Breakpoint::Refused);
+        assert_eq!(
+            decide(&f, 0x40_1002, 0x246, &MSRS, Some([0x90, 0x90])),
+            Breakpoint::Refused
+        );
+        assert_eq!(
+            decide(&f, 0x40_1002, 0x246, &MSRS, None),
+            Breakpoint::Refused
+        );
         // Ordinary faults: a user data fault, a kernel fault, a fetch elsewhere.
-        assert_eq!(decide(&Frame { error: 0x6, rip: 0x40_1000, ..f }, 0, 0, &MSRS, ok), Breakpoint::PassThrough);
-        assert_eq!(decide(&Frame { cs: 0x10, ..f }, 0, 0x246, &MSRS, ok), Breakpoint::PassThrough);
-        assert_eq!(decide(&Frame { rip: LSTAR + 1, ..f }, 0, 0x246, &MSRS, ok), Breakpoint::PassThrough);
+        assert_eq!(
+            decide(
+                &Frame {
+                    error: 0x6,
+                    rip: 0x40_1000,
+                    ..f
+                },
+                0,
+                0,
+                &MSRS,
+                ok
+            ),
+            Breakpoint::PassThrough
+        );
+        assert_eq!(
+            decide(&Frame { cs: 0x10, ..f }, 0, 0x246, &MSRS, ok),
+            Breakpoint::PassThrough
+        );
+        assert_eq!(
+            decide(
+                &Frame {
+                    rip: LSTAR + 1,
+                    ..f
+                },
+                0,
+                0x246,
+                &MSRS,
+                ok
+            ),
+            Breakpoint::PassThrough
+        );
         // MSRs never written: nothing can be repaired.
         let none = SyscallMsrs::default();
-        assert_eq!(decide(&Frame { rip: 0, ..f }, 0, 0x246, &none, ok), Breakpoint::Refused);
+        assert_eq!(
+            decide(&Frame { rip: 0, ..f }, 0, 0x246, &none, ok),
+            Breakpoint::Refused
+        );
     }
 
     #[test]
@@ -441,10 +514,18 @@ mod tests {
         assert_eq!(regs.rip, LSTAR);
         assert_eq!(regs.rsp, f.rsp);
         assert_eq!(regs.rflags, 0x46 | 0x2);
-        assert_eq!((regs.rcx, regs.r11), (0x40_1002, 0x246), "RCX/R11 untouched");
+        assert_eq!(
+            (regs.rcx, regs.r11),
+            (0x40_1002, 0x246),
+            "RCX/R11 untouched"
+        );
         assert_eq!((sregs.cs.selector, sregs.cs.dpl, sregs.cs.l), (0x10, 0, 1));
         assert_eq!((sregs.ss.selector, sregs.ss.dpl), (0x18, 0));
-        let mut r = kvm_regs { rip: 5, rflags: 0x646, ..Default::default() };
+        let mut r = kvm_regs {
+            rip: 5,
+            rflags: 0x646,
+            ..Default::default()
+        };
         pass_through(&mut r);
         assert_eq!((r.rip, r.rflags), (6, 0x246));
     }
@@ -458,7 +539,14 @@ mod tests {
         let idt_va = 0xffff_fe00_0000_0000u64;
         let text_va = 0xffff_ffff_8120_0000u64;
         let stack_va = 0xffff_c900_0000_3000u64;
-        let pt = map(&mem, &[(idt_va, 0x10_0000), (text_va, 0x20_0000), (stack_va, 0x30_0000)]);
+        let pt = map(
+            &mem,
+            &[
+                (idt_va, 0x10_0000),
+                (text_va, 0x20_0000),
+                (stack_va, 0x30_0000),
+            ],
+        );
         let handler = text_va + 0x100;
         let mut gate = [0u8; 16];
         gate[0..2].copy_from_slice(&(handler as u16).to_le_bytes());
@@ -466,8 +554,13 @@ mod tests {
         gate[5] = 0x8e;
         gate[6..8].copy_from_slice(&((handler >> 16) as u16).to_le_bytes());
         gate[8..12].copy_from_slice(&((handler >> 32) as u32).to_le_bytes());
-        mem.write_slice(&gate, GuestAddress(0x10_0000 + 14 * 16)).unwrap();
-        mem.write_slice(&[0x0f, 0x1f, 0x00, CLD, CALL_REL32], GuestAddress(0x20_0100)).unwrap();
+        mem.write_slice(&gate, GuestAddress(0x10_0000 + 14 * 16))
+            .unwrap();
+        mem.write_slice(
+            &[0x0f, 0x1f, 0x00, CLD, CALL_REL32],
+            GuestAddress(0x20_0100),
+        )
+        .unwrap();
 
         let um = UserMode::new(mem.clone(), 2);
         assert_eq!(um.install(pt, idt_va, 0x7f), Err(HookError::NoGate(0x7f)));
@@ -483,39 +576,77 @@ mod tests {
         assert_eq!(other.msrs(1), MSRS);
         let sregs0 = kvm_sregs {
             cr3: pt.cr3,
-            idt: kvm_bindings::kvm_dtable { base: idt_va, limit: 0xfff, ..Default::default() },
+            idt: kvm_bindings::kvm_dtable {
+                base: idt_va,
+                limit: 0xfff,
+                ..Default::default()
+            },
             ..Default::default()
         };
         // The guest's own int3 elsewhere is not ours.
-        let mut regs = kvm_regs { rip: text_va + 0x500, ..Default::default() };
+        let mut regs = kvm_regs {
+            rip: text_va + 0x500,
+            ..Default::default()
+        };
         let mut sregs = sregs0;
-        assert_eq!(other.on_breakpoint(1, &mut regs, &mut sregs), Breakpoint::NotOurs);
+        assert_eq!(
+            other.on_breakpoint(1, &mut regs, &mut sregs),
+            Breakpoint::NotOurs
+        );
         assert_eq!(regs.rip, text_va + 0x500);
 
         // A broken syscall: frame on the stack, `syscall` before RCX in user text.
         let user_va = 0x40_1000u64;
         let pt_user = map(&mem, &[(user_va, 0x40_0000)]);
         assert_eq!(pt_user.cr3, pt.cr3);
-        mem.write_slice(&SYSCALL_INSN, GuestAddress(0x40_0000)).unwrap();
+        mem.write_slice(&SYSCALL_INSN, GuestAddress(0x40_0000))
+            .unwrap();
         let f = syscall_frame();
         let words = [f.error, f.rip, f.cs, f.rflags, f.rsp, f.ss];
         for (i, w) in words.iter().enumerate() {
-            mem.write_obj(*w, GuestAddress(0x30_0f00 + i as u64 * 8)).unwrap();
+            mem.write_obj(*w, GuestAddress(0x30_0f00 + i as u64 * 8))
+                .unwrap();
         }
-        let mut regs = kvm_regs { rip: handler + 3, rsp: stack_va + 0xf00, rcx: user_va + 2, r11: 0x246, rflags: 0x2, ..Default::default() };
+        let mut regs = kvm_regs {
+            rip: handler + 3,
+            rsp: stack_va + 0xf00,
+            rcx: user_va + 2,
+            r11: 0x246,
+            rflags: 0x2,
+            ..Default::default()
+        };
         let mut sregs = sregs0;
-        assert_eq!(other.on_breakpoint(1, &mut regs, &mut sregs), Breakpoint::Syscall);
-        assert_eq!((regs.rip, regs.rsp, sregs.cs.selector), (LSTAR, f.rsp, 0x10));
+        assert_eq!(
+            other.on_breakpoint(1, &mut regs, &mut sregs),
+            Breakpoint::Syscall
+        );
+        assert_eq!(
+            (regs.rip, regs.rsp, sregs.cs.selector),
+            (LSTAR, f.rsp, 0x10)
+        );
         // vCPU 0 never wrote its MSRs on this node: refused, not repaired.
-        let mut regs = kvm_regs { rip: handler + 3, rsp: stack_va + 0xf00, rcx: user_va + 2, r11: 0x246, ..Default::default() };
+        let mut regs = kvm_regs {
+            rip: handler + 3,
+            rsp: stack_va + 0xf00,
+            rcx: user_va + 2,
+            r11: 0x246,
+            ..Default::default()
+        };
         let mut sregs = sregs0;
-        assert_eq!(other.on_breakpoint(0, &mut regs, &mut sregs), Breakpoint::PassThrough);
+        assert_eq!(
+            other.on_breakpoint(0, &mut regs, &mut sregs),
+            Breakpoint::PassThrough
+        );
         assert_eq!(regs.rip, handler + 4);
         assert_eq!(other.stats.syscalls.load(Ordering::Relaxed), 1);
 
         // A handler of another shape is left alone.
-        mem.write_slice(&[0x55, 0x48, 0x89, 0xe5, 0x90], GuestAddress(0x20_0100)).unwrap();
+        mem.write_slice(&[0x55, 0x48, 0x89, 0xe5, 0x90], GuestAddress(0x20_0100))
+            .unwrap();
         let third = UserMode::new(mem, 1);
-        assert!(matches!(third.install(pt, idt_va, 0xfff), Err(HookError::Unexpected { .. })));
+        assert!(matches!(
+            third.install(pt, idt_va, 0xfff),
+            Err(HookError::Unexpected { .. })
+        ));
     }
 }
