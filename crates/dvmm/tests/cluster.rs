@@ -153,12 +153,22 @@ fn whole_stats_line(l: &str) -> Result<(usize, &'static str), String> {
         s.rsplit_once(key)
             .is_some_and(|(_, n)| !n.is_empty() && n.chars().all(|c| c.is_ascii_digit()))
     };
+    // The DSM line's last field is a counter (`errors=0`), a latency (`p99=35`) or a
+    // hot page (`0x1000:3`): never empty.
+    let whole_last_field = |s: &str| {
+        let Some(t) = s.split_whitespace().last() else {
+            return false;
+        };
+        let v = t.rsplit_once(['=', ':']).map(|(_, v)| v).unwrap_or("");
+        !v.is_empty() && v.chars().all(|c| c.is_ascii_digit())
+    };
     let kind = if rest.starts_with("vcpu") {
         (rest.contains(" exits io_in=") && last_number(rest, " ipis_sent=")).then_some("vcpu")
     } else if rest.starts_with("irqs_sent=") {
         last_number(rest, " io_served=").then_some("link")
     } else if rest.starts_with("dsm faults read=") {
-        (rest.contains(" read_us p50=") && rest.contains(" upgrade_us p50=")).then_some("dsm")
+        (rest.contains(" bad_frames=") && rest.contains(" errors=") && whole_last_field(rest))
+            .then_some("dsm")
     } else {
         None
     };
@@ -215,7 +225,7 @@ fn four_nodes_print_whole_stats_lines_at_the_same_moment() {
 
 #[test]
 fn stats_line_check_finds_cut_lines() {
-    let dsm = "dvmm: node 1 stats dsm faults read=1 write=2 read_us p50=3 p99=4 upgrade_us p50=5 p99=6 hot 0x1000:3";
+    let dsm = "dvmm: node 1 stats dsm faults read=1 write=2 bad_frames=0 errors=0 read_us p50=3 p99=4 upgrade_us p50=5 p99=6 hot 0x1000:3";
     assert_eq!(whole_stats_line(dsm), Ok((1, "dsm")));
     assert_eq!(
         whole_stats_line(
@@ -234,4 +244,12 @@ fn stats_line_check_finds_cut_lines() {
     .is_err());
     assert!(whole_stats_line("1 stats dsm faults read=1").is_err());
     assert!(whole_stats_line("dvmm: node 3 stats vcpu3 exits io_in=1 hlt=2 ipis_sent=").is_err());
+    // A node with no fault prints no latencies.
+    let idle = "dvmm: node 1 stats dsm faults read=0 write=0 msgs out=0 in=0 bad_frames=0 errors=0";
+    assert_eq!(whole_stats_line(idle), Ok((1, "dsm")));
+    assert!(whole_stats_line("dvmm: node 1 stats dsm faults read=0 bad_frames=0 errors=").is_err());
+    assert!(whole_stats_line(
+        "dvmm: node 1 stats dsm faults read=0 bad_frames=0 errors=0 hot 0x1000:"
+    )
+    .is_err());
 }
