@@ -131,16 +131,9 @@ impl SyscallMsrs {
     }
 }
 
-/// Decides what a hook exit is, from the frame, RCX, R11, the MSRs and the two bytes
-/// before RCX (None: unreadable).
-pub fn decide(
-    frame: &Frame,
-    rcx: u64,
-    r11: u64,
-    msrs: &SyscallMsrs,
-    insn: Option<[u8; 2]>,
-) -> Breakpoint {
-    let _ = rcx;
+/// Decides what a hook exit is, from the frame, R11, the MSRs and the two bytes before
+/// RCX (None: unreadable).
+pub fn decide(frame: &Frame, r11: u64, msrs: &SyscallMsrs, insn: Option<[u8; 2]>) -> Breakpoint {
     let entry_fault =
         frame.error == PF_ERROR_SYSCALL && frame.rip == msrs.lstar && frame.cs & 3 == 3;
     if !entry_fault {
@@ -378,7 +371,7 @@ impl UserMode {
                 .ok()
                 .map(|()| b);
         }
-        let d = decide(&frame, regs.rcx, regs.r11, &msrs, insn);
+        let d = decide(&frame, regs.r11, &msrs, insn);
         match d {
             Breakpoint::Syscall => {
                 repaired(&frame, &msrs, regs, sregs);
@@ -434,30 +427,24 @@ mod tests {
     fn decides_syscall_and_refuses_forgeries() {
         let f = syscall_frame();
         let ok = Some(SYSCALL_INSN);
-        assert_eq!(decide(&f, 0x40_1002, 0x246, &MSRS, ok), Breakpoint::Syscall);
+        assert_eq!(decide(&f, 0x246, &MSRS, ok), Breakpoint::Syscall);
         // A program that jumps to LSTAR: user RFLAGS in the frame still has IF.
         let jump = Frame {
             rflags: 0x246 | RFLAGS_RF,
             ..f
         };
-        assert_eq!(
-            decide(&jump, 0x40_1002, 0x246, &MSRS, ok),
-            Breakpoint::Refused
-        );
+        assert_eq!(decide(&jump, 0x246, &MSRS, ok), Breakpoint::Refused);
         // Even with R11 prepared to match the frame.
         assert_eq!(
-            decide(&jump, 0x40_1002, 0x246 | RFLAGS_RF, &MSRS, ok),
+            decide(&jump, 0x246 | RFLAGS_RF, &MSRS, ok),
             Breakpoint::Refused
         );
         // No `syscall` instruction before RCX, or unreadable.
         assert_eq!(
-            decide(&f, 0x40_1002, 0x246, &MSRS, Some([0x90, 0x90])),
+            decide(&f, 0x246, &MSRS, Some([0x90, 0x90])),
             Breakpoint::Refused
         );
-        assert_eq!(
-            decide(&f, 0x40_1002, 0x246, &MSRS, None),
-            Breakpoint::Refused
-        );
+        assert_eq!(decide(&f, 0x246, &MSRS, None), Breakpoint::Refused);
         // Ordinary faults: a user data fault, a kernel fault, a fetch elsewhere.
         assert_eq!(
             decide(
@@ -467,14 +454,13 @@ mod tests {
                     ..f
                 },
                 0,
-                0,
                 &MSRS,
                 ok
             ),
             Breakpoint::PassThrough
         );
         assert_eq!(
-            decide(&Frame { cs: 0x10, ..f }, 0, 0x246, &MSRS, ok),
+            decide(&Frame { cs: 0x10, ..f }, 0x246, &MSRS, ok),
             Breakpoint::PassThrough
         );
         assert_eq!(
@@ -483,7 +469,6 @@ mod tests {
                     rip: LSTAR + 1,
                     ..f
                 },
-                0,
                 0x246,
                 &MSRS,
                 ok
@@ -493,7 +478,7 @@ mod tests {
         // MSRs never written: nothing can be repaired.
         let none = SyscallMsrs::default();
         assert_eq!(
-            decide(&Frame { rip: 0, ..f }, 0, 0x246, &none, ok),
+            decide(&Frame { rip: 0, ..f }, 0x246, &none, ok),
             Breakpoint::Refused
         );
     }
