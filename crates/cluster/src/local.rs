@@ -254,12 +254,7 @@ fn relay_lines(from: std::process::ChildStderr) -> std::thread::JoinHandle<()> {
 fn finish_relays(relays: Vec<std::thread::JoinHandle<()>>) {
     let deadline = Instant::now() + Duration::from_secs(2);
     for t in relays {
-        while !t.is_finished() && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        if t.is_finished() {
-            let _ = t.join();
-        }
+        vmm::vm::join_by(t, deadline);
     }
 }
 

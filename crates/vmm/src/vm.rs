@@ -844,12 +844,7 @@ impl Vm {
         // returns from KVM_RUN: give the threads a few seconds, then leave them.
         let deadline = Instant::now() + Duration::from_secs(3);
         for t in threads {
-            while !t.is_finished() && Instant::now() < deadline {
-                std::thread::sleep(Duration::from_millis(10));
-            }
-            if t.is_finished() {
-                let _ = t.join();
-            } else {
+            if !join_by(t, deadline) {
                 tracing::warn!("a vCPU thread did not stop; leaving it");
             }
         }
@@ -870,6 +865,18 @@ impl Vm {
             elapsed,
         })
     }
+}
+
+/// Joins `t` if it finishes by `deadline`; returns false (leaving it running) if not.
+pub fn join_by<T>(t: std::thread::JoinHandle<T>, deadline: Instant) -> bool {
+    while !t.is_finished() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let done = t.is_finished();
+    if done {
+        let _ = t.join();
+    }
+    done
 }
 
 /// Creates the VM, boots the kernel and runs until the guest ends.
