@@ -4,7 +4,6 @@
 //! ratio against the first one, measured in the same run.
 
 use std::io::{BufRead, BufReader};
-use std::process::{Command, Stdio};
 use std::time::Instant;
 
 use crate::bench_cluster::parse_shapes;
@@ -46,28 +45,12 @@ pub struct BootTiming {
 
 /// Boots the guest once as a child `dvmm run` and times its console.
 pub fn time_boot(nodes: usize, vcpus: usize, args: &BenchBootArgs) -> Result<BootTiming, String> {
-    let exe = std::env::current_exe().map_err(|e| e.to_string())?;
     let start = Instant::now();
-    let mut child = Command::new(exe)
-        .args([
-            "run",
-            "--nodes",
-            &nodes.to_string(),
-            "--vcpus",
-            &vcpus.to_string(),
-        ])
-        .args(["--memory", &args.memory, "--timeout", "600"])
-        .args([
-            "--initrd",
-            &args.initrd,
-            "--cmdline",
-            "dvmm.script=poweroff+-f",
-        ])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .map_err(|e| format!("cannot start dvmm run: {e}"))?;
+    let mut cmd = crate::child_run::command(nodes, vcpus)?;
+    cmd.args(["--memory", &args.memory, "--timeout", "600"])
+        .args(["--initrd", &args.initrd])
+        .args(["--cmdline", "dvmm.script=poweroff+-f"]);
+    let (mut child, _) = crate::child_run::spawn(cmd, false)?;
     let (mut brought_up, mut user) = (None, None);
     if let Some(out) = child.stdout.take() {
         for line in BufReader::new(out).lines() {

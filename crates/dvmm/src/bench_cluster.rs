@@ -3,8 +3,7 @@
 //! second and the DSM counters of every node. The first shape (by default 1 node x 2
 //! vCPUs, no DSM) is the floor the others are compared with, measured in the same run.
 
-use std::io::{BufRead, BufReader, Read};
-use std::process::{Command, Stdio};
+use std::io::{BufRead, BufReader};
 use std::time::Instant;
 
 /// Arguments of `dvmm bench cluster`.
@@ -143,7 +142,6 @@ const IDLE_INITRD: &str = "guest/out/idle.cpio";
 /// Boots the guest once on `nodes` nodes with `per_node` vCPUs each and measures it.
 fn measure(args: &BenchClusterArgs, nodes: usize, per_node: usize) -> Result<ClusterRun, String> {
     let vcpus = nodes * per_node;
-    let exe = std::env::current_exe().map_err(|e| e.to_string())?;
     let cmdline = format!(
         "locktorture.torture_type={} locktorture.nwriters_stress={} locktorture.shutdown_secs={}",
         args.lock,
@@ -151,15 +149,8 @@ fn measure(args: &BenchClusterArgs, nodes: usize, per_node: usize) -> Result<Clu
         args.secs
     );
     let start = Instant::now();
-    let mut cmd = Command::new(exe);
+    let mut cmd = crate::child_run::command(nodes, vcpus)?;
     cmd.args([
-        "run",
-        "--nodes",
-        &nodes.to_string(),
-        "--vcpus",
-        &vcpus.to_string(),
-    ])
-    .args([
         "--memory",
         &args.memory,
         "--timeout",
@@ -175,20 +166,7 @@ fn measure(args: &BenchClusterArgs, nodes: usize, per_node: usize) -> Result<Clu
     if let Some(h) = args.dsm_hold_us {
         cmd.args(["--dsm-hold-us", &h.to_string()]);
     }
-    let mut child = cmd
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .map_err(|e| format!("cannot start dvmm run: {e}"))?;
-    let mut stderr = child.stderr.take();
-    let err_reader = std::thread::spawn(move || {
-        let mut s = String::new();
-        if let Some(e) = stderr.as_mut() {
-            let _ = e.read_to_string(&mut s);
-        }
-        s
-    });
+    let (mut child, err_reader) = crate::child_run::spawn(cmd, true)?;
     let (mut brought_up, mut t0, mut t1, mut ops, mut success) = (None, None, None, None, false);
     let success_tag = format!("{}-torture:--- End of test: SUCCESS", args.lock);
     if let Some(out) = child.stdout.take() {
@@ -210,7 +188,7 @@ fn measure(args: &BenchClusterArgs, nodes: usize, per_node: usize) -> Result<Clu
         }
     }
     let status = child.wait().map_err(|e| e.to_string())?;
-    let err = err_reader.join().unwrap_or_default();
+    let err = crate::child_run::stderr_of(err_reader);
     let mut dsm = DsmTotals::default();
     let dsm_lines = err.lines().filter(|l| add_dsm_line(&mut dsm, l)).count();
     let ok = status.success() && success;

@@ -5,7 +5,6 @@
 //! adding to counters shared by all (shared: the counters' page moves between nodes).
 
 use std::io::Read;
-use std::process::{Command, Stdio};
 
 /// Arguments of `dvmm bench ssi`.
 #[derive(clap::Args)]
@@ -60,41 +59,21 @@ pub fn parse_par(line: &str) -> Option<Par> {
 }
 
 fn measure(args: &BenchSsiArgs, nodes: usize) -> Result<Vec<Par>, String> {
-    let exe = std::env::current_exe().map_err(|e| e.to_string())?;
     let n = args.vcpus;
     let script = format!(
         "dvmm.script=usertest+par+{n}+{}+private;usertest+par+{n}+{}+shared;poweroff+-f",
         args.iters, args.shared_iters
     );
-    let mut child = Command::new(exe)
-        .args([
-            "run",
-            "--nodes",
-            &nodes.to_string(),
-            "--vcpus",
-            &n.to_string(),
-        ])
-        .args(["--memory", &args.memory, "--initrd", &args.initrd])
-        .args(["--cmdline", &script, "--timeout", "1800"])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .map_err(|e| format!("cannot start dvmm run: {e}"))?;
-    let mut err = child.stderr.take();
-    let err_reader = std::thread::spawn(move || {
-        let mut s = String::new();
-        if let Some(e) = err.as_mut() {
-            let _ = e.read_to_string(&mut s);
-        }
-        s
-    });
+    let mut cmd = crate::child_run::command(nodes, n)?;
+    cmd.args(["--memory", &args.memory, "--initrd", &args.initrd])
+        .args(["--cmdline", &script, "--timeout", "1800"]);
+    let (mut child, err_reader) = crate::child_run::spawn(cmd, true)?;
     let mut out = String::new();
     if let Some(mut o) = child.stdout.take() {
         let _ = o.read_to_string(&mut out);
     }
     let status = child.wait().map_err(|e| e.to_string())?;
-    let err = err_reader.join().unwrap_or_default();
+    let err = crate::child_run::stderr_of(err_reader);
     let pars: Vec<Par> = out.lines().filter_map(parse_par).collect();
     if !status.success() || pars.len() != 2 {
         let tail: Vec<&str> = out.lines().rev().take(15).collect();

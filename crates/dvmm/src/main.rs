@@ -8,6 +8,7 @@ use clap::{Parser, Subcommand};
 mod bench_boot;
 mod bench_cluster;
 mod bench_ssi;
+mod child_run;
 mod dsm_cmd;
 use vmm::compat::HostKind;
 use vmm::devices::ConsoleOut;
