@@ -678,20 +678,12 @@ fn apply_msr_writes(
             ..Default::default()
         })
         .collect();
-    let msrs = kvm_bindings::Msrs::from_entries(&entries).map_err(|_| VcpuError::Kvm {
-        vcpu: idx,
-        what: "KVM_SET_MSRS (syscall MSRs)",
-        source: kvm_ioctls::Error::new(libc::EINVAL),
-    })?;
-    let n = vcpu
-        .set_msrs(&msrs)
-        .map_err(kvm_err(idx, "KVM_SET_MSRS (syscall MSRs)"))?;
+    let err = kvm_err(idx, "KVM_SET_MSRS (syscall MSRs)");
+    let invalid = || err(kvm_ioctls::Error::new(libc::EINVAL));
+    let msrs = kvm_bindings::Msrs::from_entries(&entries).map_err(|_| invalid())?;
+    let n = vcpu.set_msrs(&msrs).map_err(&err)?;
     if n != entries.len() {
-        return Err(VcpuError::Kvm {
-            vcpu: idx,
-            what: "KVM_SET_MSRS (syscall MSRs)",
-            source: kvm_ioctls::Error::new(libc::EINVAL),
-        });
+        return Err(invalid());
     }
     if let Some(um) = env.user_mode() {
         if writes.iter().any(|(i, _)| *i == MSR_LSTAR) && um.hook().is_none() {
