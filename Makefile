@@ -32,7 +32,7 @@ test-rust:
 
 # Heavier guest runs kept out of the default suite (2 nodes x 4 vCPUs smptest).
 test-heavy: build guest
-	$(CARGO) test --release -p dvmm --test programs -- --ignored --test-threads=1
+	$(CARGO) test --release -p dvmm --test programs --test locktorture -- --ignored --test-threads=1
 
 clippy:
 	$(CARGO) clippy --release --workspace --all-targets -- -D warnings

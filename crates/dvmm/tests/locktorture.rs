@@ -79,11 +79,13 @@ fn spin_lock_on_2_nodes() {
 }
 
 #[test]
+#[ignore = "heavy: make test-heavy (the other lock on the same shape runs in make test)"]
 fn mutex_lock_on_2_nodes() {
     locktorture(2, "mutex_lock", false);
 }
 
 #[test]
+#[ignore = "heavy: make test-heavy (the other lock on the same shape runs in make test)"]
 fn spin_lock_on_4_nodes() {
     locktorture(4, "spin_lock", false);
 }
@@ -94,6 +96,7 @@ fn mutex_lock_on_4_nodes() {
 }
 
 #[test]
+#[ignore = "heavy: make test-heavy (the other lock on the same shape runs in make test)"]
 fn spin_lock_on_2_nodes_in_namespaces() {
     locktorture(2, "spin_lock", true);
 }
