@@ -1,9 +1,13 @@
 //! Control messages between nodes (transport channel [`CTRL_CHANNEL`]): start-up,
 //! interrupts, EOIs, forwarded device accesses and the end of the run. Encoded with
-//! postcard; a frame that does not decode is logged and dropped.
+//! postcard; the VMM's own types ([`IoAccess`], [`PortEvent`], [`GuestEnd`]) travel as
+//! themselves, so a frame carries no hand-made codes: one that does not decode (an
+//! unknown variant, a truncated or over-long frame) is refused, logged and dropped.
 
 use irqchip::Interrupt;
 use serde::{Deserialize, Serialize};
+use vmm::devices::PortEvent;
+use vmm::{GuestEnd, IoAccess};
 
 /// Transport channel of control messages (the DSM uses its own channel).
 pub const CTRL_CHANNEL: u8 = 2;
@@ -43,10 +47,8 @@ pub enum Ctrl {
     IoReq {
         /// Requesting vCPU (one outstanding request per vCPU).
         vcpu: u32,
-        /// 0 = port read, 1 = port write, 2 = MMIO read, 3 = MMIO write.
-        kind: u8,
-        /// Port or address.
-        addr: u64,
+        /// The access: port or MMIO, read or write, and where.
+        access: IoAccess,
         /// Data (writes) or the size to read (reads: zeroes of that length).
         data: Vec<u8>,
     },
@@ -54,26 +56,42 @@ pub enum Ctrl {
     IoResp {
         /// The vCPU that asked.
         vcpu: u32,
-        /// 0 = nothing, 1 = reset, 2 = power off.
-        event: u8,
+        /// What the access asked the machine to do.
+        event: PortEvent,
         /// Data read.
         data: Vec<u8>,
     },
-    /// The run ended on the sender: `Ok(0)` power off, `Ok(1)` reboot, or an error.
+    /// The run ended on the sender: how the guest ended, or an error.
     End {
         /// The outcome.
-        outcome: Result<u8, String>,
+        outcome: Result<GuestEnd, String>,
     },
+}
+
+/// Why a frame is not a control message.
+#[derive(Debug, thiserror::Error)]
+pub enum DecodeError {
+    /// postcard refused it (unknown variant, bad varint, truncated...).
+    #[error("{0}")]
+    Postcard(#[from] postcard::Error),
+    /// A message followed by bytes that belong to none.
+    #[error("{0} trailing byte(s) after the message")]
+    Trailing(usize),
 }
 
 impl Ctrl {
     /// Encodes for the wire.
-    pub fn encode(&self) -> Vec<u8> {
-        postcard::to_allocvec(self).unwrap_or_default()
+    pub fn encode(&self) -> Result<Vec<u8>, postcard::Error> {
+        postcard::to_allocvec(self)
     }
-    /// Decodes from the wire.
-    pub fn decode(b: &[u8]) -> Result<Ctrl, postcard::Error> {
-        postcard::from_bytes(b)
+    /// Decodes from the wire: the frame must be exactly one message.
+    pub fn decode(b: &[u8]) -> Result<Ctrl, DecodeError> {
+        let (m, rest) = postcard::take_from_bytes(b)?;
+        if rest.is_empty() {
+            Ok(m)
+        } else {
+            Err(DecodeError::Trailing(rest.len()))
+        }
     }
 }
 
@@ -81,28 +99,116 @@ impl Ctrl {
 mod tests {
     use super::*;
 
-    #[test]
-    fn roundtrip_and_garbage() {
-        let msgs = [
+    fn all() -> Vec<Ctrl> {
+        let mut v = vec![
             Ctrl::Start { tsc_base: 42 },
+            Ctrl::Start { tsc_base: u64::MAX },
             Ctrl::Ready,
             Ctrl::Irq {
                 vcpu: 3,
                 irq: Interrupt::fixed(0x40),
             },
-            Ctrl::IoReq {
-                vcpu: 1,
-                kind: 1,
-                addr: 0x3f8,
-                data: vec![b'x'],
+            Ctrl::Logical {
+                vcpu: 2,
+                ldr: 0x0400_0000,
+                dfr: 0xffff_ffff,
             },
-            Ctrl::End {
-                outcome: Err("node 2: triple fault".into()),
-            },
+            Ctrl::Eoi { vector: 0x31 },
         ];
-        for m in msgs {
-            assert_eq!(Ctrl::decode(&m.encode()).unwrap(), m);
+        for access in [
+            IoAccess::PioRead(0x3f8),
+            IoAccess::PioWrite(0xcf9),
+            IoAccess::MmioRead(0xfec0_0000),
+            IoAccess::MmioWrite(u64::MAX),
+        ] {
+            v.push(Ctrl::IoReq {
+                vcpu: 1,
+                access,
+                data: vec![b'x'; 4],
+            });
         }
+        for event in [PortEvent::None, PortEvent::Reset, PortEvent::PowerOff] {
+            v.push(Ctrl::IoResp {
+                vcpu: 7,
+                event,
+                data: vec![0xab, 0xcd],
+            });
+        }
+        for outcome in [
+            Ok(GuestEnd::PowerOff),
+            Ok(GuestEnd::Reboot),
+            Err("node 2: triple fault".to_string()),
+        ] {
+            v.push(Ctrl::End { outcome });
+        }
+        v
+    }
+
+    #[test]
+    fn every_variant_round_trips() {
+        for m in all() {
+            let b = m.encode().unwrap();
+            assert_eq!(Ctrl::decode(&b).unwrap(), m, "{b:?}");
+        }
+    }
+
+    #[test]
+    fn garbage_is_refused() {
+        assert!(Ctrl::decode(&[]).is_err());
         assert!(Ctrl::decode(&[0xff, 0xff, 0xff]).is_err());
+        // Variant indices past the last one (End = 7).
+        assert!(Ctrl::decode(&[8]).is_err());
+        assert!(Ctrl::decode(&[200]).is_err());
+    }
+
+    #[test]
+    fn unknown_codes_are_refused() {
+        // IoReq { vcpu: 1, access: <variant 4>, .. }: there is no fifth access kind.
+        let mut b = Ctrl::IoReq {
+            vcpu: 1,
+            access: IoAccess::MmioWrite(0x10),
+            data: vec![1],
+        }
+        .encode()
+        .unwrap();
+        assert_eq!(&b[..3], &[5, 1, 3]);
+        b[2] = 4;
+        assert!(Ctrl::decode(&b).is_err());
+        // IoResp { vcpu: 0, event: <variant 3>, .. }.
+        let mut b = Ctrl::IoResp {
+            vcpu: 0,
+            event: PortEvent::PowerOff,
+            data: vec![],
+        }
+        .encode()
+        .unwrap();
+        assert_eq!(&b[..3], &[6, 0, 2]);
+        b[2] = 3;
+        assert!(Ctrl::decode(&b).is_err());
+        // End { outcome: Ok(<variant 2>) }.
+        let mut b = Ctrl::End {
+            outcome: Ok(GuestEnd::Reboot),
+        }
+        .encode()
+        .unwrap();
+        assert_eq!(b, [7, 0, 1]);
+        b[2] = 2;
+        assert!(Ctrl::decode(&b).is_err());
+        // Neither Ok nor Err.
+        b[1] = 2;
+        assert!(Ctrl::decode(&b).is_err());
+    }
+
+    #[test]
+    fn truncated_and_trailing_are_refused() {
+        for m in all() {
+            let b = m.encode().unwrap();
+            for n in 0..b.len() {
+                assert!(Ctrl::decode(&b[..n]).is_err(), "{m:?} cut at {n}");
+            }
+            let mut long = b.clone();
+            long.push(0);
+            assert!(matches!(Ctrl::decode(&long), Err(DecodeError::Trailing(1))));
+        }
     }
 }

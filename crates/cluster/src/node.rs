@@ -82,10 +82,64 @@ impl HomePolicy for ShareHomes {
     }
 }
 
+/// The forwarded device access of one vCPU (at most one outstanding).
 #[derive(Default)]
 struct Slot {
-    resp: Mutex<Option<(u8, Vec<u8>)>>,
+    state: Mutex<SlotState>,
     cv: Condvar,
+}
+
+#[derive(Default)]
+struct SlotState {
+    /// A request is out and no answer has been taken yet.
+    waiting: bool,
+    /// The answer, until the vCPU takes it.
+    resp: Option<(PortEvent, Vec<u8>)>,
+}
+
+/// Which nodes have reported [`Ctrl::Ready`] to node 0: each node other than node 0
+/// counts once, however often it says so.
+#[derive(Debug)]
+struct ReadySet {
+    seen: Vec<bool>,
+    count: u16,
+}
+
+/// Why a [`Ctrl::Ready`] was not counted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ReadyRefusal {
+    /// This node said so before.
+    Duplicate,
+    /// Node 0 or an id outside the cluster.
+    NotAPeer,
+}
+
+impl ReadySet {
+    fn new(nodes: u16) -> Self {
+        ReadySet {
+            seen: vec![false; usize::from(nodes)],
+            count: 0,
+        }
+    }
+
+    /// Counts `from` unless it is not a peer of node 0 or was counted already.
+    fn add(&mut self, from: u16) -> Result<(), ReadyRefusal> {
+        match self.seen.get_mut(usize::from(from)) {
+            Some(_) if from == 0 => Err(ReadyRefusal::NotAPeer),
+            None => Err(ReadyRefusal::NotAPeer),
+            Some(true) => Err(ReadyRefusal::Duplicate),
+            Some(s) => {
+                *s = true;
+                self.count += 1;
+                Ok(())
+            }
+        }
+    }
+
+    /// Every node but node 0 is ready.
+    fn complete(&self) -> bool {
+        usize::from(self.count) + 1 >= self.seen.len()
+    }
 }
 
 /// Counters of the cross-node traffic of one node.
@@ -104,17 +158,22 @@ pub struct LinkStats {
 struct Node {
     me: u16,
     nodes: u16,
+    /// The node of every vCPU (index = vCPU).
+    vcpu_nodes: Vec<u16>,
     sender: OnceLock<Sender>,
     /// The DSM, attached once the mesh is up; DSM frames that arrive earlier wait in it.
     dsm: Arc<DsmSlot>,
     vm: OnceLock<VmHandle>,
     early: Mutex<Vec<Ctrl>>,
     start: Mutex<Option<u64>>,
-    ready: Mutex<u16>,
+    ready: Mutex<ReadySet>,
     cv: Condvar,
     failure: Mutex<Option<String>>,
     slots: Vec<Slot>,
     stopping: AtomicBool,
+    /// The end of the run is known to every node (this node sent [`Ctrl::End`], or
+    /// received one, which its sender broadcast): no further `End` is sent.
+    end_known: AtomicBool,
     stats: LinkStats,
     /// Forwarded device accesses, served in arrival order by the `io-server` thread so
     /// that a device that blocks (a full console pipe, a device reading guest memory
@@ -131,12 +190,68 @@ struct IoJob {
 }
 
 impl Node {
+    fn new(me: u16, vcpu_nodes: Vec<u16>, nodes: u16, io_jobs: mpsc::Sender<IoJob>) -> Self {
+        Node {
+            me,
+            nodes,
+            slots: vcpu_nodes.iter().map(|_| Slot::default()).collect(),
+            vcpu_nodes,
+            sender: OnceLock::new(),
+            dsm: DsmSlot::new(),
+            vm: OnceLock::new(),
+            early: Mutex::new(Vec::new()),
+            start: Mutex::new(None),
+            ready: Mutex::new(ReadySet::new(nodes)),
+            cv: Condvar::new(),
+            failure: Mutex::new(None),
+            stopping: AtomicBool::new(false),
+            end_known: AtomicBool::new(false),
+            stats: LinkStats::default(),
+            io_jobs,
+        }
+    }
+
     fn send(&self, to: u16, msg: &Ctrl) {
-        if let Some(s) = self.sender.get() {
-            if let Err(e) = s.send(to, CTRL_CHANNEL, &msg.encode(), None) {
+        let Some(s) = self.sender.get() else { return };
+        let frame = match msg.encode() {
+            Ok(f) => f,
+            Err(e) => {
+                tracing::warn!(to, error = %e, ?msg, "control message not encodable, not sent");
+                return;
+            }
+        };
+        if let Err(e) = s.send(to, CTRL_CHANNEL, &frame, None) {
+            // Once the run stops, peers leave and sends to them fail as a matter of course.
+            if self.stopping.load(Ordering::SeqCst) {
                 tracing::debug!(to, error = %e, "control message not sent");
+            } else {
+                tracing::warn!(to, error = %e, ?msg, "control message not sent");
             }
         }
+    }
+
+    /// Tells every other node that the run ended, unless they know already. Returns
+    /// whether an `End` was sent.
+    fn send_end(&self, outcome: Result<GuestEnd, String>) -> bool {
+        if self.end_known.swap(true, Ordering::SeqCst) {
+            tracing::debug!(?outcome, "the other nodes know of the end already");
+            return false;
+        }
+        self.broadcast(&Ctrl::End { outcome });
+        true
+    }
+
+    /// Whether `vcpu` exists and runs on node `node`.
+    fn vcpu_on(&self, vcpu: u32, node: u16) -> bool {
+        usize::try_from(vcpu)
+            .ok()
+            .and_then(|v| self.vcpu_nodes.get(v))
+            .is_some_and(|n| *n == node)
+    }
+
+    /// Logs a message from `from` that this node refuses.
+    fn refuse(&self, from: u16, m: &Ctrl, why: &str) {
+        tracing::warn!(me = self.me, from, msg = ?m, "control message refused: {why}");
     }
 
     fn broadcast(&self, msg: &Ctrl) {
@@ -186,14 +301,42 @@ impl Node {
     }
 
     fn on_ctrl(&self, from: u16, m: Ctrl) {
+        if from == self.me || from >= self.nodes {
+            self.refuse(from, &m, "the sender is not a peer");
+            return;
+        }
         match m {
             Ctrl::Start { tsc_base } => {
+                if from != 0 || self.me == 0 {
+                    self.refuse(from, &m, "only node 0 starts the others");
+                    return;
+                }
                 *self.start.lock().unwrap_or_else(|p| p.into_inner()) = Some(tsc_base);
                 self.cv.notify_all();
             }
             Ctrl::Ready => {
-                *self.ready.lock().unwrap_or_else(|p| p.into_inner()) += 1;
-                self.cv.notify_all();
+                if self.me != 0 {
+                    self.refuse(from, &m, "only node 0 counts ready nodes");
+                    return;
+                }
+                let r = self
+                    .ready
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .add(from);
+                match r {
+                    Ok(()) => self.cv.notify_all(),
+                    Err(ReadyRefusal::Duplicate) => {
+                        self.refuse(from, &m, "this node is ready already")
+                    }
+                    Err(ReadyRefusal::NotAPeer) => self.refuse(from, &m, "not a peer of node 0"),
+                }
+            }
+            Ctrl::Irq { vcpu, .. } if !self.vcpu_on(vcpu, self.me) => {
+                self.refuse(from, &m, "interrupt lost: the vCPU is not on this node")
+            }
+            Ctrl::Logical { vcpu, .. } if !self.vcpu_on(vcpu, from) => {
+                self.refuse(from, &m, "the vCPU is not on the sending node")
             }
             Ctrl::Irq { .. } | Ctrl::Logical { .. } => {
                 let mut early = self.early.lock().unwrap_or_else(|p| p.into_inner());
@@ -206,26 +349,24 @@ impl Node {
                 }
             }
             Ctrl::Eoi { vector } => {
-                if let Some(vm) = self.vm.get() {
-                    vm.eoi(vector)
-                }
-            }
-            Ctrl::IoReq {
-                vcpu,
-                kind,
-                addr,
-                data,
-            } => {
-                let access = match kind {
-                    0 => IoAccess::PioRead(addr as u16),
-                    1 => IoAccess::PioWrite(addr as u16),
-                    2 => IoAccess::MmioRead(addr),
-                    _ => IoAccess::MmioWrite(addr),
-                };
-                if data.len() > 8 {
-                    tracing::warn!(from, "oversized I/O request dropped");
+                if self.me != 0 {
+                    self.refuse(from, &m, "EOIs go to node 0");
                     return;
                 }
+                match self.vm.get() {
+                    Some(vm) => vm.eoi(vector),
+                    None => self.refuse(from, &m, "EOI before the VM exists"),
+                }
+            }
+            Ctrl::IoReq { vcpu, .. } if self.me != 0 || !self.vcpu_on(vcpu, from) => self.refuse(
+                from,
+                &m,
+                "device accesses go to node 0, for a vCPU of the sender",
+            ),
+            Ctrl::IoReq { ref data, .. } if data.len() > 8 => {
+                self.refuse(from, &m, "oversized I/O request")
+            }
+            Ctrl::IoReq { vcpu, access, data } => {
                 let job = IoJob {
                     from,
                     vcpu,
@@ -235,22 +376,34 @@ impl Node {
                 // Fails only once the io-server has ended, i.e. the node is stopping.
                 let _ = self.io_jobs.send(job);
             }
+            Ctrl::IoResp { vcpu, .. } if from != 0 || !self.vcpu_on(vcpu, self.me) => self.refuse(
+                from,
+                &m,
+                "I/O answers come from node 0, for a vCPU of this node",
+            ),
             Ctrl::IoResp { vcpu, event, data } => {
-                if let Some(s) = self.slots.get(vcpu as usize) {
-                    *s.resp.lock().unwrap_or_else(|p| p.into_inner()) = Some((event, data));
-                    s.cv.notify_all();
+                let s = &self.slots[vcpu as usize];
+                let mut st = s.state.lock().unwrap_or_else(|p| p.into_inner());
+                if !st.waiting || st.resp.is_some() {
+                    drop(st);
+                    let m = Ctrl::IoResp { vcpu, event, data };
+                    if self.stopping.load(Ordering::SeqCst) {
+                        tracing::debug!(from, msg = ?m, "late I/O answer dropped (stopping)");
+                    } else {
+                        self.refuse(from, &m, "I/O answer lost: no request outstanding");
+                    }
+                    return;
                 }
+                st.resp = Some((event, data));
+                s.cv.notify_all();
             }
             Ctrl::End { outcome } => {
                 self.stopping.store(true, Ordering::SeqCst);
+                // The sender told every node: nobody needs to hear it again from here.
+                self.end_known.store(true, Ordering::SeqCst);
                 if let Some(d) = self.dsm.get() {
                     d.expect_goodbyes();
                 }
-                let outcome = match outcome {
-                    Ok(1) => Ok(GuestEnd::Reboot),
-                    Ok(_) => Ok(GuestEnd::PowerOff),
-                    Err(e) => Err(e),
-                };
                 match self.vm.get() {
                     Some(vm) => vm.remote_end(outcome),
                     None => {
@@ -272,11 +425,7 @@ impl Node {
             // The VM exists before any vCPU can forward an access.
             let Some(vm) = self.vm.get() else { continue };
             self.stats.io_served.fetch_add(1, Ordering::Relaxed);
-            let event = match vm.io(job.vcpu as usize, job.access, &mut job.data) {
-                PortEvent::None => 0,
-                PortEvent::Reset => 1,
-                PortEvent::PowerOff => 2,
-            };
+            let event = vm.io(job.vcpu as usize, job.access, &mut job.data);
             self.send(
                 job.from,
                 &Ctrl::IoResp {
@@ -356,34 +505,29 @@ impl ClusterLink for Link {
             return PortEvent::None;
         };
         node.stats.io_forwarded.fetch_add(1, Ordering::Relaxed);
-        let (kind, addr) = match access {
-            IoAccess::PioRead(p) => (0, u64::from(p)),
-            IoAccess::PioWrite(p) => (1, u64::from(p)),
-            IoAccess::MmioRead(a) => (2, a),
-            IoAccess::MmioWrite(a) => (3, a),
-        };
-        *slot.resp.lock().unwrap_or_else(|p| p.into_inner()) = None;
+        {
+            let mut st = slot.state.lock().unwrap_or_else(|p| p.into_inner());
+            st.waiting = true;
+            st.resp = None;
+        }
         node.send(
             0,
             &Ctrl::IoReq {
                 vcpu: vcpu as u32,
-                kind,
-                addr,
+                access,
                 data: data.to_vec(),
             },
         );
-        let mut g = slot.resp.lock().unwrap_or_else(|p| p.into_inner());
+        let mut g = slot.state.lock().unwrap_or_else(|p| p.into_inner());
         loop {
-            if let Some((event, d)) = g.take() {
+            if let Some((event, d)) = g.resp.take() {
+                g.waiting = false;
                 let n = d.len().min(data.len());
                 data[..n].copy_from_slice(&d[..n]);
-                return match event {
-                    1 => PortEvent::Reset,
-                    2 => PortEvent::PowerOff,
-                    _ => PortEvent::None,
-                };
+                return event;
             }
             if node.stopping.load(Ordering::SeqCst) {
+                g.waiting = false;
                 data.fill(0xff);
                 return PortEvent::None;
             }
@@ -399,12 +543,14 @@ impl ClusterLink for Link {
         if let Some(d) = self.0.dsm.get() {
             d.expect_goodbyes();
         }
+        // The VM reports an error twice (when it happens and again when the run
+        // returns it) and re-reports an error another node ended the run with:
+        // `send_end` sends the first report only.
         let outcome = match outcome {
-            Ok(GuestEnd::PowerOff) => Ok(0),
-            Ok(GuestEnd::Reboot) => Ok(1),
+            Ok(e) => Ok(*e),
             Err(e) => Err(format!("node {}: {e}", self.0.me)),
         };
-        self.0.broadcast(&Ctrl::End { outcome });
+        self.0.send_end(outcome);
     }
 }
 
@@ -454,22 +600,14 @@ pub fn run_node(cfg: &ClusterConfig, me: u16, opts: NodeOptions) -> Result<NodeR
     }
     let total_vcpus = cfg.total_vcpus();
     let (io_tx, io_rx) = mpsc::channel();
-    let node = Arc::new(Node {
-        me,
-        nodes,
-        sender: OnceLock::new(),
-        dsm: DsmSlot::new(),
-        vm: OnceLock::new(),
-        early: Mutex::new(Vec::new()),
-        start: Mutex::new(None),
-        ready: Mutex::new(0),
-        cv: Condvar::new(),
-        failure: Mutex::new(None),
-        slots: (0..total_vcpus).map(|_| Slot::default()).collect(),
-        stopping: AtomicBool::new(false),
-        stats: LinkStats::default(),
-        io_jobs: io_tx,
-    });
+    let vcpu_nodes = cfg.vcpu_nodes();
+    if vcpu_nodes.len() != total_vcpus {
+        return Err(NodeError::Config(format!(
+            "the cluster places {} vCPUs but has {total_vcpus}",
+            vcpu_nodes.len()
+        )));
+    }
+    let node = Arc::new(Node::new(me, vcpu_nodes, nodes, io_tx));
     {
         let n = node.clone();
         // Detached: it ends within 100 ms of `stopping`, which `_stop` sets on every
@@ -561,9 +699,7 @@ pub fn run_node(cfg: &ClusterConfig, me: u16, opts: NodeOptions) -> Result<NodeR
         guest_memory: Some(mem),
     })
     .map_err(|source| {
-        node.broadcast(&Ctrl::End {
-            outcome: Err(format!("node {me}: {source}")),
-        });
+        node.send_end(Err(format!("node {me}: {source}")));
         NodeError::Vm { me, source }
     })?;
     {
@@ -592,13 +728,12 @@ pub fn run_node(cfg: &ClusterConfig, me: u16, opts: NodeOptions) -> Result<NodeR
             tracing::warn!("no console input: {e}");
         }
         node.broadcast(&Ctrl::Start { tsc_base });
-        let others = nodes - 1;
         let r = node.wait(
             "the other nodes to create their VMs",
             Duration::from_secs(120),
             || {
-                let n = *node.ready.lock().unwrap_or_else(|p| p.into_inner());
-                (n >= others).then_some(())
+                let r = node.ready.lock().unwrap_or_else(|p| p.into_inner());
+                r.complete().then_some(())
             },
         );
         if let Err(e) = r {
@@ -656,5 +791,163 @@ mod tests {
         assert_eq!(h.home(150), 2);
         assert_eq!(h.home(399), 2);
         assert_eq!(h.home(10_000), 2);
+    }
+
+    #[test]
+    fn ready_counts_distinct_peers() {
+        let mut r = ReadySet::new(3);
+        assert!(!r.complete());
+        assert_eq!(r.add(0), Err(ReadyRefusal::NotAPeer));
+        assert_eq!(r.add(3), Err(ReadyRefusal::NotAPeer));
+        assert_eq!(r.add(u16::MAX), Err(ReadyRefusal::NotAPeer));
+        assert_eq!(r.add(1), Ok(()));
+        assert_eq!(r.add(1), Err(ReadyRefusal::Duplicate));
+        assert!(!r.complete(), "a duplicate must not stand in for node 2");
+        assert_eq!(r.add(2), Ok(()));
+        assert!(r.complete());
+        assert!(ReadySet::new(1).complete());
+    }
+
+    /// Node `me` of 3, vCPUs 0 on node 0, 1-2 on node 1, 3 on node 2; no mesh (sends
+    /// go nowhere) and no VM.
+    fn node(me: u16) -> (Arc<Node>, mpsc::Receiver<IoJob>) {
+        let (tx, rx) = mpsc::channel();
+        (Arc::new(Node::new(me, vec![0, 1, 1, 2], 3, tx)), rx)
+    }
+
+    fn ready_count(n: &Node) -> u16 {
+        n.ready.lock().unwrap().count
+    }
+
+    #[test]
+    fn ready_messages_are_checked() {
+        let (n, _rx) = node(0);
+        n.on_ctrl(1, Ctrl::Ready);
+        n.on_ctrl(1, Ctrl::Ready);
+        n.on_ctrl(0, Ctrl::Ready);
+        n.on_ctrl(7, Ctrl::Ready);
+        assert_eq!(ready_count(&n), 1);
+        assert!(!n.ready.lock().unwrap().complete());
+        n.on_ctrl(2, Ctrl::Ready);
+        assert!(n.ready.lock().unwrap().complete());
+        // Only node 0 counts.
+        let (n1, _rx) = node(1);
+        n1.on_ctrl(2, Ctrl::Ready);
+        assert_eq!(ready_count(&n1), 0);
+    }
+
+    #[test]
+    fn start_only_from_node_0() {
+        let (n, _rx) = node(1);
+        n.on_ctrl(2, Ctrl::Start { tsc_base: 5 });
+        assert_eq!(*n.start.lock().unwrap(), None);
+        n.on_ctrl(0, Ctrl::Start { tsc_base: 7 });
+        assert_eq!(*n.start.lock().unwrap(), Some(7));
+    }
+
+    #[test]
+    fn io_requests_are_checked() {
+        let (n, rx) = node(0);
+        let req = |vcpu, len| Ctrl::IoReq {
+            vcpu,
+            access: IoAccess::MmioWrite(0xfec0_0000),
+            data: vec![0; len],
+        };
+        // vCPU 3 is node 2's, vCPU 9 does not exist, 9 bytes is no access.
+        n.on_ctrl(1, req(3, 4));
+        n.on_ctrl(1, req(9, 4));
+        n.on_ctrl(1, req(1, 9));
+        assert!(rx.try_recv().is_err());
+        n.on_ctrl(1, req(2, 4));
+        let job = rx.try_recv().unwrap();
+        assert_eq!((job.from, job.vcpu), (1, 2));
+        assert_eq!(job.access, IoAccess::MmioWrite(0xfec0_0000));
+        // Only node 0 serves devices.
+        let (n1, rx1) = node(1);
+        n1.on_ctrl(2, req(3, 4));
+        assert!(rx1.try_recv().is_err());
+    }
+
+    #[test]
+    fn io_answers_need_an_outstanding_request() {
+        let (n, _rx) = node(1);
+        let resp = |vcpu| Ctrl::IoResp {
+            vcpu,
+            event: PortEvent::PowerOff,
+            data: vec![1],
+        };
+        let state = |v: usize| {
+            let st = n.slots[v].state.lock().unwrap();
+            (st.waiting, st.resp.clone())
+        };
+        // Nobody asked: dropped (never a power-off).
+        n.on_ctrl(0, resp(1));
+        assert_eq!(state(1), (false, None));
+        n.slots[1].state.lock().unwrap().waiting = true;
+        // Not from node 0, or for a vCPU of another node: dropped.
+        n.on_ctrl(2, resp(1));
+        n.on_ctrl(0, resp(3));
+        n.on_ctrl(0, resp(0));
+        assert_eq!(state(1), (true, None));
+        n.on_ctrl(0, resp(1));
+        assert_eq!(state(1), (true, Some((PortEvent::PowerOff, vec![1]))));
+        // A second answer to the same request is dropped.
+        n.on_ctrl(
+            0,
+            Ctrl::IoResp {
+                vcpu: 1,
+                event: PortEvent::None,
+                data: vec![2],
+            },
+        );
+        assert_eq!(state(1), (true, Some((PortEvent::PowerOff, vec![1]))));
+    }
+
+    #[test]
+    fn irqs_for_other_nodes_are_refused() {
+        let (n, _rx) = node(1);
+        let irq = |vcpu| Ctrl::Irq {
+            vcpu,
+            irq: Interrupt::fixed(0x30),
+        };
+        n.on_ctrl(0, irq(0));
+        n.on_ctrl(0, irq(3));
+        n.on_ctrl(0, irq(100));
+        assert!(n.early.lock().unwrap().is_empty());
+        n.on_ctrl(0, irq(2));
+        assert_eq!(*n.early.lock().unwrap(), vec![irq(2)]);
+        // Logical registers: only for the sender's own vCPUs.
+        let l = |vcpu| Ctrl::Logical {
+            vcpu,
+            ldr: 1,
+            dfr: 2,
+        };
+        n.on_ctrl(0, l(3));
+        n.on_ctrl(2, l(3));
+        assert_eq!(n.early.lock().unwrap().len(), 2);
+    }
+
+    #[test]
+    fn end_is_sent_once() {
+        // The VM reports an error when it happens and again when the run returns it.
+        let (n, _rx) = node(1);
+        let link = Link(n.clone());
+        link.ended(&Err("triple fault".into()));
+        assert!(n.end_known.load(Ordering::SeqCst));
+        assert!(!n.send_end(Err("node 1: triple fault".into())));
+        // An End from another node was broadcast by that node: not echoed.
+        let (n, _rx) = node(1);
+        n.on_ctrl(
+            2,
+            Ctrl::End {
+                outcome: Err("node 2: gone".into()),
+            },
+        );
+        assert!(n.stopping.load(Ordering::SeqCst));
+        assert_eq!(n.failure.lock().unwrap().as_deref(), Some("node 2: gone"));
+        assert!(!n.send_end(Err("node 1: node 2: gone".into())));
+        let (n, _rx) = node(1);
+        assert!(n.send_end(Ok(GuestEnd::PowerOff)));
+        assert!(!n.send_end(Ok(GuestEnd::PowerOff)));
     }
 }

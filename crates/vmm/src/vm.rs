@@ -66,6 +66,7 @@ pub trait ClusterLink: Send + Sync {
 
 /// A forwarded device access.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 pub enum IoAccess {
     /// Port read.
     PioRead(u16),
@@ -93,6 +94,7 @@ pub struct Placement {
 
 /// How the guest ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 pub enum GuestEnd {
     /// Powered off (ACPI-less Linux halts every CPU with interrupts disabled).
     PowerOff,

@@ -38,6 +38,7 @@ impl Trigger for PinTrigger {
 
 /// What a port write asked the machine to do.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 pub enum PortEvent {
     /// Nothing beyond the write.
     None,
