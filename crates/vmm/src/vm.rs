@@ -166,6 +166,16 @@ struct Shared {
     shadow: Option<Arc<ShadowSync>>,
 }
 
+/// Records the outcome of a run unless one is already there: the first definitive
+/// outcome wins. `make` runs only when the slot is empty. Returns whether it was set.
+fn settle<T>(slot: &mut Option<T>, make: impl FnOnce() -> T) -> bool {
+    if slot.is_some() {
+        return false;
+    }
+    *slot = Some(make());
+    true
+}
+
 impl Shared {
     fn finish(&self, r: Result<GuestEnd, VmError>) {
         self.finish_inner(r, true)
@@ -174,17 +184,15 @@ impl Shared {
     fn finish_inner(&self, r: Result<GuestEnd, VmError>, tell_others: bool) {
         {
             let mut o = self.outcome.lock().unwrap_or_else(|p| p.into_inner());
-            if o.is_none() {
-                if tell_others {
-                    if let Some(link) = &self.link {
-                        let msg = match &r {
-                            Ok(e) => Ok(*e),
-                            Err(e) => Err(e.to_string()),
-                        };
-                        link.ended(&msg);
-                    }
+            let first = settle(&mut o, || r);
+            if first && tell_others {
+                if let (Some(link), Some(r)) = (&self.link, o.as_ref()) {
+                    let msg = match r {
+                        Ok(e) => Ok(*e),
+                        Err(e) => Err(e.to_string()),
+                    };
+                    link.ended(&msg);
                 }
-                *o = Some(r);
             }
         }
         self.stop.store(true, Ordering::SeqCst);
@@ -371,8 +379,9 @@ fn create_vm(kvm: &Kvm, mem: &GuestMemoryMmap, host: HostKind) -> Result<VmFd, V
             memory_size: region.len(),
             userspace_addr: region.as_ptr() as u64,
         };
-        // SAFETY: the region is a live mapping owned by `mem`, which outlives the VM
-        // (run() keeps it until every vCPU thread has been joined).
+        // SAFETY: the region is a live mapping owned by `mem`, which outlives every use
+        // of it by the VM: run() drops it only after every vCPU thread has been joined,
+        // and leaks it (never unmaps it) when a thread could not be joined.
         unsafe { vm.set_user_memory_region(r) }
             .map_err(|e| VmError::Kvm(format!("KVM_SET_USER_MEMORY_REGION: {e}")))?;
     }
@@ -816,8 +825,12 @@ impl Vm {
                             }
                             std::thread::sleep(Duration::from_millis(300));
                             o = shared.outcome.lock().unwrap_or_else(|p| p.into_inner());
-                            let counters = VmHandle(shared.clone()).vcpu_stats().join("; ");
-                            *o = Some(Err(VmError::Timeout(timeout.unwrap_or_default(), counters)));
+                            // A power-off, panic or failure that arrived while the
+                            // vCPUs dumped their state is the real outcome: keep it.
+                            settle(&mut o, || {
+                                let counters = VmHandle(shared.clone()).vcpu_stats().join("; ");
+                                Err(VmError::Timeout(timeout.unwrap_or_default(), counters))
+                            });
                             break;
                         }
                         o = shared
@@ -843,13 +856,26 @@ impl Vm {
         // A vCPU blocked on a page that can no longer arrive (its node is gone) never
         // returns from KVM_RUN: give the threads a few seconds, then leave them.
         let deadline = Instant::now() + Duration::from_secs(3);
+        let mut left = 0;
         for t in threads {
             if !join_by(t, deadline) {
-                tracing::warn!("a vCPU thread did not stop; leaving it");
+                left += 1;
             }
         }
-        drop(vm);
-        drop(mem);
+        if left == 0 {
+            drop(vm);
+            drop(mem);
+        } else {
+            // A thread left running may still be inside KVM_RUN on this memory: never
+            // unmap it under it. Leak the mapping (and the VM) for the rest of the
+            // process; the process normally exits right after the run.
+            tracing::warn!(
+                threads = left,
+                "threads did not stop; leaving them and leaking the guest memory mapping"
+            );
+            std::mem::forget(mem);
+            std::mem::forget(vm);
+        }
         let elapsed = shared.start.elapsed();
         let vcpu_stats = VmHandle(shared.clone()).vcpu_stats();
         let end = match outcome {
@@ -882,4 +908,29 @@ pub fn join_by<T>(t: std::thread::JoinHandle<T>, deadline: Instant) -> bool {
 /// Creates the VM, boots the kernel and runs until the guest ends.
 pub fn run(cfg: VmConfig) -> Result<RunReport, VmError> {
     Vm::create(cfg)?.run()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn first_outcome_wins() {
+        let mut o: Option<Result<GuestEnd, VmError>> = None;
+        assert!(settle(&mut o, || Ok(GuestEnd::PowerOff)));
+        let mut called = false;
+        assert!(!settle(&mut o, || {
+            called = true;
+            Err(VmError::Timeout(Duration::from_secs(1), String::new()))
+        }));
+        assert!(!called, "the later outcome is not even built");
+        assert!(matches!(o, Some(Ok(GuestEnd::PowerOff))));
+    }
+
+    #[test]
+    fn timeout_fills_an_empty_slot() {
+        let mut o: Option<Result<GuestEnd, VmError>> = None;
+        assert!(settle(&mut o, || Err(VmError::GuestPanic)));
+        assert!(matches!(o, Some(Err(VmError::GuestPanic))));
+    }
 }
