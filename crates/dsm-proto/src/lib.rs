@@ -74,6 +74,7 @@
 //! assert_eq!(n0.local_access(1), LocalAccess::Read);
 //! ```
 #![deny(missing_docs)]
+#![forbid(unsafe_code)]
 
 mod engine;
 mod home;

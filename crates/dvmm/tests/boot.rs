@@ -29,7 +29,7 @@ fn two_vcpus_boot_run_locktorture_and_power_off() {
     assert!(
         out.status.success(),
         "dvmm run failed: {err}\n--- console tail ---\n{}",
-        &console[console.len().saturating_sub(3000)..]
+        tail(&console, 3000)
     );
     assert!(
         console.contains("smp: Brought up 1 node, 2 CPUs"),
@@ -84,4 +84,14 @@ fn bad_inputs_give_one_line_errors() {
             "{args:?}: not one line: {err}"
         );
     }
+}
+
+/// The last `n` bytes of `s` or a little fewer: the cut moves forward to a character
+/// boundary, so a multi-byte character is never split (slicing there would panic).
+fn tail(s: &str, n: usize) -> &str {
+    let mut from = s.len().saturating_sub(n);
+    while !s.is_char_boundary(from) {
+        from += 1;
+    }
+    &s[from..]
 }

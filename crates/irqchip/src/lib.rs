@@ -74,6 +74,7 @@
 //! assert_eq!(eoi, LapicWriteEffect::Eoi { vector: 0x40, level_triggered: false });
 //! ```
 #![deny(missing_docs)]
+#![forbid(unsafe_code)]
 
 mod ioapic;
 mod lapic;

@@ -29,10 +29,14 @@ pub trait IoApicLink: Send + Sync {
 
 impl IoApicLink for Mutex<IoApic> {
     fn set_irq(&self, pin: usize, level: bool) -> Option<InterruptMessage> {
-        self.lock().ok()?.set_irq(pin, level)
+        // A panic while the lock was held leaves the IOAPIC state consistent enough
+        // (every operation is a few register updates): keep delivering interrupts.
+        self.lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .set_irq(pin, level)
     }
     fn eoi(&self, vector: u8) -> Vec<InterruptMessage> {
-        self.lock().map(|mut io| io.eoi(vector)).unwrap_or_default()
+        self.lock().unwrap_or_else(|p| p.into_inner()).eoi(vector)
     }
 }
 
@@ -55,23 +59,22 @@ impl Router {
 
     /// Connects vCPU `index` to its delivery path.
     pub fn set_target(&self, index: usize, target: Arc<dyn VcpuTarget>) {
-        if let Ok(mut t) = self.targets.write() {
-            if let Some(slot) = t.get_mut(index) {
-                *slot = Some(target);
-            }
+        let mut t = self.targets.write().unwrap_or_else(|p| p.into_inner());
+        if let Some(slot) = t.get_mut(index) {
+            *slot = Some(target);
         }
     }
 
     /// Delivers a message to every vCPU it resolves to.
     pub fn send(&self, msg: &InterruptMessage) {
-        let Ok(topology) = self.topology.read() else {
-            return;
-        };
-        let dests = topology.resolve(msg);
-        drop(topology);
-        let Ok(targets) = self.targets.read() else {
-            return;
-        };
+        // A poisoned lock (a panic elsewhere while it was held) must not drop
+        // interrupts: the tables are plain data, recover the guard.
+        let dests = self
+            .topology
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .resolve(msg);
+        let targets = self.targets.read().unwrap_or_else(|p| p.into_inner());
         for d in dests {
             if let Some(Some(t)) = targets.get(d) {
                 t.deliver(&msg.interrupt);
@@ -81,9 +84,10 @@ impl Router {
 
     /// A guest changed the logical destination registers of vCPU `vcpu`.
     pub fn set_logical(&self, vcpu: usize, ldr: u32, dfr: u32) {
-        if let Ok(mut t) = self.topology.write() {
-            t.set_logical(vcpu, ldr, dfr);
-        }
+        self.topology
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .set_logical(vcpu, ldr, dfr);
     }
 
     /// A LAPIC retired a level-triggered vector: forward the EOI to the IOAPIC.
@@ -159,6 +163,23 @@ mod tests {
         assert!(seen[0].0.lock().unwrap().is_empty());
         assert_eq!(seen[1].0.lock().unwrap().last(), Some(&0x41));
         assert_eq!(seen[2].0.lock().unwrap().last(), Some(&0x41));
+    }
+
+    #[test]
+    fn poisoned_locks_still_deliver() {
+        let (r, seen) = router(2);
+        let r = Arc::new(r);
+        let r2 = r.clone();
+        let _ = std::thread::spawn(move || {
+            let _t = r2.topology.write().unwrap();
+            let _g = r2.targets.write().unwrap();
+            panic!("poison the router's locks");
+        })
+        .join();
+        assert!(r.topology.is_poisoned() && r.targets.is_poisoned());
+        r.set_logical(1, 1 << 25, 0xffff_ffff);
+        r.send(&msg(Destination::Physical(1), Shorthand::None, 0x42));
+        assert_eq!(*seen[1].0.lock().unwrap(), vec![0x42]);
     }
 
     #[test]

@@ -10,6 +10,8 @@
 //! * [`vcpu`]: the vCPU thread, its explicit run state, and exit dispatch;
 //! * [`irq`]: the interrupt routing decision ("which vCPU, here or elsewhere") behind one
 //!   interface, on top of the user-space LAPIC/IOAPIC models of the `irqchip` crate;
+//! * [`bus`]: where a node's port and MMIO accesses go: the devices and IOAPIC on the
+//!   I/O node, forwarded to it elsewhere; [`layout`]: the address map (APIC pages, ports);
 //! * [`devices`]: the 16550 serial console (vm-superio) and the few legacy ports a PC has;
 //! * [`term`]: the user's terminal: raw mode, the console input pump (escape Ctrl-A x),
 //!   whole-line messages on stderr;
@@ -19,13 +21,16 @@
 #![deny(missing_docs)]
 
 pub mod boot;
+pub mod bus;
 pub mod compat;
 pub mod devices;
 pub mod irq;
+pub mod layout;
 pub mod memory;
 pub mod paging;
 pub mod stats;
 pub mod term;
+mod timer;
 pub mod vcpu;
 pub mod vm;
 

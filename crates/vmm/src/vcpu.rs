@@ -37,10 +37,7 @@ mod ioctls {
 }
 use ioctls::kvm_interrupt_nr as KVM_INTERRUPT;
 
-/// Base of the LAPIC MMIO page.
-pub const LAPIC_BASE: u64 = 0xfee0_0000;
-/// Base of the IOAPIC MMIO page.
-pub const IOAPIC_BASE: u64 = 0xfec0_0000;
+pub use crate::layout::{IOAPIC_BASE, LAPIC_BASE};
 
 /// The signal used to kick a vCPU thread out of `KVM_RUN`.
 pub fn kick_signal() -> i32 {
@@ -409,7 +406,7 @@ impl ExitHandler for Ctx<'_> {
         self.env.pio_write(self.handle.index, port, data)
     }
     fn mmio_read(&mut self, addr: u64, data: &mut [u8]) {
-        if (LAPIC_BASE..LAPIC_BASE + 0x1000).contains(&addr) {
+        if crate::layout::LAPIC_RANGE.contains(&addr) {
             let off = (addr - LAPIC_BASE) as u32;
             let v = self.handle.lapic().read(off & !3, self.env.now_ns());
             let bytes = v.to_le_bytes();
@@ -422,7 +419,7 @@ impl ExitHandler for Ctx<'_> {
         }
     }
     fn mmio_write(&mut self, addr: u64, data: &[u8]) {
-        if (LAPIC_BASE..LAPIC_BASE + 0x1000).contains(&addr) {
+        if crate::layout::LAPIC_RANGE.contains(&addr) {
             let off = (addr - LAPIC_BASE) as u32;
             let mut b = [0u8; 4];
             let n = data.len().min(4);

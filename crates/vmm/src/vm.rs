@@ -1,5 +1,6 @@
-//! One VM in this process: creation, the vCPU threads, the LAPIC timer thread, and how a
-//! run ends.
+//! One VM in this process: creation, the vCPU threads, and how a run ends. Device
+//! accesses go through the node's I/O bus ([`crate::bus`]); the LAPIC timers are fired
+//! by [`crate::timer`].
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -11,13 +12,15 @@ use kvm_ioctls::{Kvm, VmFd};
 use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 
 use crate::boot::{self, mptable, BootSpec};
+use crate::bus::{IoBus, LocalBus};
 use crate::compat::shadow::ShadowSync;
 use crate::compat::usermode::{UserMode, MSR_STAR};
 use crate::compat::HostKind;
-use crate::devices::{ConsoleOut, ConsoleWatch, Devices, PortEvent};
+use crate::devices::{ConsoleOut, ConsoleWatch, PortEvent};
 use crate::irq::{IoApicLink, Router, VcpuTarget};
 use crate::memory::{self, MemoryError};
-use crate::vcpu::{self, Start, VcpuEnd, VcpuEnv, VcpuError, VcpuHandle, IOAPIC_BASE};
+use crate::timer::LapicTimer;
+use crate::vcpu::{self, Start, VcpuEnd, VcpuEnv, VcpuError, VcpuHandle};
 
 /// Options the VMM always puts on the guest command line.
 pub const DEFAULT_CMDLINE: &str =
@@ -156,16 +159,24 @@ struct Shared {
     dead_halted: AtomicUsize,
     handles: Vec<Arc<VcpuHandle>>,
     router: Arc<Router>,
-    ioapic: Option<Arc<Mutex<IoApic>>>,
-    devices: Option<Mutex<Devices>>,
+    bus: IoBus,
     link: Option<Arc<dyn ClusterLink>>,
     local: Vec<bool>,
-    timer_lock: Mutex<u64>,
-    timer_cv: Condvar,
+    timer: LapicTimer,
     console: ConsoleWatch,
     dump: AtomicBool,
     user_mode: Option<UserMode>,
     shadow: Option<Arc<ShadowSync>>,
+}
+
+/// Records the outcome of a run unless one is already there: the first definitive
+/// outcome wins. `make` runs only when the slot is empty. Returns whether it was set.
+fn settle<T>(slot: &mut Option<T>, make: impl FnOnce() -> T) -> bool {
+    if slot.is_some() {
+        return false;
+    }
+    *slot = Some(make());
+    true
 }
 
 impl Shared {
@@ -176,22 +187,20 @@ impl Shared {
     fn finish_inner(&self, r: Result<GuestEnd, VmError>, tell_others: bool) {
         {
             let mut o = self.outcome.lock().unwrap_or_else(|p| p.into_inner());
-            if o.is_none() {
-                if tell_others {
-                    if let Some(link) = &self.link {
-                        let msg = match &r {
-                            Ok(e) => Ok(*e),
-                            Err(e) => Err(e.to_string()),
-                        };
-                        link.ended(&msg);
-                    }
+            let first = settle(&mut o, || r);
+            if first && tell_others {
+                if let (Some(link), Some(r)) = (&self.link, o.as_ref()) {
+                    let msg = match r {
+                        Ok(e) => Ok(*e),
+                        Err(e) => Err(e.to_string()),
+                    };
+                    link.ended(&msg);
                 }
-                *o = Some(r);
             }
         }
         self.stop.store(true, Ordering::SeqCst);
         self.outcome_cv.notify_all();
-        self.timer_cv.notify_all();
+        self.timer.wake();
         for h in &self.handles {
             h.wake();
         }
@@ -207,74 +216,16 @@ impl VcpuEnv for Shared {
     }
     fn pio_read(&self, vcpu: usize, port: u16, data: &mut [u8]) {
         tracing::trace!(vcpu, port, "pio_read");
-        match (&self.devices, &self.link) {
-            (Some(d), _) => d
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .pio_read(port, data),
-            (None, Some(link)) => {
-                link.io(vcpu, IoAccess::PioRead(port), data);
-            }
-            (None, None) => data.fill(0xff),
-        }
+        self.bus.pio_read(vcpu, port, data)
     }
     fn pio_write(&self, vcpu: usize, port: u16, data: &[u8]) -> PortEvent {
-        match (&self.devices, &self.link) {
-            (Some(d), _) => d
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .pio_write(port, data),
-            (None, Some(link)) => {
-                let mut buf = data.to_vec();
-                link.io(vcpu, IoAccess::PioWrite(port), &mut buf)
-            }
-            (None, None) => PortEvent::None,
-        }
+        self.bus.pio_write(vcpu, port, data)
     }
     fn mmio_read(&self, vcpu: usize, addr: u64, data: &mut [u8]) {
-        match (&self.ioapic, &self.link) {
-            (Some(io), _) => {
-                if (IOAPIC_BASE..IOAPIC_BASE + 0x1000).contains(&addr) {
-                    let v = io
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .read(addr - IOAPIC_BASE);
-                    let b = v.to_le_bytes();
-                    for (i, d) in data.iter_mut().enumerate() {
-                        *d = b.get(i).copied().unwrap_or(0);
-                    }
-                } else {
-                    data.fill(0xff);
-                }
-            }
-            (None, Some(link)) => {
-                link.io(vcpu, IoAccess::MmioRead(addr), data);
-            }
-            (None, None) => data.fill(0xff),
-        }
+        self.bus.mmio_read(vcpu, addr, data)
     }
     fn mmio_write(&self, vcpu: usize, addr: u64, data: &[u8]) {
-        match (&self.ioapic, &self.link) {
-            (Some(io), _) => {
-                if (IOAPIC_BASE..IOAPIC_BASE + 0x1000).contains(&addr) {
-                    let mut b = [0u8; 4];
-                    let n = data.len().min(4);
-                    b[..n].copy_from_slice(&data[..n]);
-                    let msgs = io
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .write(addr - IOAPIC_BASE, u32::from_le_bytes(b));
-                    for m in msgs {
-                        self.router.send(&m);
-                    }
-                }
-            }
-            (None, Some(link)) => {
-                let mut buf = data.to_vec();
-                link.io(vcpu, IoAccess::MmioWrite(addr), &mut buf);
-            }
-            (None, None) => {}
-        }
+        self.bus.mmio_write(vcpu, addr, data)
     }
     fn send_ipi(&self, _vcpu: usize, msg: &InterruptMessage) {
         self.router.send(msg)
@@ -289,9 +240,7 @@ impl VcpuEnv for Shared {
         }
     }
     fn timer_changed(&self) {
-        let mut g = self.timer_lock.lock().unwrap_or_else(|p| p.into_inner());
-        *g += 1;
-        self.timer_cv.notify_all();
+        self.timer.changed();
     }
     fn dump_requested(&self) -> bool {
         self.dump.load(Ordering::SeqCst)
@@ -310,42 +259,6 @@ impl VcpuEnv for Shared {
         } else {
             self.dead_halted.fetch_sub(1, Ordering::SeqCst);
         }
-    }
-}
-
-/// The LAPIC timer thread: fires due timers and sleeps until the next deadline.
-fn timer_thread(shared: &Shared) {
-    let mut seen = 0u64;
-    while !shared.stopping() {
-        let now = shared.now_ns();
-        let mut next: Option<u64> = None;
-        for h in shared.handles.iter().filter(|h| shared.local[h.index]) {
-            let mut l = h.lapic();
-            if l.timer_deadline_ns().is_some_and(|d| d <= now) {
-                l.poll_timer(now);
-                drop(l);
-                h.wake();
-                l = h.lapic();
-            }
-            if let Some(d) = l.timer_deadline_ns() {
-                next = Some(next.map_or(d, |n: u64| n.min(d)));
-            }
-        }
-        let g = shared.timer_lock.lock().unwrap_or_else(|p| p.into_inner());
-        if *g != seen {
-            seen = *g;
-            continue;
-        }
-        let wait = match next {
-            Some(d) => Duration::from_nanos(d.saturating_sub(shared.now_ns())),
-            None => Duration::from_millis(100),
-        }
-        .min(Duration::from_millis(100));
-        let (g, _) = shared
-            .timer_cv
-            .wait_timeout(g, wait)
-            .unwrap_or_else(|p| p.into_inner());
-        seen = *g;
     }
 }
 
@@ -373,8 +286,9 @@ fn create_vm(kvm: &Kvm, mem: &GuestMemoryMmap, host: HostKind) -> Result<VmFd, V
             memory_size: region.len(),
             userspace_addr: region.as_ptr() as u64,
         };
-        // SAFETY: the region is a live mapping owned by `mem`, which outlives the VM
-        // (run() keeps it until every vCPU thread has been joined).
+        // SAFETY: the region is a live mapping owned by `mem`, which outlives every use
+        // of it by the VM: run() drops it only after every vCPU thread has been joined,
+        // and leaks it (never unmaps it) when a thread could not be joined.
         unsafe { vm.set_user_memory_region(r) }
             .map_err(|e| VmError::Kvm(format!("KVM_SET_USER_MEMORY_REGION: {e}")))?;
     }
@@ -496,22 +410,7 @@ impl VmHandle {
     }
     /// A device access forwarded from another node (I/O node only).
     pub fn io(&self, vcpu: usize, access: IoAccess, data: &mut [u8]) -> PortEvent {
-        let env: &dyn VcpuEnv = self.0.as_ref();
-        let ev = match access {
-            IoAccess::PioRead(p) => {
-                env.pio_read(vcpu, p, data);
-                PortEvent::None
-            }
-            IoAccess::PioWrite(p) => env.pio_write(vcpu, p, data),
-            IoAccess::MmioRead(a) => {
-                env.mmio_read(vcpu, a, data);
-                PortEvent::None
-            }
-            IoAccess::MmioWrite(a) => {
-                env.mmio_write(vcpu, a, data);
-                PortEvent::None
-            }
-        };
+        let ev = self.0.bus.access(vcpu, access, data);
         match ev {
             PortEvent::Reset => self.0.finish(Ok(GuestEnd::Reboot)),
             PortEvent::PowerOff => self.0.finish(Ok(GuestEnd::PowerOff)),
@@ -531,13 +430,7 @@ impl VmHandle {
     /// Bytes typed on the console, for the guest's serial port (I/O node only).
     /// Returns how many the receive FIFO took.
     pub fn console_input(&self, bytes: &[u8]) -> usize {
-        match &self.0.devices {
-            Some(d) => d
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .console_input(bytes),
-            None => 0,
-        }
+        self.0.bus.console_input(bytes)
     }
     /// This node gave up a guest page that another node is about to write (called by
     /// the DSM under its lock: it only takes note).
@@ -622,6 +515,8 @@ impl Vm {
         let vm = create_vm(&kvm, &mem, cfg.host)?;
         vcpu::install_kick_handler().map_err(|e| VmError::Kvm(format!("signal handler: {e}")))?;
         let link = cfg.placement.as_ref().map(|p| p.link.clone());
+        // The I/O node (node 0) holds the IOAPIC and the devices; the others reach them
+        // through the link.
         let ioapic =
             (node == 0).then(|| Arc::new(Mutex::new(IoApic::new(mptable::ioapic_id(cfg.vcpus)))));
         let ioapic_link: Arc<dyn IoApicLink> = match (&ioapic, &link) {
@@ -647,7 +542,11 @@ impl Vm {
             }
         }
         let console = cfg.console.watch();
-        let devices = (node == 0).then(|| Mutex::new(Devices::new(cfg.console, router.clone())));
+        let bus = match (ioapic, &link) {
+            (Some(io), _) => IoBus::Local(LocalBus::new(cfg.console, io, router.clone())),
+            (None, Some(l)) => IoBus::Remote(l.clone()),
+            (None, None) => return Err(VmError::Config("no I/O node reachable".into())),
+        };
         let shared = Arc::new(Shared {
             start: Instant::now(),
             stop: AtomicBool::new(false),
@@ -656,12 +555,10 @@ impl Vm {
             dead_halted: AtomicUsize::new(0),
             handles: handles.clone(),
             router,
-            ioapic,
-            devices,
+            bus,
             link,
             local: local.clone(),
-            timer_lock: Mutex::new(0),
-            timer_cv: Condvar::new(),
+            timer: LapicTimer::default(),
             console,
             dump: AtomicBool::new(false),
             user_mode: cfg
@@ -753,7 +650,7 @@ impl Vm {
             threads.push(
                 std::thread::Builder::new()
                     .name("lapic-timer".into())
-                    .spawn(move || timer_thread(&s))
+                    .spawn(move || s.timer.run(&s.handles, &s.local, s.as_ref()))
                     .map_err(VmError::Thread)?,
             );
         }
@@ -818,8 +715,12 @@ impl Vm {
                             }
                             std::thread::sleep(Duration::from_millis(300));
                             o = shared.outcome.lock().unwrap_or_else(|p| p.into_inner());
-                            let counters = VmHandle(shared.clone()).vcpu_stats().join("; ");
-                            *o = Some(Err(VmError::Timeout(timeout.unwrap_or_default(), counters)));
+                            // A power-off, panic or failure that arrived while the
+                            // vCPUs dumped their state is the real outcome: keep it.
+                            settle(&mut o, || {
+                                let counters = VmHandle(shared.clone()).vcpu_stats().join("; ");
+                                Err(VmError::Timeout(timeout.unwrap_or_default(), counters))
+                            });
                             break;
                         }
                         o = shared
@@ -845,13 +746,26 @@ impl Vm {
         // A vCPU blocked on a page that can no longer arrive (its node is gone) never
         // returns from KVM_RUN: give the threads a few seconds, then leave them.
         let deadline = Instant::now() + Duration::from_secs(3);
+        let mut left = 0;
         for t in threads {
             if !join_by(t, deadline) {
-                tracing::warn!("a vCPU thread did not stop; leaving it");
+                left += 1;
             }
         }
-        drop(vm);
-        drop(mem);
+        if left == 0 {
+            drop(vm);
+            drop(mem);
+        } else {
+            // A thread left running may still be inside KVM_RUN on this memory: never
+            // unmap it under it. Leak the mapping (and the VM) for the rest of the
+            // process; the process normally exits right after the run.
+            tracing::warn!(
+                threads = left,
+                "threads did not stop; leaving them and leaking the guest memory mapping"
+            );
+            std::mem::forget(mem);
+            std::mem::forget(vm);
+        }
         let elapsed = shared.start.elapsed();
         let vcpu_stats = VmHandle(shared.clone()).vcpu_stats();
         let end = match outcome {
@@ -884,4 +798,29 @@ pub fn join_by<T>(t: std::thread::JoinHandle<T>, deadline: Instant) -> bool {
 /// Creates the VM, boots the kernel and runs until the guest ends.
 pub fn run(cfg: VmConfig) -> Result<RunReport, VmError> {
     Vm::create(cfg)?.run()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn first_outcome_wins() {
+        let mut o: Option<Result<GuestEnd, VmError>> = None;
+        assert!(settle(&mut o, || Ok(GuestEnd::PowerOff)));
+        let mut called = false;
+        assert!(!settle(&mut o, || {
+            called = true;
+            Err(VmError::Timeout(Duration::from_secs(1), String::new()))
+        }));
+        assert!(!called, "the later outcome is not even built");
+        assert!(matches!(o, Some(Ok(GuestEnd::PowerOff))));
+    }
+
+    #[test]
+    fn timeout_fills_an_empty_slot() {
+        let mut o: Option<Result<GuestEnd, VmError>> = None;
+        assert!(settle(&mut o, || Err(VmError::GuestPanic)));
+        assert!(matches!(o, Some(Err(VmError::GuestPanic))));
+    }
 }

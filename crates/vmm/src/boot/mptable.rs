@@ -11,9 +11,9 @@ use vm_memory::{Bytes, GuestAddress, GuestMemory};
 /// Where the table goes: the last KiB of base memory, which Linux scans.
 pub const MPTABLE_START: u64 = 0x9fc00;
 /// Physical address of the IOAPIC.
-pub const IOAPIC_ADDR: u32 = 0xfec0_0000;
+pub const IOAPIC_ADDR: u32 = crate::layout::IOAPIC_BASE as u32;
 /// Physical address of every LAPIC (xAPIC mode).
-pub const LAPIC_ADDR: u32 = 0xfee0_0000;
+pub const LAPIC_ADDR: u32 = crate::layout::LAPIC_BASE as u32;
 /// The largest vCPU count an MP table of this layout can describe (it must fit in 1 KiB).
 pub const MAX_CPUS: usize = 32;
 /// APIC id of the IOAPIC (after the vCPUs' ids).

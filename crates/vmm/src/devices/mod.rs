@@ -11,10 +11,8 @@ use vm_superio::{Serial, Trigger};
 
 pub use console::{ConsoleOut, ConsoleWatch};
 
-/// COM1.
-pub const COM1_BASE: u16 = 0x3f8;
-/// COM1's ISA IRQ (IOAPIC pin 4).
-pub const COM1_IRQ: usize = 4;
+use crate::layout::COM1_RANGE;
+pub use crate::layout::{COM1_BASE, COM1_IRQ};
 
 /// Something that can raise an IOAPIC input line (the interrupt router).
 pub trait IrqLine: Send + Sync {
@@ -88,7 +86,7 @@ impl Devices {
     /// A port read. Unclaimed ports read as all ones, as on a PC with nothing there.
     pub fn pio_read(&mut self, port: u16, data: &mut [u8]) {
         let v: u8 = match port {
-            p if (COM1_BASE..COM1_BASE + 8).contains(&p) => self.serial.read((p - COM1_BASE) as u8),
+            p if COM1_RANGE.contains(&p) => self.serial.read((p - COM1_BASE) as u8),
             // 8259 PICs: remember the mask registers so that probing finds them, but
             // every interrupt goes through the IOAPIC.
             0x21 => self.pic_imr[0],
@@ -122,7 +120,7 @@ impl Devices {
             return PortEvent::None;
         };
         match port {
-            p if (COM1_BASE..COM1_BASE + 8).contains(&p) => {
+            p if COM1_RANGE.contains(&p) => {
                 // The trigger is infallible; a full output only drops bytes.
                 let _ = self.serial.write((p - COM1_BASE) as u8, v);
                 if p == COM1_BASE && self.watch.powered_off() {

@@ -1,0 +1,246 @@
+//! The I/O bus of one node: where a vCPU's port and MMIO accesses (outside its own
+//! LAPIC page) go.
+//!
+//! On the I/O node (node 0, or a single-node VM) the bus is [`IoBus::Local`]: the
+//! legacy devices of [`crate::devices`] and the IOAPIC, decoded by address range (see
+//! [`crate::layout`]). On every other node it is [`IoBus::Remote`]: each access is
+//! forwarded to the I/O node through the cluster link, which answers with the same
+//! [`IoBus::access`] of its local bus.
+
+use std::sync::{Arc, Mutex};
+
+use irqchip::IoApic;
+
+use crate::devices::{ConsoleOut, Devices, PortEvent};
+use crate::irq::Router;
+use crate::layout::{IOAPIC_BASE, IOAPIC_RANGE};
+use crate::vm::{ClusterLink, IoAccess};
+
+/// The devices and IOAPIC of the I/O node.
+pub struct LocalBus {
+    devices: Mutex<Devices>,
+    ioapic: Arc<Mutex<IoApic>>,
+    router: Arc<Router>,
+}
+
+/// Where this node's device accesses go.
+pub enum IoBus {
+    /// The devices are here (I/O node).
+    Local(LocalBus),
+    /// The devices are on the I/O node: forward every access there.
+    Remote(Arc<dyn ClusterLink>),
+}
+
+/// The guard of a lock, even if a thread panicked while holding it: device state is
+/// plain registers, and dropping the guest's accesses would be worse.
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl LocalBus {
+    /// The I/O node's bus: `ioapic` decodes the IOAPIC page, `router` delivers what it
+    /// and the devices raise.
+    pub fn new(console: ConsoleOut, ioapic: Arc<Mutex<IoApic>>, router: Arc<Router>) -> Self {
+        LocalBus {
+            devices: Mutex::new(Devices::new(console, router.clone())),
+            ioapic,
+            router,
+        }
+    }
+
+    fn pio_read(&self, port: u16, data: &mut [u8]) {
+        lock(&self.devices).pio_read(port, data)
+    }
+
+    fn pio_write(&self, port: u16, data: &[u8]) -> PortEvent {
+        lock(&self.devices).pio_write(port, data)
+    }
+
+    fn mmio_read(&self, addr: u64, data: &mut [u8]) {
+        if IOAPIC_RANGE.contains(&addr) {
+            let b = lock(&self.ioapic).read(addr - IOAPIC_BASE).to_le_bytes();
+            for (i, d) in data.iter_mut().enumerate() {
+                *d = b.get(i).copied().unwrap_or(0);
+            }
+        } else {
+            data.fill(0xff);
+        }
+    }
+
+    fn mmio_write(&self, addr: u64, data: &[u8]) {
+        if IOAPIC_RANGE.contains(&addr) {
+            let mut b = [0u8; 4];
+            let n = data.len().min(4);
+            b[..n].copy_from_slice(&data[..n]);
+            let msgs = lock(&self.ioapic).write(addr - IOAPIC_BASE, u32::from_le_bytes(b));
+            for m in msgs {
+                self.router.send(&m);
+            }
+        }
+    }
+}
+
+impl IoBus {
+    /// Port read by vCPU `vcpu`.
+    pub fn pio_read(&self, vcpu: usize, port: u16, data: &mut [u8]) {
+        match self {
+            IoBus::Local(b) => b.pio_read(port, data),
+            IoBus::Remote(link) => {
+                link.io(vcpu, IoAccess::PioRead(port), data);
+            }
+        }
+    }
+
+    /// Port write by vCPU `vcpu`.
+    pub fn pio_write(&self, vcpu: usize, port: u16, data: &[u8]) -> PortEvent {
+        match self {
+            IoBus::Local(b) => b.pio_write(port, data),
+            IoBus::Remote(link) => {
+                let mut buf = data.to_vec();
+                link.io(vcpu, IoAccess::PioWrite(port), &mut buf)
+            }
+        }
+    }
+
+    /// MMIO read (outside the LAPIC page) by vCPU `vcpu`.
+    pub fn mmio_read(&self, vcpu: usize, addr: u64, data: &mut [u8]) {
+        match self {
+            IoBus::Local(b) => b.mmio_read(addr, data),
+            IoBus::Remote(link) => {
+                link.io(vcpu, IoAccess::MmioRead(addr), data);
+            }
+        }
+    }
+
+    /// MMIO write (outside the LAPIC page) by vCPU `vcpu`.
+    pub fn mmio_write(&self, vcpu: usize, addr: u64, data: &[u8]) {
+        match self {
+            IoBus::Local(b) => b.mmio_write(addr, data),
+            IoBus::Remote(link) => {
+                let mut buf = data.to_vec();
+                link.io(vcpu, IoAccess::MmioWrite(addr), &mut buf);
+            }
+        }
+    }
+
+    /// One access in its forwarded form (what another node's [`IoBus::Remote`] sends).
+    pub fn access(&self, vcpu: usize, access: IoAccess, data: &mut [u8]) -> PortEvent {
+        match access {
+            IoAccess::PioRead(p) => {
+                self.pio_read(vcpu, p, data);
+                PortEvent::None
+            }
+            IoAccess::PioWrite(p) => self.pio_write(vcpu, p, data),
+            IoAccess::MmioRead(a) => {
+                self.mmio_read(vcpu, a, data);
+                PortEvent::None
+            }
+            IoAccess::MmioWrite(a) => {
+                self.mmio_write(vcpu, a, data);
+                PortEvent::None
+            }
+        }
+    }
+
+    /// Bytes typed on the console for the serial port; returns how many it took (0
+    /// off the I/O node).
+    pub fn console_input(&self, bytes: &[u8]) -> usize {
+        match self {
+            IoBus::Local(b) => lock(&b.devices).console_input(bytes),
+            IoBus::Remote(_) => 0,
+        }
+    }
+
+    /// Whether the devices are on this node.
+    pub fn is_local(&self) -> bool {
+        matches!(self, IoBus::Local(_))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use irqchip::Interrupt;
+
+    fn local() -> IoBus {
+        let ioapic = Arc::new(Mutex::new(IoApic::new(2)));
+        let router = Arc::new(Router::new(2, ioapic.clone()));
+        let (console, _watch) = ConsoleOut::capture();
+        IoBus::Local(LocalBus::new(console, ioapic, router))
+    }
+
+    #[test]
+    fn local_bus_decodes_the_ioapic_page() {
+        let bus = local();
+        let mut reference = IoApic::new(2);
+        // IOREGSEL = 1 (version), then read IOWIN.
+        bus.mmio_write(0, IOAPIC_BASE, &[1, 0, 0, 0]);
+        reference.write(0, 1);
+        let mut got = [0u8; 4];
+        bus.mmio_read(0, IOAPIC_BASE + 0x10, &mut got);
+        assert_eq!(u32::from_le_bytes(got), reference.read(0x10));
+        // Outside the IOAPIC page: nothing there.
+        let mut none = [0u8; 4];
+        bus.mmio_read(0, 0xd000_0000, &mut none);
+        assert_eq!(none, [0xff; 4]);
+        assert!(bus.is_local());
+    }
+
+    #[test]
+    fn local_bus_ports_and_forwarded_form_agree() {
+        let bus = local();
+        let mut a = [0u8; 1];
+        bus.pio_read(0, 0x64, &mut a);
+        let mut b = [0u8; 1];
+        assert_eq!(
+            bus.access(1, IoAccess::PioRead(0x64), &mut b),
+            PortEvent::None
+        );
+        assert_eq!(a, b);
+        assert_eq!(bus.pio_write(0, 0x64, &[0xfe]), PortEvent::Reset);
+        assert_eq!(
+            bus.access(0, IoAccess::PioWrite(0xcf9), &mut [0x06]),
+            PortEvent::Reset
+        );
+    }
+
+    #[derive(Default)]
+    struct Recorder(Mutex<Vec<(usize, IoAccess, Vec<u8>)>>);
+    impl ClusterLink for Recorder {
+        fn deliver(&self, _node: u16, _vcpu: usize, _irq: &Interrupt) {}
+        fn set_logical(&self, _vcpu: usize, _ldr: u32, _dfr: u32) {}
+        fn eoi(&self, _vector: u8) {}
+        fn io(&self, vcpu: usize, access: IoAccess, data: &mut [u8]) -> PortEvent {
+            self.0.lock().unwrap().push((vcpu, access, data.to_vec()));
+            data.fill(0x5a);
+            PortEvent::None
+        }
+        fn ended(&self, _outcome: &Result<crate::vm::GuestEnd, String>) {}
+    }
+
+    #[test]
+    fn remote_bus_forwards_every_access() {
+        let rec = Arc::new(Recorder::default());
+        let bus = IoBus::Remote(rec.clone());
+        let mut d = [0u8; 1];
+        bus.pio_read(3, 0x3f8, &mut d);
+        assert_eq!(d, [0x5a]);
+        bus.pio_write(3, 0x3f8, b"x");
+        bus.mmio_write(1, IOAPIC_BASE, &[1, 0, 0, 0]);
+        let mut m = [0u8; 4];
+        bus.mmio_read(1, IOAPIC_BASE + 0x10, &mut m);
+        assert_eq!(bus.console_input(b"abc"), 0);
+        assert!(!bus.is_local());
+        let seen = rec.0.lock().unwrap();
+        assert_eq!(
+            seen.iter().map(|(v, a, _)| (*v, *a)).collect::<Vec<_>>(),
+            vec![
+                (3, IoAccess::PioRead(0x3f8)),
+                (3, IoAccess::PioWrite(0x3f8)),
+                (1, IoAccess::MmioWrite(IOAPIC_BASE)),
+                (1, IoAccess::MmioRead(IOAPIC_BASE + 0x10)),
+            ]
+        );
+        assert_eq!(seen[1].2, b"x".to_vec());
+    }
+}
