@@ -1,8 +1,8 @@
 //! One node process: joins the mesh, maps guest RAM under the DSM, creates its part of
 //! the VM and serves the other nodes' interrupts, EOIs and device accesses.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{mpsc, Arc, Condvar, Mutex, OnceLock};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{mpsc, Arc, Condvar, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
 
 use dsm::{Dsm, DsmSlot};
@@ -155,25 +155,170 @@ pub struct LinkStats {
     pub io_served: AtomicU64,
 }
 
+/// Where a node is in its run. [`run_node`] takes the forward steps one at a time; any
+/// phase before [`Phase::Ending`] may end early (a failure, an `End` from another node,
+/// the guest ending).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Phase {
+    /// Forming the mesh and starting the DSM.
+    Connecting,
+    /// The mesh and the DSM are up: nodes other than 0 wait for node 0's [`Ctrl::Start`]
+    /// (its TSC base), then the VM is created.
+    WaitingStart,
+    /// The VM exists and the messages that came before it were replayed: node 0 starts
+    /// the others and waits for their [`Ctrl::Ready`], the others report ready.
+    VmCreated,
+    /// The local vCPUs run.
+    Running,
+    /// The run is ending (a failure, an `End`, the guest ended): peers leaving is
+    /// expected and the helper threads stop.
+    Ending,
+    /// [`run_node`] returned.
+    Ended,
+}
+
+impl Phase {
+    /// Whether `self -> to` is a step of the life cycle.
+    fn can_go(self, to: Phase) -> bool {
+        use Phase::*;
+        matches!(
+            (self, to),
+            (Connecting, WaitingStart)
+                | (WaitingStart, VmCreated)
+                | (VmCreated, Running)
+                | (Connecting | WaitingStart | VmCreated | Running, Ending)
+                | (
+                    Connecting | WaitingStart | VmCreated | Running | Ending,
+                    Ended
+                )
+        )
+    }
+
+    /// The run is ending or over.
+    fn stopping(self) -> bool {
+        self >= Phase::Ending
+    }
+}
+
+/// The state of a node's run, all under one lock ([`Node::life`]). Generic over the VM
+/// handle so that the life cycle can be tested without KVM.
+struct Life<V> {
+    phase: Phase,
+    /// The VM, once created (it stays set whatever the phase).
+    vm: Option<V>,
+    /// Interrupts and logical-destination updates that came before the VM: replayed
+    /// once, in arrival order, when it is installed.
+    early: Vec<Ctrl>,
+    /// Node 0's TSC base, from its [`Ctrl::Start`] (nodes other than 0).
+    start: Option<u64>,
+    /// Node 0: which nodes reported [`Ctrl::Ready`].
+    ready: ReadySet,
+    /// Why the run failed before the VM existed (handed to the VM once it does).
+    failure: Option<String>,
+    /// The end of the run is known to every node (this node sent [`Ctrl::End`], or
+    /// received one, which its sender broadcast): no further `End` is sent.
+    end_known: bool,
+}
+
+impl<V: Clone> Life<V> {
+    fn new(nodes: u16) -> Self {
+        Life {
+            phase: Phase::Connecting,
+            vm: None,
+            early: Vec::new(),
+            start: None,
+            ready: ReadySet::new(nodes),
+            failure: None,
+            end_known: false,
+        }
+    }
+
+    /// Moves to `to` if that is a step of the life cycle; refuses and logs it otherwise
+    /// (returning the phase the node stays in).
+    fn go(&mut self, me: u16, to: Phase) -> Result<(), Phase> {
+        let from = self.phase;
+        if from.can_go(to) {
+            tracing::debug!(me, ?from, ?to, "node phase");
+            self.phase = to;
+            Ok(())
+        } else {
+            if from.stopping() {
+                tracing::debug!(me, ?from, ?to, "phase step refused: the node is stopping");
+            } else {
+                tracing::warn!(me, ?from, ?to, "impossible phase step refused");
+            }
+            Err(from)
+        }
+    }
+
+    /// Moves to [`Phase::Ending`] unless the node is stopping already. Returns whether
+    /// it moved.
+    fn stop(&mut self, me: u16) -> bool {
+        !self.phase.stopping() && self.go(me, Phase::Ending).is_ok()
+    }
+
+    /// An interrupt or logical-destination update: queued while there is no VM,
+    /// otherwise handed back with the VM to apply it to.
+    fn queue_unless_vm(&mut self, m: Ctrl) -> Option<(V, Ctrl)> {
+        match &self.vm {
+            Some(vm) => Some((vm.clone(), m)),
+            None => {
+                self.early.push(m);
+                None
+            }
+        }
+    }
+
+    /// Node 0's start: taken until the VM exists, refused (false) after.
+    fn accept_start(&mut self, tsc_base: u64) -> bool {
+        if self.vm.is_some() {
+            return false;
+        }
+        self.start = Some(tsc_base);
+        true
+    }
+
+    /// Installs the VM and moves to [`Phase::VmCreated`] (unless the node is stopping,
+    /// when the VM is installed all the same so that the end reaches it). Returns the
+    /// queued messages to replay, each once; refuses a second VM.
+    fn install(&mut self, me: u16, vm: V) -> Result<Vec<Ctrl>, V> {
+        if self.vm.is_some() {
+            tracing::warn!(me, phase = ?self.phase, "second VM refused");
+            return Err(vm);
+        }
+        let _ = self.go(me, Phase::VmCreated);
+        self.vm = Some(vm);
+        Ok(std::mem::take(&mut self.early))
+    }
+
+    /// An `End` from another node: moves to [`Phase::Ending`] (once), notes that every
+    /// node knows, and returns the VM to end, if it exists.
+    fn remote_end(&mut self, me: u16) -> Option<V> {
+        self.stop(me);
+        self.end_known = true;
+        self.vm.clone()
+    }
+
+    /// Whether this node is to send an `End` (the first time only).
+    fn take_end(&mut self) -> bool {
+        !std::mem::replace(&mut self.end_known, true)
+    }
+}
+
 struct Node {
     me: u16,
     nodes: u16,
     /// The node of every vCPU (index = vCPU).
     vcpu_nodes: Vec<u16>,
+    /// Set once the mesh is up (before [`Phase::WaitingStart`]); sends before go nowhere.
     sender: OnceLock<Sender>,
     /// The DSM, attached once the mesh is up; DSM frames that arrive earlier wait in it.
     dsm: Arc<DsmSlot>,
-    vm: OnceLock<VmHandle>,
-    early: Mutex<Vec<Ctrl>>,
-    start: Mutex<Option<u64>>,
-    ready: Mutex<ReadySet>,
+    /// The phase and everything that changes with it.
+    life: Mutex<Life<VmHandle>>,
+    /// Signalled when `life` changes in a way [`Node::wait`] may wait for.
     cv: Condvar,
-    failure: Mutex<Option<String>>,
     slots: Vec<Slot>,
-    stopping: AtomicBool,
-    /// The end of the run is known to every node (this node sent [`Ctrl::End`], or
-    /// received one, which its sender broadcast): no further `End` is sent.
-    end_known: AtomicBool,
     stats: LinkStats,
     /// Forwarded device accesses, served in arrival order by the `io-server` thread so
     /// that a device that blocks (a full console pipe, a device reading guest memory
@@ -198,17 +343,43 @@ impl Node {
             vcpu_nodes,
             sender: OnceLock::new(),
             dsm: DsmSlot::new(),
-            vm: OnceLock::new(),
-            early: Mutex::new(Vec::new()),
-            start: Mutex::new(None),
-            ready: Mutex::new(ReadySet::new(nodes)),
+            life: Mutex::new(Life::new(nodes)),
             cv: Condvar::new(),
-            failure: Mutex::new(None),
-            stopping: AtomicBool::new(false),
-            end_known: AtomicBool::new(false),
             stats: LinkStats::default(),
             io_jobs,
         }
+    }
+
+    /// The life-cycle state. Never held while calling into the VM or sending (the VM
+    /// calls back into the node), except to replay early messages in order.
+    fn life(&self) -> MutexGuard<'_, Life<VmHandle>> {
+        self.life.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn phase(&self) -> Phase {
+        self.life().phase
+    }
+
+    /// The run is ending or over.
+    fn stopping(&self) -> bool {
+        self.phase().stopping()
+    }
+
+    fn vm(&self) -> Option<VmHandle> {
+        self.life().vm.clone()
+    }
+
+    /// Takes a forward step of the life cycle (refused and logged if impossible).
+    fn advance(&self, to: Phase) -> Result<(), Phase> {
+        let r = self.life().go(self.me, to);
+        self.cv.notify_all();
+        r
+    }
+
+    /// Moves to [`Phase::Ending`] unless the node is stopping already.
+    fn stop(&self) {
+        self.life().stop(self.me);
+        self.cv.notify_all();
     }
 
     fn send(&self, to: u16, msg: &Ctrl) {
@@ -222,7 +393,7 @@ impl Node {
         };
         if let Err(e) = s.send(to, CTRL_CHANNEL, &frame, None) {
             // Once the run stops, peers leave and sends to them fail as a matter of course.
-            if self.stopping.load(Ordering::SeqCst) {
+            if self.stopping() {
                 tracing::debug!(to, error = %e, "control message not sent");
             } else {
                 tracing::warn!(to, error = %e, ?msg, "control message not sent");
@@ -233,7 +404,8 @@ impl Node {
     /// Tells every other node that the run ended, unless they know already. Returns
     /// whether an `End` was sent.
     fn send_end(&self, outcome: Result<GuestEnd, String>) -> bool {
-        if self.end_known.swap(true, Ordering::SeqCst) {
+        let first = self.life().take_end();
+        if !first {
             tracing::debug!(?outcome, "the other nodes know of the end already");
             return false;
         }
@@ -261,12 +433,16 @@ impl Node {
     }
 
     fn fail(&self, why: String) {
-        self.stopping.store(true, Ordering::SeqCst);
-        match self.vm.get() {
-            Some(vm) => vm.fail(why),
+        let mut l = self.life();
+        l.stop(self.me);
+        match l.vm.clone() {
+            Some(vm) => {
+                drop(l);
+                vm.fail(why);
+            }
             None => {
-                let mut f = self.failure.lock().unwrap_or_else(|p| p.into_inner());
-                f.get_or_insert(why);
+                l.failure.get_or_insert(why);
+                drop(l);
                 self.cv.notify_all();
             }
         }
@@ -279,7 +455,11 @@ impl Node {
         // A lost peer stops the VM with a message naming it before the DSM (which the
         // slot also tells) reports its own view of the loss.
         if let Event::PeerLost { node, reason } = &ev {
-            if !self.stopping.load(Ordering::SeqCst) || self.vm.get().is_none() {
+            let (stopping, has_vm) = {
+                let l = self.life();
+                (l.phase.stopping(), l.vm.is_some())
+            };
+            if !stopping || !has_vm {
                 self.fail(format!("node {node} is gone ({reason})"));
             }
         }
@@ -311,19 +491,19 @@ impl Node {
                     self.refuse(from, &m, "only node 0 starts the others");
                     return;
                 }
-                *self.start.lock().unwrap_or_else(|p| p.into_inner()) = Some(tsc_base);
-                self.cv.notify_all();
+                let taken = self.life().accept_start(tsc_base);
+                if taken {
+                    self.cv.notify_all();
+                } else {
+                    self.refuse(from, &m, "the VM exists already");
+                }
             }
             Ctrl::Ready => {
                 if self.me != 0 {
                     self.refuse(from, &m, "only node 0 counts ready nodes");
                     return;
                 }
-                let r = self
-                    .ready
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .add(from);
+                let r = self.life().ready.add(from);
                 match r {
                     Ok(()) => self.cv.notify_all(),
                     Err(ReadyRefusal::Duplicate) => {
@@ -339,13 +519,9 @@ impl Node {
                 self.refuse(from, &m, "the vCPU is not on the sending node")
             }
             Ctrl::Irq { .. } | Ctrl::Logical { .. } => {
-                let mut early = self.early.lock().unwrap_or_else(|p| p.into_inner());
-                match self.vm.get() {
-                    Some(vm) => {
-                        drop(early);
-                        self.apply(vm, m);
-                    }
-                    None => early.push(m),
+                let now = self.life().queue_unless_vm(m);
+                if let Some((vm, m)) = now {
+                    self.apply(&vm, m);
                 }
             }
             Ctrl::Eoi { vector } => {
@@ -353,7 +529,7 @@ impl Node {
                     self.refuse(from, &m, "EOIs go to node 0");
                     return;
                 }
-                match self.vm.get() {
+                match self.vm() {
                     Some(vm) => vm.eoi(vector),
                     None => self.refuse(from, &m, "EOI before the VM exists"),
                 }
@@ -387,7 +563,7 @@ impl Node {
                 if !st.waiting || st.resp.is_some() {
                     drop(st);
                     let m = Ctrl::IoResp { vcpu, event, data };
-                    if self.stopping.load(Ordering::SeqCst) {
+                    if self.stopping() {
                         tracing::debug!(from, msg = ?m, "late I/O answer dropped (stopping)");
                     } else {
                         self.refuse(from, &m, "I/O answer lost: no request outstanding");
@@ -398,13 +574,13 @@ impl Node {
                 s.cv.notify_all();
             }
             Ctrl::End { outcome } => {
-                self.stopping.store(true, Ordering::SeqCst);
                 // The sender told every node: nobody needs to hear it again from here.
-                self.end_known.store(true, Ordering::SeqCst);
+                let vm = self.life().remote_end(self.me);
+                self.cv.notify_all();
                 if let Some(d) = self.dsm.get() {
                     d.expect_goodbyes();
                 }
-                match self.vm.get() {
+                match vm {
                     Some(vm) => vm.remote_end(outcome),
                     None => {
                         if let Err(e) = outcome {
@@ -416,14 +592,33 @@ impl Node {
         }
     }
 
+    /// Installs the new VM and replays, once and in order, the messages that came before
+    /// it. Returns the failure that came before the VM, if any, for the caller to hand
+    /// to it.
+    fn install_vm(&self, vm: VmHandle) -> Option<String> {
+        let mut l = self.life();
+        if let Ok(early) = l.install(self.me, vm.clone()) {
+            // Under the lock: messages that arrive meanwhile wait, and stay in order.
+            // Delivering to local vCPUs and logical registers never calls back into the
+            // node.
+            for m in early {
+                self.apply(&vm, m);
+            }
+        }
+        let failure = l.failure.clone();
+        drop(l);
+        self.cv.notify_all();
+        failure
+    }
+
     /// Serves forwarded device accesses until the node stops.
     fn io_server(&self, jobs: mpsc::Receiver<IoJob>) {
-        while !self.stopping.load(Ordering::SeqCst) {
+        while !self.stopping() {
             let Ok(mut job) = jobs.recv_timeout(Duration::from_millis(100)) else {
                 continue;
             };
             // The VM exists before any vCPU can forward an access.
-            let Some(vm) = self.vm.get() else { continue };
+            let Some(vm) = self.vm() else { continue };
             self.stats.io_served.fetch_add(1, Ordering::Relaxed);
             let event = vm.io(job.vcpu as usize, job.access, &mut job.data);
             self.send(
@@ -452,15 +647,15 @@ impl Node {
         &self,
         what: &str,
         timeout: Duration,
-        mut ready: impl FnMut() -> Option<T>,
+        mut ready: impl FnMut(&Life<VmHandle>) -> Option<T>,
     ) -> Result<T, String> {
         let deadline = Instant::now() + timeout;
-        let mut g = self.failure.lock().unwrap_or_else(|p| p.into_inner());
+        let mut g = self.life();
         loop {
-            if let Some(f) = g.as_ref() {
+            if let Some(f) = g.failure.as_ref() {
                 return Err(f.clone());
             }
-            if let Some(v) = ready() {
+            if let Some(v) = ready(&g) {
                 return Ok(v);
             }
             let now = Instant::now();
@@ -526,7 +721,7 @@ impl ClusterLink for Link {
                 data[..n].copy_from_slice(&d[..n]);
                 return event;
             }
-            if node.stopping.load(Ordering::SeqCst) {
+            if node.stopping() {
                 g.waiting = false;
                 data.fill(0xff);
                 return PortEvent::None;
@@ -539,7 +734,7 @@ impl ClusterLink for Link {
         }
     }
     fn ended(&self, outcome: &Result<GuestEnd, String>) {
-        self.0.stopping.store(true, Ordering::SeqCst);
+        self.0.stop();
         if let Some(d) = self.0.dsm.get() {
             d.expect_goodbyes();
         }
@@ -580,17 +775,30 @@ fn host_tsc() -> u64 {
     unsafe { core::arch::x86_64::_rdtsc() }
 }
 
-/// Marks the node as stopping when dropped (ends its helper threads on any return).
+/// Ends the node's life cycle when dropped (stops its helper threads on any return).
 struct StopOnDrop(Arc<Node>);
 
 impl Drop for StopOnDrop {
     fn drop(&mut self) {
-        self.0.stopping.store(true, Ordering::SeqCst);
+        let _ = self.0.advance(Phase::Ended);
     }
 }
 
 /// Runs node `me` of the cluster until the guest ends.
 pub fn run_node(cfg: &ClusterConfig, me: u16, opts: NodeOptions) -> Result<NodeReport, NodeError> {
+    let node = new_node(cfg, me)?;
+    let _stop = StopOnDrop(node.clone());
+    let mesh = connect_mesh(cfg, &node)?;
+    let d = start_dsm(cfg, &node, mesh.sender())?;
+    let (vm, tsc_base) = create_vm(cfg, &node, &d, opts)?;
+    let handle = vm.handle();
+    start_guest(&node, &handle, tsc_base);
+    let result = vm.run();
+    end_run(&node, &mesh, &d, &handle, result)
+}
+
+/// Checks the node's place in the cluster and starts its io-server thread.
+fn new_node(cfg: &ClusterConfig, me: u16) -> Result<Arc<Node>, NodeError> {
     let nodes = cfg.nodes.len() as u16;
     if me >= nodes {
         return Err(NodeError::Config(format!(
@@ -608,16 +816,19 @@ pub fn run_node(cfg: &ClusterConfig, me: u16, opts: NodeOptions) -> Result<NodeR
         )));
     }
     let node = Arc::new(Node::new(me, vcpu_nodes, nodes, io_tx));
-    {
-        let n = node.clone();
-        // Detached: it ends within 100 ms of `stopping`, which `_stop` sets on every
-        // return from here on.
-        std::thread::Builder::new()
-            .name(format!("io-server-{me}"))
-            .spawn(move || n.io_server(io_rx))
-            .map_err(|e| NodeError::Config(format!("cannot start the I/O thread: {e}")))?;
-    }
-    let _stop = StopOnDrop(node.clone());
+    let n = node.clone();
+    // Detached: it ends within 100 ms of the node stopping, which [`StopOnDrop`] ensures
+    // on every return of `run_node` (or at once here if the caller never gets the node).
+    std::thread::Builder::new()
+        .name(format!("io-server-{me}"))
+        .spawn(move || n.io_server(io_rx))
+        .map_err(|e| NodeError::Config(format!("cannot start the I/O thread: {e}")))?;
+    Ok(node)
+}
+
+/// [`Phase::Connecting`]: forms the mesh, whose handler feeds the node's messages.
+fn connect_mesh(cfg: &ClusterConfig, node: &Arc<Node>) -> Result<Mesh, NodeError> {
+    let me = node.me;
     let mut mcfg = MeshConfig::new(
         me,
         cfg.nodes.iter().map(|n| n.addr).collect(),
@@ -629,10 +840,15 @@ pub fn run_node(cfg: &ClusterConfig, me: u16, opts: NodeOptions) -> Result<NodeR
         .handler(move |ev| h.on_event(ev))
         .establish()
         .map_err(|source| NodeError::Transport { me, source })?;
-    let sender = mesh.sender();
-    let _ = node.sender.set(sender.clone());
-    tracing::info!(me, nodes, "mesh established");
+    let _ = node.sender.set(mesh.sender());
+    tracing::info!(me, nodes = node.nodes, "mesh established");
+    Ok(mesh)
+}
 
+/// [`Phase::Connecting`] to [`Phase::WaitingStart`]: starts the DSM over the whole guest
+/// RAM and attaches it to the node.
+fn start_dsm(cfg: &ClusterConfig, node: &Arc<Node>, sender: Sender) -> Result<Arc<Dsm>, NodeError> {
+    let me = node.me;
     let total_mem = cfg.total_memory();
     let region = dsm::Region::new(total_mem / 4096).map_err(|e| NodeError::Dsm {
         me,
@@ -643,7 +859,7 @@ pub fn run_node(cfg: &ClusterConfig, me: u16, opts: NodeOptions) -> Result<NodeR
         hold: cfg.dsm_hold,
         ..Default::default()
     };
-    let d = Dsm::with_options(me, nodes, region, homes, sender.clone(), dsm_opts).map_err(|e| {
+    let d = Dsm::with_options(me, node.nodes, region, homes, sender, dsm_opts).map_err(|e| {
         NodeError::Dsm {
             me,
             msg: e.to_string(),
@@ -654,8 +870,37 @@ pub fn run_node(cfg: &ClusterConfig, me: u16, opts: NodeOptions) -> Result<NodeR
         let n = node.clone();
         d.set_failure_hook(move |f| n.fail(format!("{f}")));
     }
-    // SAFETY: the DSM region maps exactly total_mem bytes and lives in `d`, which this
-    // function keeps until the VM is gone.
+    let _ = node.advance(Phase::WaitingStart);
+    Ok(d)
+}
+
+/// [`Phase::WaitingStart`]: the TSC base of the run, node 0's own or the one its
+/// [`Ctrl::Start`] brings.
+fn wait_start(cfg: &ClusterConfig, node: &Node) -> Result<u64, NodeError> {
+    if node.me == 0 {
+        return Ok(host_tsc());
+    }
+    node.wait(
+        "node 0 to start the guest",
+        cfg.connect_timeout + Duration::from_secs(60),
+        |l| l.start,
+    )
+    .map_err(|msg| NodeError::Startup { me: node.me, msg })
+}
+
+/// [`Phase::WaitingStart`] to [`Phase::VmCreated`]: maps guest RAM over the DSM, waits
+/// for the start ([`wait_start`]), creates this node's part of the VM and installs it
+/// (replaying the messages that came before it). Returns the VM and the TSC base.
+fn create_vm(
+    cfg: &ClusterConfig,
+    node: &Arc<Node>,
+    d: &Arc<Dsm>,
+    opts: NodeOptions,
+) -> Result<(Vm, u64), NodeError> {
+    let me = node.me;
+    let total_mem = cfg.total_memory();
+    // SAFETY: the DSM region maps exactly total_mem bytes and lives in `d`, which
+    // `run_node` keeps until the VM is gone.
     let mem =
         unsafe { vmm::memory::guest_memory_over(d.region().as_ptr(), total_mem) }.map_err(|e| {
             NodeError::Dsm {
@@ -663,25 +908,14 @@ pub fn run_node(cfg: &ClusterConfig, me: u16, opts: NodeOptions) -> Result<NodeR
                 msg: e.to_string(),
             }
         })?;
-
-    let startup = |msg: String| NodeError::Startup { me, msg };
-    let tsc_base = if me == 0 {
-        host_tsc()
-    } else {
-        node.wait(
-            "node 0 to start the guest",
-            cfg.connect_timeout + Duration::from_secs(60),
-            || *node.start.lock().unwrap_or_else(|p| p.into_inner()),
-        )
-        .map_err(startup)?
-    };
+    let tsc_base = wait_start(cfg, node)?;
     let console = if me == 0 {
         ConsoleOut::new(Box::new(std::io::stdout())).0
     } else {
         ConsoleOut::capture().0
     };
     let vm = Vm::create(VmConfig {
-        vcpus: total_vcpus,
+        vcpus: cfg.total_vcpus(),
         memory: total_mem,
         kernel: cfg.kernel.clone(),
         initrd: cfg.initrd.clone(),
@@ -702,19 +936,7 @@ pub fn run_node(cfg: &ClusterConfig, me: u16, opts: NodeOptions) -> Result<NodeR
         node.send_end(Err(format!("node {me}: {source}")));
         NodeError::Vm { me, source }
     })?;
-    {
-        let mut early = node.early.lock().unwrap_or_else(|p| p.into_inner());
-        let _ = node.vm.set(vm.handle());
-        for m in early.drain(..) {
-            node.apply(&vm.handle(), m);
-        }
-    }
-    if let Some(f) = node
-        .failure
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .clone()
-    {
+    if let Some(f) = node.install_vm(vm.handle()) {
         vm.handle().fail(f);
     }
     {
@@ -722,29 +944,43 @@ pub fn run_node(cfg: &ClusterConfig, me: u16, opts: NodeOptions) -> Result<NodeR
         let h = vm.handle();
         d.set_page_lost_hook(move |_| h.page_lost());
     }
-    if me == 0 {
+    Ok((vm, tsc_base))
+}
+
+/// [`Phase::VmCreated`] to [`Phase::Running`]: node 0 starts the others and waits until
+/// they are ready (failing the VM if they are not); the others report ready.
+fn start_guest(node: &Node, vm: &VmHandle, tsc_base: u64) {
+    if node.me == 0 {
         // The console's input: the terminal or pipe this process was given.
-        if let Err(e) = vmm::term::spawn_console_input(vm.handle()) {
+        if let Err(e) = vmm::term::spawn_console_input(vm.clone()) {
             tracing::warn!("no console input: {e}");
         }
         node.broadcast(&Ctrl::Start { tsc_base });
         let r = node.wait(
             "the other nodes to create their VMs",
             Duration::from_secs(120),
-            || {
-                let r = node.ready.lock().unwrap_or_else(|p| p.into_inner());
-                r.complete().then_some(())
-            },
+            |l| l.ready.complete().then_some(()),
         );
         if let Err(e) = r {
-            vm.handle().fail(e);
+            vm.fail(e);
         }
     } else {
         node.send(0, &Ctrl::Ready);
     }
-    let handle = vm.handle();
-    let result = vm.run();
-    node.stopping.store(true, Ordering::SeqCst);
+    let _ = node.advance(Phase::Running);
+}
+
+/// The run returned: moves to [`Phase::Ending`], leaves the mesh and the DSM and
+/// reports the statistics (on stderr too if the run failed).
+fn end_run(
+    node: &Node,
+    mesh: &Mesh,
+    d: &Dsm,
+    handle: &VmHandle,
+    result: Result<vmm::RunReport, vmm::VmError>,
+) -> Result<NodeReport, NodeError> {
+    let me = node.me;
+    node.stop();
     let dsm_stats = d.stats().to_string();
     let s = &node.stats;
     let link_stats = format!(
@@ -816,7 +1052,7 @@ mod tests {
     }
 
     fn ready_count(n: &Node) -> u16 {
-        n.ready.lock().unwrap().count
+        n.life().ready.count
     }
 
     #[test]
@@ -827,9 +1063,9 @@ mod tests {
         n.on_ctrl(0, Ctrl::Ready);
         n.on_ctrl(7, Ctrl::Ready);
         assert_eq!(ready_count(&n), 1);
-        assert!(!n.ready.lock().unwrap().complete());
+        assert!(!n.life().ready.complete());
         n.on_ctrl(2, Ctrl::Ready);
-        assert!(n.ready.lock().unwrap().complete());
+        assert!(n.life().ready.complete());
         // Only node 0 counts.
         let (n1, _rx) = node(1);
         n1.on_ctrl(2, Ctrl::Ready);
@@ -840,9 +1076,9 @@ mod tests {
     fn start_only_from_node_0() {
         let (n, _rx) = node(1);
         n.on_ctrl(2, Ctrl::Start { tsc_base: 5 });
-        assert_eq!(*n.start.lock().unwrap(), None);
+        assert_eq!(n.life().start, None);
         n.on_ctrl(0, Ctrl::Start { tsc_base: 7 });
-        assert_eq!(*n.start.lock().unwrap(), Some(7));
+        assert_eq!(n.life().start, Some(7));
     }
 
     #[test]
@@ -913,9 +1149,9 @@ mod tests {
         n.on_ctrl(0, irq(0));
         n.on_ctrl(0, irq(3));
         n.on_ctrl(0, irq(100));
-        assert!(n.early.lock().unwrap().is_empty());
+        assert!(n.life().early.is_empty());
         n.on_ctrl(0, irq(2));
-        assert_eq!(*n.early.lock().unwrap(), vec![irq(2)]);
+        assert_eq!(n.life().early, vec![irq(2)]);
         // Logical registers: only for the sender's own vCPUs.
         let l = |vcpu| Ctrl::Logical {
             vcpu,
@@ -924,7 +1160,7 @@ mod tests {
         };
         n.on_ctrl(0, l(3));
         n.on_ctrl(2, l(3));
-        assert_eq!(n.early.lock().unwrap().len(), 2);
+        assert_eq!(n.life().early.len(), 2);
     }
 
     #[test]
@@ -933,7 +1169,7 @@ mod tests {
         let (n, _rx) = node(1);
         let link = Link(n.clone());
         link.ended(&Err("triple fault".into()));
-        assert!(n.end_known.load(Ordering::SeqCst));
+        assert!(n.life().end_known);
         assert!(!n.send_end(Err("node 1: triple fault".into())));
         // An End from another node was broadcast by that node: not echoed.
         let (n, _rx) = node(1);
@@ -943,11 +1179,118 @@ mod tests {
                 outcome: Err("node 2: gone".into()),
             },
         );
-        assert!(n.stopping.load(Ordering::SeqCst));
-        assert_eq!(n.failure.lock().unwrap().as_deref(), Some("node 2: gone"));
+        assert!(n.stopping());
+        assert_eq!(n.life().failure.as_deref(), Some("node 2: gone"));
         assert!(!n.send_end(Err("node 1: node 2: gone".into())));
         let (n, _rx) = node(1);
         assert!(n.send_end(Ok(GuestEnd::PowerOff)));
         assert!(!n.send_end(Ok(GuestEnd::PowerOff)));
+    }
+    #[test]
+    fn phases_follow_the_life_cycle() {
+        use Phase::*;
+        let steps = [Connecting, WaitingStart, VmCreated, Running, Ending, Ended];
+        for w in steps.windows(2) {
+            assert!(w[0].can_go(w[1]), "{:?} -> {:?}", w[0], w[1]);
+            assert!(!w[1].can_go(w[0]), "{:?} -> {:?}", w[1], w[0]);
+        }
+        for p in steps {
+            assert!(!p.can_go(p), "{p:?} -> {p:?}");
+            assert_eq!(p.can_go(Ending), p < Ending, "{p:?} -> Ending");
+            assert_eq!(p.can_go(Ended), p != Ended, "{p:?} -> Ended");
+        }
+        assert!(!Connecting.can_go(VmCreated));
+        assert!(!WaitingStart.can_go(Running));
+        let (n, _rx) = node(1);
+        assert_eq!(n.phase(), Connecting);
+        // Impossible steps are refused, not taken (and do not panic).
+        assert_eq!(n.advance(Running), Err(Connecting));
+        assert_eq!(n.advance(WaitingStart), Ok(()));
+        assert_eq!(n.advance(WaitingStart), Err(WaitingStart));
+        assert_eq!(n.advance(VmCreated), Ok(()));
+        assert_eq!(n.advance(Running), Ok(()));
+        assert!(!n.stopping());
+        n.stop();
+        assert_eq!(n.phase(), Ending);
+        assert_eq!(n.advance(Running), Err(Ending));
+        assert_eq!(n.advance(Ended), Ok(()));
+        assert!(n.stopping());
+    }
+
+    #[test]
+    fn early_messages_are_replayed_once() {
+        let irq = |vcpu| Ctrl::Irq {
+            vcpu,
+            irq: Interrupt::fixed(0x30),
+        };
+        let mut l: Life<&str> = Life::new(3);
+        l.phase = Phase::WaitingStart;
+        assert_eq!(l.queue_unless_vm(irq(1)), None);
+        assert_eq!(l.queue_unless_vm(irq(2)), None);
+        assert_eq!(l.install(1, "vm"), Ok(vec![irq(1), irq(2)]));
+        assert_eq!(l.phase, Phase::VmCreated);
+        assert!(l.early.is_empty());
+        // Once the VM exists, messages go straight to it.
+        assert_eq!(l.queue_unless_vm(irq(2)), Some(("vm", irq(2))));
+        assert!(l.early.is_empty());
+        // A second VM is refused and replays nothing.
+        assert_eq!(l.install(1, "other"), Err("other"));
+        assert_eq!(l.vm, Some("vm"));
+        assert_eq!(l.phase, Phase::VmCreated);
+    }
+
+    #[test]
+    fn a_vm_created_while_stopping_is_installed() {
+        let mut l: Life<&str> = Life::new(3);
+        l.phase = Phase::WaitingStart;
+        assert!(l.stop(1));
+        assert_eq!(l.install(1, "vm"), Ok(vec![]));
+        assert_eq!(l.phase, Phase::Ending);
+        assert_eq!(l.vm, Some("vm"));
+    }
+
+    #[test]
+    fn start_is_refused_once_the_vm_exists() {
+        let mut l: Life<&str> = Life::new(3);
+        assert!(l.accept_start(7));
+        assert_eq!(l.start, Some(7));
+        l.phase = Phase::WaitingStart;
+        l.install(1, "vm").unwrap();
+        assert!(!l.accept_start(9));
+        assert_eq!(l.start, Some(7));
+    }
+
+    #[test]
+    fn end_moves_to_ending_once() {
+        let (n, _rx) = node(1);
+        n.advance(Phase::WaitingStart).unwrap();
+        let end = || Ctrl::End {
+            outcome: Ok(GuestEnd::PowerOff),
+        };
+        n.on_ctrl(2, end());
+        assert_eq!(n.phase(), Phase::Ending);
+        assert!(n.life().end_known);
+        assert_eq!(n.life().failure, None);
+        n.on_ctrl(0, end());
+        assert_eq!(n.phase(), Phase::Ending);
+        // The run cannot go on once it is ending.
+        assert_eq!(n.advance(Phase::VmCreated), Err(Phase::Ending));
+        let mut l: Life<&str> = Life::new(3);
+        assert_eq!(l.remote_end(1), None);
+        assert!(!l.stop(1), "ending already");
+        assert!(!l.take_end());
+    }
+
+    #[test]
+    fn a_failure_before_the_vm_is_kept_for_it() {
+        let (n, _rx) = node(1);
+        n.fail("node 2 is gone".into());
+        n.fail("second".into());
+        assert_eq!(n.phase(), Phase::Ending);
+        assert_eq!(n.life().failure.as_deref(), Some("node 2 is gone"));
+        assert_eq!(
+            n.wait("nothing", Duration::from_secs(5), |_| None::<()>),
+            Err("node 2 is gone".to_string())
+        );
     }
 }
