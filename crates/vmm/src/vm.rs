@@ -111,9 +111,44 @@ pub enum VmError {
     /// Bad configuration.
     #[error("{0}")]
     Config(String),
-    /// /dev/kvm is missing or unusable.
+    /// /dev/kvm is missing or cannot be opened.
     #[error("cannot use KVM (/dev/kvm): {0}")]
-    Kvm(String),
+    KvmOpen(#[source] kvm_ioctls::Error),
+    /// A KVM ioctl that sets up the VM failed.
+    #[error("cannot use KVM (/dev/kvm): {what}: {source}")]
+    Kvm {
+        /// Which operation (the ioctl's name).
+        what: &'static str,
+        /// Cause.
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+    /// A vCPU cannot be created.
+    #[error("cannot use KVM (/dev/kvm): KVM_CREATE_VCPU {vcpu}: {source}")]
+    CreateVcpu {
+        /// vCPU index.
+        vcpu: usize,
+        /// Cause.
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+    /// The MSR list that sets a vCPU's TSC cannot be built.
+    #[error("cannot use KVM (/dev/kvm): TSC MSR: {0}")]
+    TscMsr(#[source] vmm_sys_util::fam::Error),
+    /// The signal handler that kicks vCPUs out of KVM_RUN cannot be installed.
+    #[error("cannot use KVM (/dev/kvm): signal handler: {0}")]
+    KickHandler(#[source] vmm_sys_util::errno::Error),
+    /// Dropping the shadow page tables of a software backend failed.
+    #[error(
+        "cannot use KVM (/dev/kvm): dropping shadow page tables (memory slot {slot}): {source}"
+    )]
+    ShadowSync {
+        /// The memory slot used to drop them.
+        slot: u32,
+        /// Cause.
+        #[source]
+        source: kvm_ioctls::Error,
+    },
     /// Guest memory.
     #[error(transparent)]
     Memory(#[from] MemoryError),
@@ -134,7 +169,7 @@ pub enum VmError {
     Timeout(Duration, String),
     /// A thread could not be started.
     #[error("cannot start thread: {0}")]
-    Thread(std::io::Error),
+    Thread(#[source] std::io::Error),
     /// The user stopped the VM from the console (Ctrl-A x).
     #[error("stopped from the console (Ctrl-A x)")]
     ConsoleQuit,
@@ -275,9 +310,10 @@ pub fn validate(vcpus: usize, memory: u64) -> Result<(), VmError> {
 }
 
 fn create_vm(kvm: &Kvm, mem: &GuestMemoryMmap, host: HostKind) -> Result<VmFd, VmError> {
-    let vm = kvm
-        .create_vm()
-        .map_err(|e| VmError::Kvm(format!("KVM_CREATE_VM: {e}")))?;
+    let vm = kvm.create_vm().map_err(|source| VmError::Kvm {
+        what: "KVM_CREATE_VM",
+        source,
+    })?;
     for (slot, region) in mem.iter().enumerate() {
         let r = kvm_bindings::kvm_userspace_memory_region {
             slot: slot as u32,
@@ -289,8 +325,10 @@ fn create_vm(kvm: &Kvm, mem: &GuestMemoryMmap, host: HostKind) -> Result<VmFd, V
         // SAFETY: the region is a live mapping owned by `mem`, which outlives every use
         // of it by the VM: run() drops it only after every vCPU thread has been joined,
         // and leaks it (never unmaps it) when a thread could not be joined.
-        unsafe { vm.set_user_memory_region(r) }
-            .map_err(|e| VmError::Kvm(format!("KVM_SET_USER_MEMORY_REGION: {e}")))?;
+        unsafe { vm.set_user_memory_region(r) }.map_err(|source| VmError::Kvm {
+            what: "KVM_SET_USER_MEMORY_REGION",
+            source,
+        })?;
     }
     // The TSC-deadline MSR belongs to the user-space LAPIC: have KVM exit on it.
     let cap = kvm_bindings::kvm_enable_cap {
@@ -298,8 +336,10 @@ fn create_vm(kvm: &Kvm, mem: &GuestMemoryMmap, host: HostKind) -> Result<VmFd, V
         args: [u64::from(kvm_bindings::KVM_MSR_EXIT_REASON_FILTER), 0, 0, 0],
         ..Default::default()
     };
-    vm.enable_cap(&cap)
-        .map_err(|e| VmError::Kvm(format!("KVM_CAP_X86_USER_SPACE_MSR: {e}")))?;
+    vm.enable_cap(&cap).map_err(|source| VmError::Kvm {
+        what: "KVM_CAP_X86_USER_SPACE_MSR",
+        source,
+    })?;
     let bitmap = [0u8; 1];
     // STAR, LSTAR, CSTAR, FMASK: writes of all but CSTAR (bit 2 set: allowed) exit to
     // the VMM, which keeps them for the system-call repair and hands them to KVM.
@@ -319,7 +359,10 @@ fn create_vm(kvm: &Kvm, mem: &GuestMemoryMmap, host: HostKind) -> Result<VmFd, V
         });
     }
     vm.set_msr_filter(kvm_ioctls::MsrFilterDefaultAction::ALLOW, &ranges)
-        .map_err(|e| VmError::Kvm(format!("KVM_X86_SET_MSR_FILTER: {e}")))?;
+        .map_err(|source| VmError::Kvm {
+            what: "KVM_X86_SET_MSR_FILTER",
+            source,
+        })?;
     // Needed by Intel VMX without unrestricted guest; harmless elsewhere.
     let _ = vm.set_tss_address(0xfffb_d000);
     Ok(vm)
@@ -331,7 +374,10 @@ const KVM_PV_FEATURES_KEPT: u32 = (1 << 0) | (1 << 1) | (1 << 3) | (1 << 24);
 fn set_cpuid(kvm: &Kvm, vcpu: &kvm_ioctls::VcpuFd, index: usize) -> Result<(), VmError> {
     let mut cpuid = kvm
         .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
-        .map_err(|e| VmError::Kvm(format!("KVM_GET_SUPPORTED_CPUID: {e}")))?;
+        .map_err(|source| VmError::Kvm {
+            what: "KVM_GET_SUPPORTED_CPUID",
+            source,
+        })?;
     for e in cpuid.as_mut_slice() {
         match e.function {
             1 => {
@@ -346,8 +392,10 @@ fn set_cpuid(kvm: &Kvm, vcpu: &kvm_ioctls::VcpuFd, index: usize) -> Result<(), V
             _ => {}
         }
     }
-    vcpu.set_cpuid2(&cpuid)
-        .map_err(|e| VmError::Kvm(format!("KVM_SET_CPUID2: {e}")))
+    vcpu.set_cpuid2(&cpuid).map_err(|source| VmError::Kvm {
+        what: "KVM_SET_CPUID2",
+        source,
+    })
 }
 
 /// The full kernel command line for a host kind and the user's extra options.
@@ -496,7 +544,7 @@ impl Vm {
                 cfg.kernel.display()
             )));
         }
-        let kvm = Kvm::new().map_err(|e| VmError::Kvm(e.to_string()))?;
+        let kvm = Kvm::new().map_err(VmError::KvmOpen)?;
         let max = kvm.get_max_vcpus();
         let local: Vec<bool> = match &cfg.placement {
             None => vec![true; cfg.vcpus],
@@ -513,7 +561,7 @@ impl Vm {
             None => memory::create_guest_memory(cfg.memory)?,
         };
         let vm = create_vm(&kvm, &mem, cfg.host)?;
-        vcpu::install_kick_handler().map_err(|e| VmError::Kvm(format!("signal handler: {e}")))?;
+        vcpu::install_kick_handler().map_err(VmError::KickHandler)?;
         let link = cfg.placement.as_ref().map(|p| p.link.clone());
         // The I/O node (node 0) holds the IOAPIC and the devices; the others reach them
         // through the link.
@@ -574,7 +622,7 @@ impl Vm {
         for i in (0..cfg.vcpus).filter(|i| local[*i]) {
             let fd = vm
                 .create_vcpu(i as u64)
-                .map_err(|e| VmError::Kvm(format!("KVM_CREATE_VCPU {i}: {e}")))?;
+                .map_err(|source| VmError::CreateVcpu { vcpu: i, source })?;
             set_cpuid(&kvm, &fd, i).or_else(|e| match cfg.host {
                 // A software backend ignores the table anyway (see compat).
                 HostKind::Software => Ok(()),
@@ -586,9 +634,11 @@ impl Vm {
                     data: host_tsc().wrapping_sub(base),
                     ..Default::default()
                 }])
-                .map_err(|e| VmError::Kvm(format!("TSC MSR: {e:?}")))?;
-                fd.set_msrs(&msrs)
-                    .map_err(|e| VmError::Kvm(format!("KVM_SET_MSRS (TSC): {e}")))?;
+                .map_err(VmError::TscMsr)?;
+                fd.set_msrs(&msrs).map_err(|source| VmError::Kvm {
+                    what: "KVM_SET_MSRS (TSC)",
+                    source,
+                })?;
             }
             vcpus.push((i, fd));
         }
@@ -601,7 +651,10 @@ impl Vm {
                     .ok_or_else(|| VmError::Config("the boot node has no vCPU".into()))?
                     .1
                     .get_tsc_khz()
-                    .map_err(|e| VmError::Kvm(format!("KVM_GET_TSC_KHZ: {e}")))?,
+                    .map_err(|source| VmError::Kvm {
+                        what: "KVM_GET_TSC_KHZ",
+                        source,
+                    })?,
             };
             let host_opts = cfg.host.tsc_cmdline(tsc_khz);
             let full_cmdline = cmdline(cfg.host, &format!("{host_opts} {}", cfg.cmdline_extra));
@@ -661,11 +714,11 @@ impl Vm {
                 std::thread::Builder::new()
                     .name("shadow-sync".into())
                     .spawn(move || {
-                        if let Err(e) = sync.run(&vmfd, &|| s.stopping()) {
-                            s.finish(Err(VmError::Kvm(format!(
-                                "dropping shadow page tables (memory slot {}): {e}",
-                                crate::compat::shadow::DUMMY_SLOT
-                            ))));
+                        if let Err(source) = sync.run(&vmfd, &|| s.stopping()) {
+                            s.finish(Err(VmError::ShadowSync {
+                                slot: crate::compat::shadow::DUMMY_SLOT,
+                                source,
+                            }));
                         }
                     })
                     .map_err(VmError::Thread)?,
