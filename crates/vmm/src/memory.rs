@@ -134,6 +134,14 @@ mod tests {
         assert!(parse_size("lots").is_err());
         assert!(parse_size("12Q").is_err());
         assert!(parse_size("99999999999999T").is_err());
+        assert_eq!(
+            parse_size("lots").unwrap_err().to_string(),
+            "invalid size 'lots': use a number with K, M, G or T"
+        );
+        assert_eq!(
+            parse_size("99999999999999T").unwrap_err().to_string(),
+            "invalid size '99999999999999T': too large"
+        );
     }
 
     #[test]

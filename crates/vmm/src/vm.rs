@@ -108,9 +108,29 @@ pub enum GuestEnd {
 /// Errors of a VM run.
 #[derive(Debug, thiserror::Error)]
 pub enum VmError {
-    /// Bad configuration.
-    #[error("{0}")]
-    Config(String),
+    /// The number of vCPUs is out of range.
+    #[error("{0} vCPUs is not possible: use 1 to {max}", max = mptable::MAX_CPUS)]
+    BadVcpus(usize),
+    /// The kernel file is missing.
+    #[error("kernel {} not found (build one with `make guest`, or pass --kernel)", .0.display())]
+    KernelNotFound(PathBuf),
+    /// This host's KVM allows fewer vCPUs than this node must run.
+    #[error("{vcpus} vCPUs is not possible: this host's KVM allows at most {max}")]
+    HostVcpus {
+        /// vCPUs this node runs.
+        vcpus: usize,
+        /// KVM's limit.
+        max: usize,
+    },
+    /// A node without the IOAPIC has no link to reach it.
+    #[error("no IOAPIC reachable")]
+    NoIoApic,
+    /// A node without the devices has no link to reach them.
+    #[error("no I/O node reachable")]
+    NoIoNode,
+    /// The boot node runs no vCPU (and was given no TSC frequency).
+    #[error("the boot node has no vCPU")]
+    NoBootVcpu,
     /// /dev/kvm is missing or cannot be opened.
     #[error("cannot use KVM (/dev/kvm): {0}")]
     KvmOpen(#[source] kvm_ioctls::Error),
@@ -300,10 +320,7 @@ impl VcpuEnv for Shared {
 /// Validates the parts of a configuration that do not need KVM.
 pub fn validate(vcpus: usize, memory: u64) -> Result<(), VmError> {
     if vcpus == 0 || vcpus > mptable::MAX_CPUS {
-        return Err(VmError::Config(format!(
-            "{vcpus} vCPUs is not possible: use 1 to {}",
-            mptable::MAX_CPUS
-        )));
+        return Err(VmError::BadVcpus(vcpus));
     }
     memory::ram_ranges(memory)?;
     Ok(())
@@ -539,10 +556,7 @@ impl Vm {
         validate(cfg.vcpus, cfg.memory)?;
         let node = cfg.placement.as_ref().map_or(0, |p| p.node);
         if node == 0 && !cfg.kernel.is_file() {
-            return Err(VmError::Config(format!(
-                "kernel {} not found (build one with `make guest`, or pass --kernel)",
-                cfg.kernel.display()
-            )));
+            return Err(VmError::KernelNotFound(cfg.kernel));
         }
         let kvm = Kvm::new().map_err(VmError::KvmOpen)?;
         let max = kvm.get_max_vcpus();
@@ -552,9 +566,7 @@ impl Vm {
         };
         let nlocal = local.iter().filter(|l| **l).count();
         if nlocal > max {
-            return Err(VmError::Config(format!(
-                "{nlocal} vCPUs is not possible: this host's KVM allows at most {max}"
-            )));
+            return Err(VmError::HostVcpus { vcpus: nlocal, max });
         }
         let mem = match cfg.guest_memory {
             Some(m) => m,
@@ -570,7 +582,7 @@ impl Vm {
         let ioapic_link: Arc<dyn IoApicLink> = match (&ioapic, &link) {
             (Some(io), _) => io.clone(),
             (None, Some(l)) => Arc::new(RemoteIoApic(l.clone())),
-            (None, None) => return Err(VmError::Config("no IOAPIC reachable".into())),
+            (None, None) => return Err(VmError::NoIoApic),
         };
         let router = Arc::new(Router::new(cfg.vcpus, ioapic_link));
         let handles: Vec<Arc<VcpuHandle>> = (0..cfg.vcpus)
@@ -593,7 +605,7 @@ impl Vm {
         let bus = match (ioapic, &link) {
             (Some(io), _) => IoBus::Local(LocalBus::new(cfg.console, io, router.clone())),
             (None, Some(l)) => IoBus::Remote(l.clone()),
-            (None, None) => return Err(VmError::Config("no I/O node reachable".into())),
+            (None, None) => return Err(VmError::NoIoNode),
         };
         let shared = Arc::new(Shared {
             start: Instant::now(),
@@ -648,7 +660,7 @@ impl Vm {
                 Some(k) => k,
                 None => vcpus
                     .first()
-                    .ok_or_else(|| VmError::Config("the boot node has no vCPU".into()))?
+                    .ok_or(VmError::NoBootVcpu)?
                     .1
                     .get_tsc_khz()
                     .map_err(|source| VmError::Kvm {
@@ -856,6 +868,43 @@ pub fn run(cfg: VmConfig) -> Result<RunReport, VmError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn errors_read_as_one_line_and_keep_their_sources() {
+        use std::error::Error as _;
+        let e = VmError::Kvm {
+            what: "KVM_CREATE_VM",
+            source: kvm_ioctls::Error::new(libc::ENOMEM),
+        };
+        let os = kvm_ioctls::Error::new(libc::ENOMEM).to_string();
+        assert_eq!(
+            e.to_string(),
+            format!("cannot use KVM (/dev/kvm): KVM_CREATE_VM: {os}")
+        );
+        assert_eq!(e.source().map(|s| s.to_string()), Some(os));
+        let e = VmError::CreateVcpu {
+            vcpu: 3,
+            source: kvm_ioctls::Error::new(libc::EINVAL),
+        };
+        assert!(e.to_string().contains("KVM_CREATE_VCPU 3: "), "{e}");
+        assert!(e.source().is_some());
+        assert_eq!(
+            validate(0, 512 << 20).unwrap_err().to_string(),
+            format!("0 vCPUs is not possible: use 1 to {}", mptable::MAX_CPUS)
+        );
+        assert!(validate(1, 1 << 20)
+            .unwrap_err()
+            .to_string()
+            .starts_with("memory size"));
+        let e = VmError::KernelNotFound(PathBuf::from("/nonexistent/vmlinux"));
+        assert_eq!(
+            e.to_string(),
+            "kernel /nonexistent/vmlinux not found (build one with `make guest`, or pass --kernel)"
+        );
+        for e in [e, VmError::HostVcpus { vcpus: 9, max: 8 }] {
+            assert!(!e.to_string().contains('\n'), "{e}");
+        }
+    }
 
     #[test]
     fn first_outcome_wins() {
