@@ -55,8 +55,19 @@ pub fn create_guest_memory(size: u64) -> Result<GuestMemoryMmap, MemoryError> {
     GuestMemoryMmap::from_ranges(&ranges).map_err(|source| MemoryError::Map { size, source })
 }
 
+/// A size (`--memory`, a node's memory share) that cannot be parsed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SizeError {
+    /// Not a number with an optional K, M, G or T unit.
+    #[error("invalid size '{0}': use a number with K, M, G or T")]
+    Invalid(String),
+    /// The number of bytes does not fit in 64 bits.
+    #[error("invalid size '{0}': too large")]
+    TooLarge(String),
+}
+
 /// Parses a size such as `512M`, `1G`, `2048K` or a plain number of bytes.
-pub fn parse_size(s: &str) -> Result<u64, String> {
+pub fn parse_size(s: &str) -> Result<u64, SizeError> {
     let t = s.trim();
     let (num, mult) = match t.char_indices().find(|(_, c)| !c.is_ascii_digit()) {
         None => (t, 1u64),
@@ -69,20 +80,14 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
                 "M" => 1 << 20,
                 "G" => 1 << 30,
                 "T" => 1 << 40,
-                _ => {
-                    return Err(format!(
-                        "invalid size '{s}': use a number with K, M, G or T"
-                    ))
-                }
+                _ => return Err(SizeError::Invalid(s.to_string())),
             };
             (&t[..i], m)
         }
     };
-    let n: u64 = num
-        .parse()
-        .map_err(|_| format!("invalid size '{s}': use a number with K, M, G or T"))?;
+    let n: u64 = num.parse().map_err(|_| SizeError::Invalid(s.to_string()))?;
     n.checked_mul(mult)
-        .ok_or_else(|| format!("invalid size '{s}': too large"))
+        .ok_or_else(|| SizeError::TooLarge(s.to_string()))
 }
 
 /// Builds the guest memory map over an existing host mapping of `size` bytes (e.g. the
@@ -129,6 +134,14 @@ mod tests {
         assert!(parse_size("lots").is_err());
         assert!(parse_size("12Q").is_err());
         assert!(parse_size("99999999999999T").is_err());
+        assert_eq!(
+            parse_size("lots").unwrap_err().to_string(),
+            "invalid size 'lots': use a number with K, M, G or T"
+        );
+        assert_eq!(
+            parse_size("99999999999999T").unwrap_err().to_string(),
+            "invalid size '99999999999999T': too large"
+        );
     }
 
     #[test]

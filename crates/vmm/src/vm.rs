@@ -108,12 +108,67 @@ pub enum GuestEnd {
 /// Errors of a VM run.
 #[derive(Debug, thiserror::Error)]
 pub enum VmError {
-    /// Bad configuration.
-    #[error("{0}")]
-    Config(String),
-    /// /dev/kvm is missing or unusable.
+    /// The number of vCPUs is out of range.
+    #[error("{0} vCPUs is not possible: use 1 to {max}", max = mptable::MAX_CPUS)]
+    BadVcpus(usize),
+    /// The kernel file is missing.
+    #[error("kernel {} not found (build one with `make guest`, or pass --kernel)", .0.display())]
+    KernelNotFound(PathBuf),
+    /// This host's KVM allows fewer vCPUs than this node must run.
+    #[error("{vcpus} vCPUs is not possible: this host's KVM allows at most {max}")]
+    HostVcpus {
+        /// vCPUs this node runs.
+        vcpus: usize,
+        /// KVM's limit.
+        max: usize,
+    },
+    /// A node without the IOAPIC has no link to reach it.
+    #[error("no IOAPIC reachable")]
+    NoIoApic,
+    /// A node without the devices has no link to reach them.
+    #[error("no I/O node reachable")]
+    NoIoNode,
+    /// The boot node runs no vCPU (and was given no TSC frequency).
+    #[error("the boot node has no vCPU")]
+    NoBootVcpu,
+    /// /dev/kvm is missing or cannot be opened.
     #[error("cannot use KVM (/dev/kvm): {0}")]
-    Kvm(String),
+    KvmOpen(#[source] kvm_ioctls::Error),
+    /// A KVM ioctl that sets up the VM failed.
+    #[error("cannot use KVM (/dev/kvm): {what}: {source}")]
+    Kvm {
+        /// Which operation (the ioctl's name).
+        what: &'static str,
+        /// Cause.
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+    /// A vCPU cannot be created.
+    #[error("cannot use KVM (/dev/kvm): KVM_CREATE_VCPU {vcpu}: {source}")]
+    CreateVcpu {
+        /// vCPU index.
+        vcpu: usize,
+        /// Cause.
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+    /// The MSR list that sets a vCPU's TSC cannot be built.
+    #[error("cannot use KVM (/dev/kvm): TSC MSR: {0}")]
+    TscMsr(#[source] vmm_sys_util::fam::Error),
+    /// The signal handler that kicks vCPUs out of KVM_RUN cannot be installed.
+    #[error("cannot use KVM (/dev/kvm): signal handler: {0}")]
+    KickHandler(#[source] vmm_sys_util::errno::Error),
+    /// Dropping the shadow page tables of a software backend failed.
+    #[error(
+        "cannot use KVM (/dev/kvm): dropping shadow page tables (memory slot {slot}): {source}"
+    )]
+    ShadowSync {
+        /// The memory slot used to drop them.
+        slot: u32,
+        /// Cause.
+        #[source]
+        source: kvm_ioctls::Error,
+    },
     /// Guest memory.
     #[error(transparent)]
     Memory(#[from] MemoryError),
@@ -134,7 +189,7 @@ pub enum VmError {
     Timeout(Duration, String),
     /// A thread could not be started.
     #[error("cannot start thread: {0}")]
-    Thread(std::io::Error),
+    Thread(#[source] std::io::Error),
     /// The user stopped the VM from the console (Ctrl-A x).
     #[error("stopped from the console (Ctrl-A x)")]
     ConsoleQuit,
@@ -265,19 +320,17 @@ impl VcpuEnv for Shared {
 /// Validates the parts of a configuration that do not need KVM.
 pub fn validate(vcpus: usize, memory: u64) -> Result<(), VmError> {
     if vcpus == 0 || vcpus > mptable::MAX_CPUS {
-        return Err(VmError::Config(format!(
-            "{vcpus} vCPUs is not possible: use 1 to {}",
-            mptable::MAX_CPUS
-        )));
+        return Err(VmError::BadVcpus(vcpus));
     }
     memory::ram_ranges(memory)?;
     Ok(())
 }
 
 fn create_vm(kvm: &Kvm, mem: &GuestMemoryMmap, host: HostKind) -> Result<VmFd, VmError> {
-    let vm = kvm
-        .create_vm()
-        .map_err(|e| VmError::Kvm(format!("KVM_CREATE_VM: {e}")))?;
+    let vm = kvm.create_vm().map_err(|source| VmError::Kvm {
+        what: "KVM_CREATE_VM",
+        source,
+    })?;
     for (slot, region) in mem.iter().enumerate() {
         let r = kvm_bindings::kvm_userspace_memory_region {
             slot: slot as u32,
@@ -289,8 +342,10 @@ fn create_vm(kvm: &Kvm, mem: &GuestMemoryMmap, host: HostKind) -> Result<VmFd, V
         // SAFETY: the region is a live mapping owned by `mem`, which outlives every use
         // of it by the VM: run() drops it only after every vCPU thread has been joined,
         // and leaks it (never unmaps it) when a thread could not be joined.
-        unsafe { vm.set_user_memory_region(r) }
-            .map_err(|e| VmError::Kvm(format!("KVM_SET_USER_MEMORY_REGION: {e}")))?;
+        unsafe { vm.set_user_memory_region(r) }.map_err(|source| VmError::Kvm {
+            what: "KVM_SET_USER_MEMORY_REGION",
+            source,
+        })?;
     }
     // The TSC-deadline MSR belongs to the user-space LAPIC: have KVM exit on it.
     let cap = kvm_bindings::kvm_enable_cap {
@@ -298,8 +353,10 @@ fn create_vm(kvm: &Kvm, mem: &GuestMemoryMmap, host: HostKind) -> Result<VmFd, V
         args: [u64::from(kvm_bindings::KVM_MSR_EXIT_REASON_FILTER), 0, 0, 0],
         ..Default::default()
     };
-    vm.enable_cap(&cap)
-        .map_err(|e| VmError::Kvm(format!("KVM_CAP_X86_USER_SPACE_MSR: {e}")))?;
+    vm.enable_cap(&cap).map_err(|source| VmError::Kvm {
+        what: "KVM_CAP_X86_USER_SPACE_MSR",
+        source,
+    })?;
     let bitmap = [0u8; 1];
     // STAR, LSTAR, CSTAR, FMASK: writes of all but CSTAR (bit 2 set: allowed) exit to
     // the VMM, which keeps them for the system-call repair and hands them to KVM.
@@ -319,7 +376,10 @@ fn create_vm(kvm: &Kvm, mem: &GuestMemoryMmap, host: HostKind) -> Result<VmFd, V
         });
     }
     vm.set_msr_filter(kvm_ioctls::MsrFilterDefaultAction::ALLOW, &ranges)
-        .map_err(|e| VmError::Kvm(format!("KVM_X86_SET_MSR_FILTER: {e}")))?;
+        .map_err(|source| VmError::Kvm {
+            what: "KVM_X86_SET_MSR_FILTER",
+            source,
+        })?;
     // Needed by Intel VMX without unrestricted guest; harmless elsewhere.
     let _ = vm.set_tss_address(0xfffb_d000);
     Ok(vm)
@@ -331,7 +391,10 @@ const KVM_PV_FEATURES_KEPT: u32 = (1 << 0) | (1 << 1) | (1 << 3) | (1 << 24);
 fn set_cpuid(kvm: &Kvm, vcpu: &kvm_ioctls::VcpuFd, index: usize) -> Result<(), VmError> {
     let mut cpuid = kvm
         .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
-        .map_err(|e| VmError::Kvm(format!("KVM_GET_SUPPORTED_CPUID: {e}")))?;
+        .map_err(|source| VmError::Kvm {
+            what: "KVM_GET_SUPPORTED_CPUID",
+            source,
+        })?;
     for e in cpuid.as_mut_slice() {
         match e.function {
             1 => {
@@ -346,8 +409,10 @@ fn set_cpuid(kvm: &Kvm, vcpu: &kvm_ioctls::VcpuFd, index: usize) -> Result<(), V
             _ => {}
         }
     }
-    vcpu.set_cpuid2(&cpuid)
-        .map_err(|e| VmError::Kvm(format!("KVM_SET_CPUID2: {e}")))
+    vcpu.set_cpuid2(&cpuid).map_err(|source| VmError::Kvm {
+        what: "KVM_SET_CPUID2",
+        source,
+    })
 }
 
 /// The full kernel command line for a host kind and the user's extra options.
@@ -491,12 +556,9 @@ impl Vm {
         validate(cfg.vcpus, cfg.memory)?;
         let node = cfg.placement.as_ref().map_or(0, |p| p.node);
         if node == 0 && !cfg.kernel.is_file() {
-            return Err(VmError::Config(format!(
-                "kernel {} not found (build one with `make guest`, or pass --kernel)",
-                cfg.kernel.display()
-            )));
+            return Err(VmError::KernelNotFound(cfg.kernel));
         }
-        let kvm = Kvm::new().map_err(|e| VmError::Kvm(e.to_string()))?;
+        let kvm = Kvm::new().map_err(VmError::KvmOpen)?;
         let max = kvm.get_max_vcpus();
         let local: Vec<bool> = match &cfg.placement {
             None => vec![true; cfg.vcpus],
@@ -504,16 +566,14 @@ impl Vm {
         };
         let nlocal = local.iter().filter(|l| **l).count();
         if nlocal > max {
-            return Err(VmError::Config(format!(
-                "{nlocal} vCPUs is not possible: this host's KVM allows at most {max}"
-            )));
+            return Err(VmError::HostVcpus { vcpus: nlocal, max });
         }
         let mem = match cfg.guest_memory {
             Some(m) => m,
             None => memory::create_guest_memory(cfg.memory)?,
         };
         let vm = create_vm(&kvm, &mem, cfg.host)?;
-        vcpu::install_kick_handler().map_err(|e| VmError::Kvm(format!("signal handler: {e}")))?;
+        vcpu::install_kick_handler().map_err(VmError::KickHandler)?;
         let link = cfg.placement.as_ref().map(|p| p.link.clone());
         // The I/O node (node 0) holds the IOAPIC and the devices; the others reach them
         // through the link.
@@ -522,7 +582,7 @@ impl Vm {
         let ioapic_link: Arc<dyn IoApicLink> = match (&ioapic, &link) {
             (Some(io), _) => io.clone(),
             (None, Some(l)) => Arc::new(RemoteIoApic(l.clone())),
-            (None, None) => return Err(VmError::Config("no IOAPIC reachable".into())),
+            (None, None) => return Err(VmError::NoIoApic),
         };
         let router = Arc::new(Router::new(cfg.vcpus, ioapic_link));
         let handles: Vec<Arc<VcpuHandle>> = (0..cfg.vcpus)
@@ -545,7 +605,7 @@ impl Vm {
         let bus = match (ioapic, &link) {
             (Some(io), _) => IoBus::Local(LocalBus::new(cfg.console, io, router.clone())),
             (None, Some(l)) => IoBus::Remote(l.clone()),
-            (None, None) => return Err(VmError::Config("no I/O node reachable".into())),
+            (None, None) => return Err(VmError::NoIoNode),
         };
         let shared = Arc::new(Shared {
             start: Instant::now(),
@@ -574,7 +634,7 @@ impl Vm {
         for i in (0..cfg.vcpus).filter(|i| local[*i]) {
             let fd = vm
                 .create_vcpu(i as u64)
-                .map_err(|e| VmError::Kvm(format!("KVM_CREATE_VCPU {i}: {e}")))?;
+                .map_err(|source| VmError::CreateVcpu { vcpu: i, source })?;
             set_cpuid(&kvm, &fd, i).or_else(|e| match cfg.host {
                 // A software backend ignores the table anyway (see compat).
                 HostKind::Software => Ok(()),
@@ -586,9 +646,11 @@ impl Vm {
                     data: host_tsc().wrapping_sub(base),
                     ..Default::default()
                 }])
-                .map_err(|e| VmError::Kvm(format!("TSC MSR: {e:?}")))?;
-                fd.set_msrs(&msrs)
-                    .map_err(|e| VmError::Kvm(format!("KVM_SET_MSRS (TSC): {e}")))?;
+                .map_err(VmError::TscMsr)?;
+                fd.set_msrs(&msrs).map_err(|source| VmError::Kvm {
+                    what: "KVM_SET_MSRS (TSC)",
+                    source,
+                })?;
             }
             vcpus.push((i, fd));
         }
@@ -598,10 +660,13 @@ impl Vm {
                 Some(k) => k,
                 None => vcpus
                     .first()
-                    .ok_or_else(|| VmError::Config("the boot node has no vCPU".into()))?
+                    .ok_or(VmError::NoBootVcpu)?
                     .1
                     .get_tsc_khz()
-                    .map_err(|e| VmError::Kvm(format!("KVM_GET_TSC_KHZ: {e}")))?,
+                    .map_err(|source| VmError::Kvm {
+                        what: "KVM_GET_TSC_KHZ",
+                        source,
+                    })?,
             };
             let host_opts = cfg.host.tsc_cmdline(tsc_khz);
             let full_cmdline = cmdline(cfg.host, &format!("{host_opts} {}", cfg.cmdline_extra));
@@ -661,11 +726,11 @@ impl Vm {
                 std::thread::Builder::new()
                     .name("shadow-sync".into())
                     .spawn(move || {
-                        if let Err(e) = sync.run(&vmfd, &|| s.stopping()) {
-                            s.finish(Err(VmError::Kvm(format!(
-                                "dropping shadow page tables (memory slot {}): {e}",
-                                crate::compat::shadow::DUMMY_SLOT
-                            ))));
+                        if let Err(source) = sync.run(&vmfd, &|| s.stopping()) {
+                            s.finish(Err(VmError::ShadowSync {
+                                slot: crate::compat::shadow::DUMMY_SLOT,
+                                source,
+                            }));
                         }
                     })
                     .map_err(VmError::Thread)?,
@@ -803,6 +868,43 @@ pub fn run(cfg: VmConfig) -> Result<RunReport, VmError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn errors_read_as_one_line_and_keep_their_sources() {
+        use std::error::Error as _;
+        let e = VmError::Kvm {
+            what: "KVM_CREATE_VM",
+            source: kvm_ioctls::Error::new(libc::ENOMEM),
+        };
+        let os = kvm_ioctls::Error::new(libc::ENOMEM).to_string();
+        assert_eq!(
+            e.to_string(),
+            format!("cannot use KVM (/dev/kvm): KVM_CREATE_VM: {os}")
+        );
+        assert_eq!(e.source().map(|s| s.to_string()), Some(os));
+        let e = VmError::CreateVcpu {
+            vcpu: 3,
+            source: kvm_ioctls::Error::new(libc::EINVAL),
+        };
+        assert!(e.to_string().contains("KVM_CREATE_VCPU 3: "), "{e}");
+        assert!(e.source().is_some());
+        assert_eq!(
+            validate(0, 512 << 20).unwrap_err().to_string(),
+            format!("0 vCPUs is not possible: use 1 to {}", mptable::MAX_CPUS)
+        );
+        assert!(validate(1, 1 << 20)
+            .unwrap_err()
+            .to_string()
+            .starts_with("memory size"));
+        let e = VmError::KernelNotFound(PathBuf::from("/nonexistent/vmlinux"));
+        assert_eq!(
+            e.to_string(),
+            "kernel /nonexistent/vmlinux not found (build one with `make guest`, or pass --kernel)"
+        );
+        for e in [e, VmError::HostVcpus { vcpus: 9, max: 8 }] {
+            assert!(!e.to_string().contains('\n'), "{e}");
+        }
+    }
 
     #[test]
     fn first_outcome_wins() {

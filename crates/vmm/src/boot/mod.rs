@@ -50,9 +50,9 @@ pub enum BootError {
         /// Path.
         path: PathBuf,
         /// Why ELF loading failed.
-        elf: String,
+        elf: linux_loader::loader::Error,
         /// Why bzImage loading failed.
-        bz: String,
+        bz: linux_loader::loader::Error,
     },
     /// The initrd cannot be read.
     #[error("cannot read initrd {path}: {source}")]
@@ -75,10 +75,19 @@ pub enum BootError {
     InitrdTooLarge(u64),
     /// The command line is invalid or too long.
     #[error("invalid kernel command line: {0}")]
-    Cmdline(String),
+    Cmdline(#[source] linux_loader::cmdline::Error),
+    /// The command line cannot be placed in guest memory.
+    #[error("invalid kernel command line: {0}")]
+    LoadCmdline(#[source] linux_loader::loader::Error),
     /// Writing to guest memory failed.
     #[error("cannot write boot data into guest memory: {0}")]
-    Memory(String),
+    Memory(#[source] vm_memory::GuestMemoryError),
+    /// Writing the zero page failed.
+    #[error("cannot write boot data into guest memory: {0}")]
+    ZeroPage(#[source] linux_loader::configurator::Error),
+    /// The e820 map does not fit in the zero page.
+    #[error("cannot write boot data into guest memory: too many e820 entries ({0})")]
+    TooManyE820(usize),
     /// MP table.
     #[error(transparent)]
     MpTable(#[from] mptable::MpTableError),
@@ -123,24 +132,24 @@ pub fn load(mem: &GuestMemoryMmap, spec: &BootSpec<'_>) -> Result<BootInfo, Boot
                     Err(bz_err) => {
                         return Err(BootError::NotAKernel {
                             path: spec.kernel.to_path_buf(),
-                            elf: elf_err.to_string(),
-                            bz: bz_err.to_string(),
+                            elf: elf_err,
+                            bz: bz_err,
                         })
                     }
                 }
             }
         };
 
-    let mut cmdline = linux_loader::cmdline::Cmdline::new(CMDLINE_MAX)
-        .map_err(|e| BootError::Cmdline(e.to_string()))?;
+    let mut cmdline =
+        linux_loader::cmdline::Cmdline::new(CMDLINE_MAX).map_err(BootError::Cmdline)?;
     cmdline
         .insert_str(spec.cmdline)
-        .map_err(|e| BootError::Cmdline(e.to_string()))?;
+        .map_err(BootError::Cmdline)?;
     linux_loader::loader::load_cmdline(mem, GuestAddress(CMDLINE_START), &cmdline)
-        .map_err(|e| BootError::Cmdline(e.to_string()))?;
+        .map_err(BootError::LoadCmdline)?;
     let cmdline_len = cmdline
         .as_cstring()
-        .map_err(|e| BootError::Cmdline(e.to_string()))?
+        .map_err(BootError::Cmdline)?
         .as_bytes()
         .len();
 
@@ -159,7 +168,7 @@ pub fn load(mem: &GuestMemoryMmap, spec: &BootSpec<'_>) -> Result<BootInfo, Boot
     };
     params::write_zero_page(mem, GuestAddress(ZERO_PAGE_START), &zp)?;
     mptable::write(mem, spec.vcpus)?;
-    regs::write_boot_tables(mem).map_err(|e| BootError::Memory(e.to_string()))?;
+    regs::write_boot_tables(mem).map_err(BootError::Memory)?;
     Ok(BootInfo {
         entry,
         zero_page: ZERO_PAGE_START,
@@ -215,7 +224,7 @@ fn load_initrd(mem: &GuestMemoryMmap, path: &Path) -> Result<(u64, u64), BootErr
         .filter(|a| *a >= 16 << 20)
         .ok_or(BootError::InitrdTooLarge(size))?;
     mem.write_slice(&data, GuestAddress(addr))
-        .map_err(|e| BootError::Memory(e.to_string()))?;
+        .map_err(BootError::Memory)?;
     Ok((addr, size))
 }
 

@@ -32,8 +32,8 @@ pub enum MpTableError {
     #[error("{0} vCPUs do not fit in the MP table (at most {MAX_CPUS})")]
     TooManyCpus(usize),
     /// Writing guest memory failed.
-    #[error("cannot write the MP table into guest memory")]
-    Write,
+    #[error("cannot write the MP table into guest memory: {0}")]
+    Write(#[source] vm_memory::GuestMemoryError),
 }
 
 fn checksum(bytes: &[u8]) -> u8 {
@@ -125,7 +125,7 @@ pub fn build(cpus: usize, base: u64) -> Result<Vec<u8>, MpTableError> {
 pub fn write<M: GuestMemory>(mem: &M, cpus: usize) -> Result<(), MpTableError> {
     let bytes = build(cpus, MPTABLE_START)?;
     mem.write_slice(&bytes, GuestAddress(MPTABLE_START))
-        .map_err(|_| MpTableError::Write)
+        .map_err(MpTableError::Write)
 }
 
 #[cfg(test)]

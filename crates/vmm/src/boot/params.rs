@@ -65,7 +65,7 @@ pub fn build(zp: &ZeroPage<'_>) -> Result<boot_params, BootError> {
     }
     let map = e820_map(zp.ram);
     if map.len() > p.e820_table.len() {
-        return Err(BootError::Memory("too many e820 entries".into()));
+        return Err(BootError::TooManyE820(map.len()));
     }
     for (i, (addr, size, type_)) in map.iter().enumerate() {
         p.e820_table[i] = boot_e820_entry {
@@ -87,7 +87,7 @@ pub fn write_zero_page(
     let p = build(zp)?;
     let bp = BootParams::new::<boot_params>(&p, addr);
     LinuxBootConfigurator::write_bootparams::<GuestMemoryMmap>(&bp, mem)
-        .map_err(|e| BootError::Memory(e.to_string()))
+        .map_err(BootError::ZeroPage)
 }
 
 #[cfg(test)]
