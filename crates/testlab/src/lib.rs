@@ -2,12 +2,12 @@
 //! those never depend on this crate; this crate, the `dvmm` binary and the tests depend
 //! on them.
 //!
-//! * [`node`] and [`bench`]: the DSM test/bench node process (workloads `counters`,
+//! * [`node`] and [`bench`](mod@bench): the DSM test/bench node process (workloads `counters`,
 //!   `bench`, `idle`) and the `dvmm bench dsm` driver. They are here, not in the `dvmm`
 //!   binary, because two programs run them: the hidden `dvmm dsm-node` and this crate's
 //!   `dsm-node` binary (which the multi-process tests in `tests/` start).
 //! * [`launch`]: spawns a local cluster of node processes, captures their output, waits
-//!   with a bound and kills them on drop. Used by [`bench`] and by the tests.
+//!   with a bound and kills them on drop. Used by [`bench`](mod@bench) and by the tests.
 //! * [`netns`]: several "hosts" on one machine (network namespaces joined by a bridge).
 //!   Here because three users need it: `dvmm run --netns`, the multi-process DSM tests
 //!   and the `dvmm` cluster tests.
