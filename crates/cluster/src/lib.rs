@@ -3,13 +3,13 @@
 //! * [`config`]: the TOML cluster description;
 //! * [`node`]: one node process (`dvmm node --config F --id K`): mesh, DSM-backed guest
 //!   RAM, its share of the vCPUs, cross-node interrupts, EOIs and device accesses;
-//! * [`msg`]: the control messages between nodes;
-//! * [`local`]: `dvmm run --nodes N`: a whole cluster of node processes on this machine,
-//!   on loopback or each in its own network namespace.
+//! * [`msg`]: the control messages between nodes.
+//!
+//! `dvmm run --nodes N` (a whole cluster of node processes on this machine) is a tool of
+//! the `dvmm` binary, not of this library.
 #![deny(missing_docs)]
 
 pub mod config;
-pub mod local;
 pub mod msg;
 pub mod node;
 

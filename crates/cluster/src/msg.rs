@@ -9,8 +9,8 @@ use serde::{Deserialize, Serialize};
 use vmm::devices::PortEvent;
 use vmm::{GuestEnd, IoAccess};
 
-/// Transport channel of control messages (the DSM uses its own channel).
-pub const CTRL_CHANNEL: u8 = 2;
+/// The transport channel of control messages ([`transport::channel::CTRL`]).
+pub const CTRL_CHANNEL: u8 = transport::channel::CTRL;
 
 /// A control message.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -60,10 +60,6 @@ mod stats;
 pub mod uffd;
 pub mod wire;
 
-pub mod bench;
-pub mod cluster;
-pub mod node;
-
 use std::io;
 use std::net::TcpListener;
 use std::sync::{Arc, Mutex, OnceLock};
@@ -76,8 +72,8 @@ pub use region::Region;
 pub use runtime::{Dsm, DsmFailure, DsmOptions, DEFAULT_HOLD};
 pub use stats::{DsmStats, FaultKind};
 
-/// The transport channel byte of DSM protocol frames.
-pub const DSM_CHANNEL: u8 = 1;
+/// The transport channel byte of DSM protocol frames ([`transport::channel::DSM`]).
+pub const DSM_CHANNEL: u8 = transport::channel::DSM;
 
 /// Errors of the DSM runtime.
 #[derive(Debug, thiserror::Error)]

@@ -100,7 +100,10 @@ impl Region {
         (page < self.pages).then_some(page)
     }
 
-    pub(crate) fn uffd(&self) -> &Uffd {
+    /// The userfaultfd the region is registered with. Installing pages through it
+    /// bypasses the coherence protocol: only for regions no [`Dsm`](crate::Dsm) drives
+    /// (e.g. the bench floor of `testlab`).
+    pub fn uffd(&self) -> &Uffd {
         &self.uffd
     }
 

@@ -27,7 +27,7 @@ pub struct BenchDsmArgs {
 #[derive(clap::Args)]
 pub struct DsmNodeArgs {
     #[command(flatten)]
-    node: dsm::node::NodeArgs,
+    node: testlab::node::NodeArgs,
 }
 
 /// Runs the DSM benchmark.
@@ -37,15 +37,15 @@ pub fn bench(args: BenchDsmArgs) -> Result<(), String> {
         .filter(|&n| n >= 2)
         .ok_or_else(|| format!("--nodes {}: need 2..=65535", args.nodes))?;
     let exe = std::env::current_exe().map_err(|e| format!("cannot locate dvmm: {e}"))?;
-    let opts = dsm::bench::BenchOptions {
+    let opts = testlab::bench::BenchOptions {
         nodes,
         samples: args.samples,
         seq_mib: args.seq_mib,
         hold_us: args.hold_us,
         readahead: args.readahead,
     };
-    let r = dsm::bench::run(&exe, &["dsm-node"], &opts)?;
-    dsm::bench::print_human(&r);
+    let r = testlab::bench::run(&exe, &["dsm-node"], &opts)?;
+    testlab::bench::print_human(&r);
     if args.json {
         println!(
             "{}",
@@ -57,5 +57,5 @@ pub fn bench(args: BenchDsmArgs) -> Result<(), String> {
 
 /// Runs one DSM node process.
 pub fn node(args: DsmNodeArgs) -> Result<(), String> {
-    dsm::node::node_main(args.node)
+    testlab::node::node_main(args.node)
 }

@@ -10,6 +10,7 @@ mod bench_cluster;
 mod bench_ssi;
 mod child_run;
 mod dsm_cmd;
+mod local;
 use vmm::compat::HostKind;
 use vmm::devices::ConsoleOut;
 use vmm::memory::parse_size;
@@ -153,7 +154,7 @@ fn run(args: RunArgs) -> Result<(), String> {
     // on every way out of this function (and before `exit`). Ctrl-A x stops the VM.
     let raw = RawTerminal::enter(0);
     if args.nodes != 1 || args.netns {
-        let code = cluster::local::run(&cluster::local::LocalRun {
+        let code = local::run(&local::LocalRun {
             nodes: args.nodes,
             vcpus,
             memory: args.memory,

@@ -7,7 +7,7 @@ use common::{idle_initrd, kernel, lines, namespaces, node_pids, torture, wait_fo
 use std::io::Read;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
-use transport::netns::NetnsLab;
+use testlab::netns::NetnsLab;
 
 /// Kills node 1 of a 2-node `--netns` cluster while the guest runs locktorture: the
 /// other node and `dvmm run` stop within 10 s naming node 1, with a failure status, and

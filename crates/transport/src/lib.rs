@@ -97,11 +97,25 @@
 //! ```
 #![deny(missing_docs)]
 
+/// The registry of transport channel numbers: every user of a [`Mesh`] picks its channel
+/// byte here, so that no two protocols ever share a number by accident.
+///
+/// Channel 0 is the transport's own (handshake, heartbeat, goodbye).
+pub mod channel {
+    /// DSM coherence frames (`dsm`).
+    pub const DSM: u8 = 1;
+    /// Control messages between the nodes of a guest (`cluster::msg`).
+    pub const CTRL: u8 = 2;
+    /// Bench floor of the DSM test node (`testlab`): 4 KiB request/response.
+    pub const LAB_FLOOR: u8 = 3;
+    /// Barriers of the DSM test node (`testlab`).
+    pub const LAB_CTL: u8 = 4;
+}
+
 mod error;
 mod frame;
 mod handshake;
 mod mesh;
-pub mod netns;
 mod page;
 
 pub use error::{LostReason, TransportError};

@@ -29,12 +29,12 @@ use rand::{Rng, SeedableRng};
 use tracing::warn;
 use transport::{Event, MeshConfig, PageBuf, Sender};
 
-use crate::{connect, Dsm, DsmOptions, Region};
+use dsm::{connect, Dsm, DsmOptions, Region};
 
 /// Control channel (barriers).
-pub const CTL_CHANNEL: u8 = 2;
+const CTL_CHANNEL: u8 = transport::channel::LAB_CTL;
 /// Bench floor channel (4 KiB request/response).
-pub const FLOOR_CHANNEL: u8 = 3;
+const FLOOR_CHANNEL: u8 = transport::channel::LAB_FLOOR;
 
 /// How pages get their home.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -127,7 +127,7 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 
 /// Barriers over [`CTL_CHANNEL`] (node 0 counts arrivals and releases everyone) and
 /// the bench floor's responder / receiver.
-pub struct Ctl {
+pub(crate) struct Ctl {
     me: u16,
     nodes: u16,
     state: Mutex<CtlState>,
@@ -162,11 +162,6 @@ impl Ctl {
             floor: Mutex::new(None),
             floor_page,
         })
-    }
-
-    /// This node.
-    pub fn me(&self) -> u16 {
-        self.me
     }
 
     /// Number of nodes.
@@ -306,7 +301,7 @@ fn init_logging(filter: &str) {
 }
 
 /// A connected node: mesh, DSM and control channel.
-pub struct Node {
+pub(crate) struct Node {
     /// The mesh (dropping it shuts it down).
     pub mesh: transport::Mesh,
     /// The DSM.
@@ -316,7 +311,7 @@ pub struct Node {
 }
 
 /// Joins the cluster described by `args` and starts the DSM.
-pub fn join(args: &NodeArgs) -> Result<Node, String> {
+pub(crate) fn join(args: &NodeArgs) -> Result<Node, String> {
     let me = args.id;
     let nodes = u16::try_from(args.addrs.len()).map_err(|_| "too many nodes".to_string())?;
     if me >= nodes {
@@ -409,7 +404,7 @@ const SLOT_PAGE: u64 = 3;
 /// Number of slot pages.
 const SLOT_PAGES: u64 = 8;
 /// Pages the counters workload needs.
-pub const COUNTERS_PAGES: u64 = SLOT_PAGE + SLOT_PAGES;
+pub(crate) const COUNTERS_PAGES: u64 = SLOT_PAGE + SLOT_PAGES;
 
 /// A 64-bit word of the region.
 fn word(region: &Region, page: u64, index: usize) -> &AtomicU64 {

@@ -31,9 +31,9 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 use transport::PageBuf;
 
-use crate::cluster::{Cluster, Launch};
+use crate::launch::{Cluster, Launch};
 use crate::node::{Node, NodeArgs};
-use crate::{Histogram, Region};
+use dsm::{Histogram, Region};
 
 const PAGE: u64 = dsm_proto::PAGE_SIZE as u64;
 
@@ -181,7 +181,7 @@ impl Layout {
 }
 
 /// Number of pages the bench workload needs for `nodes` nodes.
-pub fn bench_pages(args: &NodeArgs) -> u64 {
+pub(crate) fn bench_pages(args: &NodeArgs) -> u64 {
     Layout::new(args).pages(args.addrs.len() as u64)
 }
 

@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
-use transport::netns::NetnsLab;
+use testlab::netns::NetnsLab;
 
 /// How to run the local cluster.
 #[derive(Debug, Clone)]
@@ -336,7 +336,7 @@ mod tests {
             dsm_hold_us: Some(250),
         };
         let p = write_config(&dir, &run, &["127.0.0.1:1".into(), "127.0.0.1:2".into()]).unwrap();
-        let c = crate::ClusterConfig::load(&p).unwrap();
+        let c = cluster::ClusterConfig::load(&p).unwrap();
         assert_eq!(c.total_vcpus(), 3);
         assert_eq!(c.dsm_hold, Duration::from_micros(250));
         assert_eq!(c.total_memory(), 1 << 30);

@@ -8,13 +8,13 @@ use clap::Parser;
 #[command(name = "dsm-node", about = "One dvmm DSM test/bench node process")]
 struct Cli {
     #[command(flatten)]
-    node: dsm::node::NodeArgs,
+    node: testlab::node::NodeArgs,
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let id = cli.node.id;
-    match dsm::node::node_main(cli.node) {
+    match testlab::node::node_main(cli.node) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("dsm-node {id}: error: {e}");

@@ -7,8 +7,8 @@
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use dsm::cluster::{Cluster, Launch};
-use transport::netns::NetnsLab;
+use testlab::launch::{Cluster, Launch};
+use testlab::netns::NetnsLab;
 
 static SERIAL: Mutex<()> = Mutex::new(());
 
