@@ -24,7 +24,7 @@
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 /// Errors in a cluster description.
 #[derive(Debug, thiserror::Error)]
@@ -48,24 +48,50 @@ pub enum ConfigError {
     /// Semantically wrong.
     #[error("invalid cluster config: {0}")]
     Invalid(String),
+    /// Cannot write the description or its secret file.
+    #[error("cannot write cluster config {path}: {source}")]
+    Write {
+        /// Path.
+        path: PathBuf,
+        /// Cause.
+        source: std::io::Error,
+    },
 }
 
-#[derive(Debug, Deserialize)]
+/// Most nodes in a cluster description.
+pub const MAX_NODES: usize = 64;
+
+/// Longest DSM hold time (`dsm_hold_us`).
+pub const MAX_DSM_HOLD: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// How long a node keeps a page it just received unless `dsm_hold_us` says otherwise.
+pub const DEFAULT_DSM_HOLD: std::time::Duration = dsm::DEFAULT_HOLD;
+
+/// How long a node waits for the others unless `connect_timeout_secs` says otherwise.
+pub const DEFAULT_CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
+
+#[derive(Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 struct RawConfig {
+    #[serde(skip_serializing_if = "Option::is_none")]
     kernel: Option<PathBuf>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     initrd: Option<PathBuf>,
     #[serde(default)]
     cmdline: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
     secret: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     secret_file: Option<PathBuf>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     connect_timeout_secs: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     dsm_hold_us: Option<u64>,
     #[serde(default)]
     node: Vec<RawNode>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 struct RawNode {
     addr: String,
@@ -131,15 +157,6 @@ impl ClusterConfig {
             path: PathBuf::new(),
             msg: e.message().to_string(),
         })?;
-        if raw.node.is_empty() {
-            return Err(ConfigError::Invalid("no [[node]] entries".into()));
-        }
-        if raw.node.len() > 64 {
-            return Err(ConfigError::Invalid(format!(
-                "{} nodes: at most 64",
-                raw.node.len()
-            )));
-        }
         let mut nodes = Vec::new();
         for (i, n) in raw.node.iter().enumerate() {
             let addr: SocketAddr = n.addr.parse().map_err(|_| {
@@ -147,29 +164,11 @@ impl ClusterConfig {
             })?;
             let memory = vmm::memory::parse_size(&n.memory)
                 .map_err(|e| ConfigError::Invalid(format!("node {i}: {e}")))?;
-            if memory == 0 || memory % (2 << 20) != 0 {
-                return Err(ConfigError::Invalid(format!(
-                    "node {i}: memory share must be a non-zero multiple of 2 MiB"
-                )));
-            }
             nodes.push(NodeConfig {
                 addr,
                 vcpus: n.vcpus,
                 memory,
             });
-        }
-        if nodes[0].vcpus == 0 {
-            return Err(ConfigError::Invalid(
-                "node 0 (the boot node) must run at least one vCPU".into(),
-            ));
-        }
-        for (i, a) in nodes.iter().enumerate() {
-            if nodes[..i].iter().any(|b| b.addr == a.addr) {
-                return Err(ConfigError::Invalid(format!(
-                    "node {i}: address {} is used twice",
-                    a.addr
-                )));
-            }
         }
         let secret = match (raw.secret, raw.secret_file) {
             (Some(s), None) => s.into_bytes(),
@@ -191,30 +190,115 @@ impl ClusterConfig {
                 ))
             }
         };
-        if raw.dsm_hold_us.is_some_and(|h| h > 1_000_000) {
-            return Err(ConfigError::Invalid(
-                "dsm_hold_us must be at most 1000000 (1 s)".into(),
-            ));
-        }
-        if secret.len() < 16 {
-            return Err(ConfigError::Invalid(
-                "the cluster secret must have at least 16 characters".into(),
-            ));
-        }
         let c = ClusterConfig {
             kernel: raw.kernel.unwrap_or_else(|| PathBuf::from(DEFAULT_KERNEL)),
             initrd: raw.initrd,
             cmdline: raw.cmdline,
             secret,
-            connect_timeout: std::time::Duration::from_secs(raw.connect_timeout_secs.unwrap_or(60)),
+            connect_timeout: raw
+                .connect_timeout_secs
+                .map_or(DEFAULT_CONNECT_TIMEOUT, std::time::Duration::from_secs),
             dsm_hold: raw
                 .dsm_hold_us
                 .map_or(dsm::DEFAULT_HOLD, std::time::Duration::from_micros),
             nodes,
         };
-        vmm::vm::validate(c.total_vcpus(), c.total_memory())
-            .map_err(|e| ConfigError::Invalid(e.to_string()))?;
+        c.validate()?;
         Ok(c)
+    }
+
+    /// Checks a description: the one set of rules for a parsed file (`dvmm node`) and
+    /// for a description built in code (`dvmm run`).
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let nodes = &self.nodes;
+        if nodes.is_empty() {
+            return Err(ConfigError::Invalid("no [[node]] entries".into()));
+        }
+        if nodes.len() > MAX_NODES {
+            return Err(ConfigError::Invalid(format!(
+                "{} nodes: at most {MAX_NODES}",
+                nodes.len()
+            )));
+        }
+        for (i, n) in nodes.iter().enumerate() {
+            if n.memory == 0 || n.memory % (2 << 20) != 0 {
+                return Err(ConfigError::Invalid(format!(
+                    "node {i}: memory share of {} KiB: must be a non-zero multiple of 2 MiB",
+                    n.memory >> 10
+                )));
+            }
+        }
+        if nodes[0].vcpus == 0 {
+            return Err(ConfigError::Invalid(
+                "node 0 (the boot node) must run at least one vCPU".into(),
+            ));
+        }
+        for (i, a) in nodes.iter().enumerate() {
+            if nodes[..i].iter().any(|b| b.addr == a.addr) {
+                return Err(ConfigError::Invalid(format!(
+                    "node {i}: address {} is used twice",
+                    a.addr
+                )));
+            }
+        }
+        if self.dsm_hold > MAX_DSM_HOLD {
+            return Err(ConfigError::Invalid(format!(
+                "dsm_hold_us must be at most {} (1 s)",
+                MAX_DSM_HOLD.as_micros()
+            )));
+        }
+        if self.secret.len() < 16 {
+            return Err(ConfigError::Invalid(
+                "the cluster secret must have at least 16 characters".into(),
+            ));
+        }
+        vmm::vm::validate(self.total_vcpus(), self.total_memory())
+            .map_err(|e| ConfigError::Invalid(e.to_string()))?;
+        Ok(())
+    }
+
+    /// The description as TOML that [`ClusterConfig::parse`] reads back, with the
+    /// secret in `secret_file` (not written here; see [`ClusterConfig::save`]).
+    pub fn to_toml(&self, secret_file: &Path) -> String {
+        let raw = RawConfig {
+            kernel: Some(self.kernel.clone()),
+            initrd: self.initrd.clone(),
+            cmdline: self.cmdline.clone(),
+            secret: None,
+            secret_file: Some(secret_file.to_path_buf()),
+            connect_timeout_secs: Some(self.connect_timeout.as_secs()),
+            dsm_hold_us: Some(u64::try_from(self.dsm_hold.as_micros()).unwrap_or(u64::MAX)),
+            node: self
+                .nodes
+                .iter()
+                .map(|n| RawNode {
+                    addr: n.addr.to_string(),
+                    vcpus: n.vcpus,
+                    memory: if n.memory % 1024 == 0 {
+                        format!("{}K", n.memory >> 10)
+                    } else {
+                        n.memory.to_string()
+                    },
+                })
+                .collect(),
+        };
+        // Only strings, integers, paths and tables of them: serialization cannot fail.
+        toml::to_string(&raw).unwrap_or_default()
+    }
+
+    /// Validates the description and writes it to `dir/cluster.toml`, with the secret
+    /// in `dir/secret` (owner-only); returns the description's path.
+    pub fn save(&self, dir: &Path) -> Result<PathBuf, ConfigError> {
+        self.validate()?;
+        let secret = dir.join("secret");
+        write_private(&secret, &self.secret)?;
+        let path = dir.join("cluster.toml");
+        let text = self.to_toml(Path::new("secret"));
+        std::fs::write(&path, text).map_err(|source| ConfigError::Write {
+            path: path.clone(),
+            source,
+        })?;
+        Ok(path)
     }
 
     /// All vCPUs.
@@ -247,6 +331,24 @@ impl ClusterConfig {
     }
 }
 
+/// Writes `data` to a new file only its owner may read.
+fn write_private(path: &Path, data: &[u8]) -> Result<(), ConfigError> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let err = |source| ConfigError::Write {
+        path: path.to_path_buf(),
+        source,
+    };
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(err)?;
+    f.write_all(data).map_err(err)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -277,7 +379,7 @@ mod tests {
     #[test]
     fn rejects_bad_descriptions() {
         let bad = [
-            ("", "no [[node]]"),
+            ("secret = \"0123456789abcdef\"", "no [[node]]"),
             ("secret = \"0123456789abcdef\"\n[[node]]\naddr = \"x\"\nvcpus = 1\nmemory = \"512M\"", "not IP:PORT"),
             ("[[node]]\naddr = \"127.0.0.1:1\"\nvcpus = 1\nmemory = \"512M\"", "secret is required"),
             ("secret = \"short\"\n[[node]]\naddr = \"127.0.0.1:1\"\nvcpus = 1\nmemory = \"512M\"", "at least 16"),
@@ -294,5 +396,71 @@ mod tests {
                 .to_string();
             assert!(e.contains(want), "{text:?}: {e}");
         }
+    }
+
+    fn built(nodes: &[(usize, u64)]) -> ClusterConfig {
+        ClusterConfig {
+            kernel: "/k".into(),
+            initrd: None,
+            cmdline: "a=\"b\"".into(),
+            secret: b"0123456789abcdef".to_vec(),
+            connect_timeout: std::time::Duration::from_secs(30),
+            dsm_hold: dsm::DEFAULT_HOLD,
+            nodes: nodes
+                .iter()
+                .enumerate()
+                .map(|(i, &(vcpus, memory))| NodeConfig {
+                    addr: SocketAddr::from(([127, 0, 0, 1], 7100 + i as u16)),
+                    vcpus,
+                    memory,
+                })
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn built_and_parsed_descriptions_are_checked_alike() {
+        let dir = std::env::temp_dir().join(format!("dvmm-cfg-alike-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("secret"), "0123456789abcdef").unwrap();
+        let mib = 1u64 << 20;
+        let mut dup = built(&[(1, 512 * mib), (1, 512 * mib)]);
+        dup.nodes[1].addr = dup.nodes[0].addr;
+        let mut hold = built(&[(1, 512 * mib)]);
+        hold.dsm_hold = std::time::Duration::from_secs(2);
+        let bad = [
+            (built(&[]), "no [[node]]"),
+            (built(&vec![(1, 2 * mib); MAX_NODES + 1]), "at most 64"),
+            (
+                built(&[(0, 512 * mib), (2, 512 * mib)]),
+                "at least one vCPU",
+            ),
+            (
+                built(&[(1, 512 * mib), (1, 0)]),
+                "node 1: memory share of 0 KiB",
+            ),
+            (built(&[(1, 3 * mib)]), "multiple of 2 MiB"),
+            (built(&[(40, 512 * mib)]), "vCPU"),
+            (dup, "used twice"),
+            (hold, "dsm_hold_us"),
+        ];
+        for (c, want) in bad {
+            let built_err = c.validate().unwrap_err().to_string();
+            assert!(built_err.contains(want), "{want}: {built_err}");
+            assert_eq!(built_err.lines().count(), 1, "{built_err}");
+            let text = c.to_toml(Path::new("secret"));
+            let parsed_err = ClusterConfig::parse(&text, &dir).unwrap_err().to_string();
+            assert_eq!(built_err, parsed_err, "{text}");
+            assert!(c.save(&dir).is_err());
+        }
+        let good = built(&[(2, 512 * mib), (0, 256 * mib)]);
+        let path = good.save(&dir).unwrap();
+        let back = ClusterConfig::load(&path).unwrap();
+        assert_eq!(back.vcpu_nodes(), vec![0, 0]);
+        assert_eq!(back.total_memory(), 768 * mib);
+        assert_eq!(back.cmdline, good.cmdline);
+        assert_eq!(back.secret, good.secret);
+        assert_eq!(back.connect_timeout, good.connect_timeout);
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

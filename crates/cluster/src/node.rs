@@ -750,9 +750,13 @@ impl ClusterLink for Link {
 }
 
 /// Options of a node run that are not in the cluster description.
+#[derive(Debug, Default)]
 pub struct NodeOptions {
     /// Ends the run with an error after this long.
     pub timeout: Option<Duration>,
+    /// An already bound listening socket for this node's address (e.g. handed down by
+    /// `dvmm run`, which bound it to a free port); `None`: the node binds its address.
+    pub listener: Option<std::net::TcpListener>,
 }
 
 /// What a node reports at the end of a run.
@@ -785,10 +789,14 @@ impl Drop for StopOnDrop {
 }
 
 /// Runs node `me` of the cluster until the guest ends.
-pub fn run_node(cfg: &ClusterConfig, me: u16, opts: NodeOptions) -> Result<NodeReport, NodeError> {
+pub fn run_node(
+    cfg: &ClusterConfig,
+    me: u16,
+    mut opts: NodeOptions,
+) -> Result<NodeReport, NodeError> {
     let node = new_node(cfg, me)?;
     let _stop = StopOnDrop(node.clone());
-    let mesh = connect_mesh(cfg, &node)?;
+    let mesh = connect_mesh(cfg, &node, opts.listener.take())?;
     let d = start_dsm(cfg, &node, mesh.sender())?;
     let (vm, tsc_base) = create_vm(cfg, &node, &d, opts)?;
     let handle = vm.handle();
@@ -827,7 +835,11 @@ fn new_node(cfg: &ClusterConfig, me: u16) -> Result<Arc<Node>, NodeError> {
 }
 
 /// [`Phase::Connecting`]: forms the mesh, whose handler feeds the node's messages.
-fn connect_mesh(cfg: &ClusterConfig, node: &Arc<Node>) -> Result<Mesh, NodeError> {
+fn connect_mesh(
+    cfg: &ClusterConfig,
+    node: &Arc<Node>,
+    listener: Option<std::net::TcpListener>,
+) -> Result<Mesh, NodeError> {
     let me = node.me;
     let mut mcfg = MeshConfig::new(
         me,
@@ -836,8 +848,11 @@ fn connect_mesh(cfg: &ClusterConfig, node: &Arc<Node>) -> Result<Mesh, NodeError
     );
     mcfg.connect_timeout = cfg.connect_timeout;
     let h = node.clone();
-    let mesh = Mesh::builder(mcfg)
-        .handler(move |ev| h.on_event(ev))
+    let mut builder = Mesh::builder(mcfg).handler(move |ev| h.on_event(ev));
+    if let Some(l) = listener {
+        builder = builder.listener(l);
+    }
+    let mesh = builder
         .establish()
         .map_err(|source| NodeError::Transport { me, source })?;
     let _ = node.sender.set(mesh.sender());

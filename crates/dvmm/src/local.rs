@@ -7,7 +7,10 @@
 //! others stop (they hear of it over the mesh); whatever is still running after a grace
 //! period is killed. Namespaces and the temporary directory are removed on every exit.
 
-use std::path::{Path, PathBuf};
+use std::net::{SocketAddr, TcpListener};
+use std::os::fd::AsRawFd;
+use std::os::unix::process::CommandExt;
+use std::path::PathBuf;
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
@@ -50,17 +53,13 @@ impl Drop for TempDir {
     }
 }
 
-fn free_port() -> Result<u16, String> {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").map_err(|e| e.to_string())?;
-    l.local_addr().map(|a| a.port()).map_err(|e| e.to_string())
-}
-
-fn secret() -> String {
+fn secret() -> Vec<u8> {
     use rand::Rng;
     let mut rng = rand::thread_rng();
     (0..32)
         .map(|_| format!("{:02x}", rng.gen::<u8>()))
-        .collect()
+        .collect::<String>()
+        .into_bytes()
 }
 
 /// Splits `total` into `n` parts, the first ones one larger.
@@ -70,40 +69,101 @@ pub fn spread(total: usize, n: usize) -> Vec<usize> {
         .collect()
 }
 
-/// Writes the cluster description for a local run.
-pub fn write_config(dir: &Path, run: &LocalRun, addrs: &[String]) -> Result<PathBuf, String> {
-    let unit = 2u64 << 20;
-    let per = (run.memory / run.nodes as u64) / unit * unit;
-    let mut text = String::new();
-    text.push_str(&format!(
-        "kernel = {:?}\n",
-        run.kernel.display().to_string()
-    ));
-    if let Some(i) = &run.initrd {
-        text.push_str(&format!("initrd = {:?}\n", i.display().to_string()));
-    }
-    text.push_str(&format!("cmdline = {:?}\n", run.cmdline));
-    std::fs::write(dir.join("secret"), secret()).map_err(|e| e.to_string())?;
-    text.push_str("secret_file = \"secret\"\nconnect_timeout_secs = 30\n");
-    if let Some(h) = run.dsm_hold_us {
-        text.push_str(&format!("dsm_hold_us = {h}\n"));
-    }
-    let vcpus = spread(run.vcpus, run.nodes);
-    for (k, addr) in addrs.iter().enumerate() {
-        let mem = if k == 0 {
-            run.memory - per * (run.nodes as u64 - 1)
-        } else {
-            per
-        };
-        text.push_str(&format!(
-            "\n[[node]]\naddr = \"{addr}\"\nvcpus = {}\nmemory = \"{}K\"\n",
-            vcpus[k],
-            mem >> 10
+/// Most node processes `dvmm run` starts on this one machine (a limit of the local
+/// machine's processes and memory, not of the cluster: see [`cluster::config::MAX_NODES`]).
+pub const MAX_LOCAL_NODES: usize = 16;
+
+/// The launcher's own check: how many node processes fit on this machine. Everything
+/// else is checked by [`cluster::ClusterConfig::validate`], as for `dvmm node`.
+pub fn check_local_nodes(nodes: usize) -> Result<(), String> {
+    if nodes == 0 || nodes > MAX_LOCAL_NODES {
+        return Err(format!(
+            "--nodes {nodes}: use 1 to {MAX_LOCAL_NODES} node processes on this machine \
+             (larger clusters: `dvmm node` on several hosts, see docs/CLUSTER.md)"
         ));
     }
-    let path = dir.join("cluster.toml");
-    std::fs::write(&path, text).map_err(|e| e.to_string())?;
-    Ok(path)
+    Ok(())
+}
+
+/// The cluster description of a local run with node `k` at `addrs[k]`: the vCPUs
+/// spread over the nodes (the first ones one more), guest RAM in equal 2 MiB-aligned
+/// shares (node 0 takes the rest). Not validated here.
+pub fn cluster_config(
+    run: &LocalRun,
+    addrs: &[SocketAddr],
+    secret: Vec<u8>,
+) -> cluster::ClusterConfig {
+    let n = addrs.len().max(1);
+    let unit = 2u64 << 20;
+    let per = (run.memory / n as u64) / unit * unit;
+    let vcpus = spread(run.vcpus, n);
+    cluster::ClusterConfig {
+        kernel: run.kernel.clone(),
+        initrd: run.initrd.clone(),
+        cmdline: run.cmdline.clone(),
+        secret,
+        connect_timeout: Duration::from_secs(30),
+        dsm_hold: run
+            .dsm_hold_us
+            .map_or(cluster::config::DEFAULT_DSM_HOLD, Duration::from_micros),
+        nodes: addrs
+            .iter()
+            .enumerate()
+            .map(|(k, &addr)| cluster::config::NodeConfig {
+                addr,
+                vcpus: vcpus[k],
+                memory: if k == 0 {
+                    run.memory.saturating_sub(per * (n as u64 - 1))
+                } else {
+                    per
+                },
+            })
+            .collect(),
+    }
+}
+
+/// Listening sockets bound to free loopback ports, one per node; each node process
+/// inherits its own, so no other process can take a port between its choice and use.
+fn bind_loopback(nodes: usize) -> Result<Vec<TcpListener>, String> {
+    (0..nodes)
+        .map(|_| {
+            TcpListener::bind("127.0.0.1:0").map_err(|e| format!("cannot bind 127.0.0.1:0: {e}"))
+        })
+        .collect()
+}
+
+/// The listening socket `dvmm run` handed down as descriptor `fd`; it must be bound to
+/// node `id`'s address in `cfg`.
+pub fn inherited_listener(
+    fd: i32,
+    cfg: &cluster::ClusterConfig,
+    id: u16,
+) -> Result<TcpListener, String> {
+    use std::os::fd::{FromRawFd, IntoRawFd};
+    let want = cfg
+        .nodes
+        .get(usize::from(id))
+        .map(|n| n.addr)
+        .ok_or_else(|| format!("--id {id}: the cluster has {} nodes", cfg.nodes.len()))?;
+    // SAFETY: `fcntl(F_GETFD)` only reads the descriptor's flags; it fails (EBADF) if
+    // `fd` is not open, and nothing is owned until it succeeds.
+    if unsafe { libc::fcntl(fd, libc::F_GETFD) } < 0 {
+        return Err(format!("--listen-fd {fd}: not an open descriptor"));
+    }
+    // SAFETY: `fd` is open (checked above) and, by the contract of `--listen-fd`, was
+    // handed to this process for it alone to own; nothing else in it uses or closes it.
+    let l = unsafe { TcpListener::from_raw_fd(fd) };
+    match l.local_addr() {
+        Ok(a) if a == want => Ok(l),
+        Ok(a) => Err(format!(
+            "--listen-fd {fd}: bound to {a}, but node {id}'s address is {want}"
+        )),
+        Err(e) => {
+            // Not a socket: give the descriptor back rather than closing what we do not know.
+            let _ = l.into_raw_fd();
+            Err(format!("--listen-fd {fd}: not a listening TCP socket: {e}"))
+        }
+    }
 }
 
 fn kill_all(children: &mut [(usize, Child)]) {
@@ -117,23 +177,29 @@ fn kill_all(children: &mut [(usize, Child)]) {
 
 /// Runs a local cluster; returns the exit code for the process.
 pub fn run(run: &LocalRun) -> Result<i32, String> {
-    if run.nodes == 0 || run.nodes > 16 {
-        return Err(format!("--nodes {}: use 1 to 16", run.nodes));
-    }
-    if run.vcpus < run.nodes {
-        return Err(format!(
-            "{} vCPUs on {} nodes: every node needs at least one vCPU",
-            run.vcpus, run.nodes
-        ));
-    }
-    let per = (run.memory / run.nodes as u64) / (2 << 20) * (2 << 20);
-    if per == 0 {
-        return Err(format!(
-            "--memory {} MiB on {} nodes: every node needs a share of at least 2 MiB",
-            run.memory >> 20,
-            run.nodes
-        ));
-    }
+    check_local_nodes(run.nodes)?;
+    // Loopback: ports bound now and handed down. Namespaces: the same port on every
+    // node's own address (the namespaces themselves are made only after the checks).
+    let listeners = if run.netns {
+        Vec::new()
+    } else {
+        bind_loopback(run.nodes)?
+    };
+    let addrs: Vec<SocketAddr> = if run.netns {
+        (0..run.nodes)
+            .map(|k| SocketAddr::from(([10, 213, 0, k as u8 + 1], 7100)))
+            .collect()
+    } else {
+        listeners
+            .iter()
+            .map(|l| l.local_addr())
+            .collect::<Result<_, _>>()
+            .map_err(|e| format!("cannot read a bound port: {e}"))?
+    };
+    // The same checks as `dvmm node` makes of a description file.
+    cluster_config(run, &addrs, secret())
+        .validate()
+        .map_err(|e| e.to_string())?;
     let kernel = std::fs::canonicalize(&run.kernel).map_err(|_| {
         format!(
             "kernel {} not found (build one with `make guest`, or pass --kernel)",
@@ -171,15 +237,14 @@ pub fn run(run: &LocalRun) -> Result<i32, String> {
     } else {
         None
     };
-    let addrs: Vec<String> = match &netns {
-        Some(ns) => (0..run.nodes)
-            .map(|k| format!("{}:7100", ns.addr(k)))
-            .collect(),
-        None => (0..run.nodes)
-            .map(|_| free_port().map(|p| format!("127.0.0.1:{p}")))
-            .collect::<Result<_, _>>()?,
-    };
-    let config = write_config(&dir, &run, &addrs)?;
+    if let Some(ns) = &netns {
+        for (k, a) in addrs.iter().enumerate() {
+            debug_assert_eq!(ns.addr(k), a.ip().to_string());
+        }
+    }
+    let config = cluster_config(&run, &addrs, secret())
+        .save(&dir)
+        .map_err(|e| e.to_string())?;
     let exe = std::env::current_exe().map_err(|e| e.to_string())?;
     let mut children: Vec<(usize, Child)> = Vec::new();
     let mut relays = Vec::new();
@@ -198,7 +263,23 @@ pub fn run(run: &LocalRun) -> Result<i32, String> {
             .arg("--id")
             .arg(k.to_string())
             .arg("--timeout")
-            .arg(run.timeout.to_string())
+            .arg(run.timeout.to_string());
+        if let Some(l) = listeners.get(k) {
+            let fd = l.as_raw_fd();
+            cmd.arg("--listen-fd").arg(fd.to_string());
+            // SAFETY: runs in the forked child before exec and only calls `fcntl`,
+            // which is async-signal-safe; it clears close-on-exec on this node's own
+            // listener (the others stay close-on-exec and are not inherited).
+            unsafe {
+                cmd.pre_exec(move || {
+                    if libc::fcntl(fd, libc::F_SETFD, 0) < 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+        }
+        cmd
             // Node 0 holds the console: the terminal (or pipe) is its input and output.
             .stdin(if k == 0 {
                 Stdio::inherit()
@@ -312,6 +393,7 @@ fn supervise(mut children: Vec<(usize, Child)>) -> Result<i32, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::path::Path;
 
     #[test]
     fn spreads_vcpus() {
@@ -320,27 +402,81 @@ mod tests {
         assert_eq!(spread(4, 4), vec![1, 1, 1, 1]);
     }
 
-    #[test]
-    fn config_round_trips() {
-        let dir = std::env::temp_dir().join(format!("dvmm-cfg-test-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let run = LocalRun {
-            nodes: 2,
-            vcpus: 3,
-            memory: 1 << 30,
+    fn run_of(nodes: usize, vcpus: usize, memory: u64) -> LocalRun {
+        LocalRun {
+            nodes,
+            vcpus,
+            memory,
             kernel: "/k".into(),
             initrd: None,
             cmdline: "a=\"b\"".into(),
             netns: false,
             timeout: 0,
             dsm_hold_us: Some(250),
-        };
-        let p = write_config(&dir, &run, &["127.0.0.1:1".into(), "127.0.0.1:2".into()]).unwrap();
+        }
+    }
+
+    fn addrs(n: usize) -> Vec<SocketAddr> {
+        (0..n)
+            .map(|k| SocketAddr::from(([127, 0, 0, 1], 7100 + k as u16)))
+            .collect()
+    }
+
+    #[test]
+    fn config_round_trips() {
+        let dir = std::env::temp_dir().join(format!("dvmm-cfg-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let p = cluster_config(&run_of(2, 3, 1 << 30), &addrs(2), secret())
+            .save(&dir)
+            .unwrap();
         let c = cluster::ClusterConfig::load(&p).unwrap();
         assert_eq!(c.total_vcpus(), 3);
+        assert_eq!(c.vcpu_nodes(), vec![0, 0, 1]);
         assert_eq!(c.dsm_hold, Duration::from_micros(250));
         assert_eq!(c.total_memory(), 1 << 30);
         assert_eq!(c.cmdline, "a=\"b\"");
+        assert_eq!(c.connect_timeout, Duration::from_secs(30));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// `dvmm run` refuses what `dvmm node` refuses in a file, with the same message.
+    #[test]
+    fn launcher_checks_like_a_description_file() {
+        let dir = std::env::temp_dir().join(format!("dvmm-cfg-alike-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("secret"), secret()).unwrap();
+        let mib = 1u64 << 20;
+        let mut hold = run_of(2, 2, 1 << 30);
+        hold.dsm_hold_us = Some(2_000_000);
+        let bad = [
+            (
+                run_of(2, 0, 1 << 30),
+                "node 0 (the boot node) must run at least one vCPU",
+            ),
+            (run_of(4, 4, 4 * mib), "node 1: memory share of 0 KiB"),
+            (run_of(2, 2, 5 * mib), "node 0: memory share of 3072 KiB"),
+            (run_of(2, 64, 1 << 30), "vCPU"),
+            (hold, "dsm_hold_us"),
+        ];
+        for (run, want) in bad {
+            let c = cluster_config(&run, &addrs(run.nodes), secret());
+            let launcher = c.validate().unwrap_err().to_string();
+            assert!(launcher.contains(want), "{want}: {launcher}");
+            assert_eq!(launcher.lines().count(), 1);
+            let text = c.to_toml(Path::new("secret"));
+            let file = cluster::ClusterConfig::parse(&text, &dir)
+                .unwrap_err()
+                .to_string();
+            assert_eq!(launcher, file);
+        }
+        // Fewer vCPUs than nodes: the last nodes only hold memory, as in a file.
+        assert!(cluster_config(&run_of(4, 2, 1 << 30), &addrs(4), secret())
+            .validate()
+            .is_ok());
+        assert!(check_local_nodes(0).is_err());
+        assert!(check_local_nodes(MAX_LOCAL_NODES).is_ok());
+        let e = check_local_nodes(MAX_LOCAL_NODES + 1).unwrap_err();
+        assert!(e.contains("on this machine"), "{e}");
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -103,10 +103,18 @@ struct NodeArgs {
     /// Stop the guest with an error after this many seconds (0 = never).
     #[arg(long, default_value_t = 0)]
     timeout: u64,
+    /// An inherited, already bound listening socket for this node's address (set by
+    /// `dvmm run`).
+    #[arg(long, hide = true)]
+    listen_fd: Option<i32>,
 }
 
 fn node(args: NodeArgs) -> Result<(), String> {
     let cfg = cluster::ClusterConfig::load(&args.config).map_err(|e| e.to_string())?;
+    let listener = args
+        .listen_fd
+        .map(|fd| local::inherited_listener(fd, &cfg, args.id))
+        .transpose()?;
     // Node 0 has the console: raw keyboard input while it runs (restored on return).
     let _raw = (args.id == 0).then(|| RawTerminal::enter(0)).flatten();
     let report = cluster::run_node(
@@ -114,6 +122,7 @@ fn node(args: NodeArgs) -> Result<(), String> {
         args.id,
         cluster::NodeOptions {
             timeout: (args.timeout > 0).then(|| std::time::Duration::from_secs(args.timeout)),
+            listener,
         },
     )
     .map_err(|e| e.to_string())?;
