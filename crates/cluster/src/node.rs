@@ -40,12 +40,12 @@ pub enum NodeError {
         msg: String,
     },
     /// Start-up did not complete.
-    #[error("node {me}: {msg}")]
+    #[error("node {me}: {source}")]
     Startup {
         /// This node.
         me: u16,
         /// What went wrong.
-        msg: String,
+        source: WaitError,
     },
     /// The VM failed.
     #[error("node {me}: {source}")]
@@ -54,6 +54,22 @@ pub enum NodeError {
         me: u16,
         /// Cause.
         source: vmm::VmError,
+    },
+}
+
+/// Why a node stopped waiting for a step of the start-up.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum WaitError {
+    /// The run failed meanwhile (the reason may come from another node, as text).
+    #[error("{0}")]
+    Failed(String),
+    /// The step did not come in time.
+    #[error("timed out after {timeout:?} waiting for {what}")]
+    Timeout {
+        /// What was awaited.
+        what: String,
+        /// How long.
+        timeout: Duration,
     },
 }
 
@@ -648,19 +664,22 @@ impl Node {
         what: &str,
         timeout: Duration,
         mut ready: impl FnMut(&Life<VmHandle>) -> Option<T>,
-    ) -> Result<T, String> {
+    ) -> Result<T, WaitError> {
         let deadline = Instant::now() + timeout;
         let mut g = self.life();
         loop {
             if let Some(f) = g.failure.as_ref() {
-                return Err(f.clone());
+                return Err(WaitError::Failed(f.clone()));
             }
             if let Some(v) = ready(&g) {
                 return Ok(v);
             }
             let now = Instant::now();
             if now >= deadline {
-                return Err(format!("timed out after {timeout:?} waiting for {what}"));
+                return Err(WaitError::Timeout {
+                    what: what.to_string(),
+                    timeout,
+                });
             }
             g = self
                 .cv
@@ -900,7 +919,10 @@ fn wait_start(cfg: &ClusterConfig, node: &Node) -> Result<u64, NodeError> {
         cfg.connect_timeout + Duration::from_secs(60),
         |l| l.start,
     )
-    .map_err(|msg| NodeError::Startup { me: node.me, msg })
+    .map_err(|source| NodeError::Startup {
+        me: node.me,
+        source,
+    })
 }
 
 /// [`Phase::WaitingStart`] to [`Phase::VmCreated`]: maps guest RAM over the DSM, waits
@@ -977,7 +999,7 @@ fn start_guest(node: &Node, vm: &VmHandle, tsc_base: u64) {
             |l| l.ready.complete().then_some(()),
         );
         if let Err(e) = r {
-            vm.fail(e);
+            vm.fail(e.to_string());
         }
     } else {
         node.send(0, &Ctrl::Ready);
@@ -1305,7 +1327,7 @@ mod tests {
         assert_eq!(n.life().failure.as_deref(), Some("node 2 is gone"));
         assert_eq!(
             n.wait("nothing", Duration::from_secs(5), |_| None::<()>),
-            Err("node 2 is gone".to_string())
+            Err(WaitError::Failed("node 2 is gone".to_string()))
         );
     }
 }

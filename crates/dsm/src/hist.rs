@@ -180,15 +180,17 @@ impl From<Histogram> for HistogramRepr {
     }
 }
 
+/// A serialized histogram that does not fit this build's buckets.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("histogram bucket {0} out of range")]
+pub struct BucketOutOfRange(pub u32);
+
 impl TryFrom<HistogramRepr> for Histogram {
-    type Error = String;
-    fn try_from(r: HistogramRepr) -> Result<Self, String> {
+    type Error = BucketOutOfRange;
+    fn try_from(r: HistogramRepr) -> Result<Self, BucketOutOfRange> {
         let mut h = Histogram::new();
         for (i, c) in r.buckets {
-            let slot = h
-                .counts
-                .get_mut(i as usize)
-                .ok_or(format!("histogram bucket {i} out of range"))?;
+            let slot = h.counts.get_mut(i as usize).ok_or(BucketOutOfRange(i))?;
             *slot = c;
         }
         h.count = r.count;

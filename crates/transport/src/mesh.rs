@@ -27,6 +27,26 @@ pub const HEARTBEAT_INTERVAL: Duration = Duration::from_millis(500);
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 /// Most handshakes of incoming connections in progress at once; more are dropped.
 const MAX_PENDING_HANDSHAKES: usize = 64;
+
+/// Why an authenticated connection was not taken into the mesh.
+#[derive(Debug, thiserror::Error)]
+enum InstallError {
+    /// The mesh is closing.
+    #[error("mesh is shutting down")]
+    ShuttingDown,
+    /// The peer already has a connection.
+    #[error("node {0} is already connected")]
+    AlreadyConnected(u16),
+    /// The socket's timeouts could not be set.
+    #[error("cannot set socket timeouts: {0}")]
+    Timeouts(#[source] std::io::Error),
+    /// The Welcome frame could not be sent.
+    #[error("sending welcome failed: {0}")]
+    Welcome(#[source] std::io::Error),
+    /// The connection's threads could not start.
+    #[error(transparent)]
+    Threads(TransportError),
+}
 /// Poll period of the (non-blocking) listener.
 const ACCEPT_POLL: Duration = Duration::from_millis(10);
 /// Dial retry backoff bounds.
@@ -286,32 +306,33 @@ impl Shared {
         mut stream: TcpStream,
         addr: SocketAddr,
         welcome: bool,
-    ) -> Result<(), String> {
+    ) -> Result<(), InstallError> {
         let mut st = lock(&self.state);
-        let refuse = |stream: &mut TcpStream, reason: &str| {
+        // The reason of a refusal also travels to the peer, as text.
+        let refuse = |stream: &mut TcpStream, reason: InstallError| {
             if welcome {
-                handshake::reject(stream, reason);
+                handshake::reject(stream, &reason.to_string());
             }
-            Err(reason.to_string())
+            Err(reason)
         };
         if self.closing.load(Ordering::SeqCst) {
-            return refuse(&mut stream, "mesh is shutting down");
+            return refuse(&mut stream, InstallError::ShuttingDown);
         }
         if st.connected[usize::from(id)] {
-            return refuse(&mut stream, &format!("node {id} is already connected"));
+            return refuse(&mut stream, InstallError::AlreadyConnected(id));
         }
         let sink = match lock(&self.sink).clone() {
             Some(s) => s,
-            None => return refuse(&mut stream, "mesh is shutting down"),
+            None => return refuse(&mut stream, InstallError::ShuttingDown),
         };
         if let Err(e) = stream
             .set_read_timeout(Some(self.peer_timeout))
             .and_then(|()| stream.set_write_timeout(Some(self.peer_timeout)))
         {
-            return Err(format!("cannot set socket timeouts: {e}"));
+            return Err(InstallError::Timeouts(e));
         }
         if welcome {
-            handshake::welcome(&mut stream).map_err(|e| format!("sending welcome failed: {e}"))?;
+            handshake::welcome(&mut stream).map_err(InstallError::Welcome)?;
         }
         let peer = Arc::new(Peer {
             id,
@@ -323,7 +344,7 @@ impl Shared {
             last_send_ns: AtomicU64::new(self.now_ns()),
         });
         if self.peers[usize::from(id)].set(peer.clone()).is_err() {
-            return Err(format!("node {id} is already connected"));
+            return Err(InstallError::AlreadyConnected(id));
         }
         st.connected[usize::from(id)] = true;
         self.cond.notify_all();
@@ -338,7 +359,7 @@ impl Shared {
         });
         if let Err(e) = reader.and(beat) {
             peer.fail(LostReason::Io(e.to_string()));
-            return Err(e.to_string());
+            return Err(InstallError::Threads(e));
         }
         drop(st);
         info!(node = self.me, peer = id, remote = %addr, "peer connected");
