@@ -153,17 +153,14 @@ pub fn inherited_listener(
     // SAFETY: `fd` is open (checked above) and, by the contract of `--listen-fd`, was
     // handed to this process for it alone to own; nothing else in it uses or closes it.
     let l = unsafe { TcpListener::from_raw_fd(fd) };
-    match l.local_addr() {
-        Ok(a) if a == want => Ok(l),
-        Ok(a) => Err(format!(
-            "--listen-fd {fd}: bound to {a}, but node {id}'s address is {want}"
-        )),
-        Err(e) => {
-            // Not a socket: give the descriptor back rather than closing what we do not know.
-            let _ = l.into_raw_fd();
-            Err(format!("--listen-fd {fd}: not a listening TCP socket: {e}"))
-        }
-    }
+    let refused = match l.local_addr() {
+        Ok(a) if a == want => return Ok(l),
+        Ok(a) => format!("--listen-fd {fd}: bound to {a}, but node {id}'s address is {want}"),
+        Err(e) => format!("--listen-fd {fd}: not a listening TCP socket: {e}"),
+    };
+    // Refused: give the descriptor back rather than close what is not ours to use.
+    let _ = l.into_raw_fd();
+    Err(refused)
 }
 
 fn kill_all(children: &mut [(usize, Child)]) {
@@ -478,5 +475,20 @@ mod tests {
         let e = check_local_nodes(MAX_LOCAL_NODES + 1).unwrap_err();
         assert!(e.contains("on this machine"), "{e}");
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn takes_an_inherited_listener_only_at_its_address() {
+        use std::os::fd::IntoRawFd;
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap();
+        let fd = l.into_raw_fd();
+        let mut cfg = cluster_config(&run_of(2, 2, 1 << 30), &addrs(2), secret());
+        let e = inherited_listener(fd, &cfg, 0).unwrap_err();
+        assert!(e.contains("bound to"), "{e}");
+        cfg.nodes[1].addr = addr;
+        let l = inherited_listener(fd, &cfg, 1).unwrap();
+        assert_eq!(l.local_addr().unwrap(), addr);
+        assert!(inherited_listener(-1, &cfg, 1).is_err());
     }
 }
