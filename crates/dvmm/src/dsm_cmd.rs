@@ -9,18 +9,9 @@ pub struct BenchDsmArgs {
     /// Print one JSON object as the last line.
     #[arg(long)]
     pub json: bool,
-    /// Samples per latency measurement.
-    #[arg(long, default_value_t = 2000)]
-    pub samples: u64,
-    /// Size of the sequential-read pass in MiB.
-    #[arg(long, default_value_t = 16)]
-    pub seq_mib: u64,
-    /// Page hold time after a wake, in µs.
-    #[arg(long, default_value_t = 50)]
-    pub hold_us: u64,
-    /// Read-ahead window in pages on sequential remote read faults (0 = off).
-    #[arg(long, default_value_t = 0)]
-    pub readahead: u64,
+    /// What to measure (as every node process gets it).
+    #[command(flatten)]
+    pub bench: testlab::bench::BenchArgs,
 }
 
 /// Arguments of one DSM node process.
@@ -39,10 +30,7 @@ pub fn bench(args: BenchDsmArgs) -> Result<(), String> {
     let exe = std::env::current_exe().map_err(|e| format!("cannot locate dvmm: {e}"))?;
     let opts = testlab::bench::BenchOptions {
         nodes,
-        samples: args.samples,
-        seq_mib: args.seq_mib,
-        hold_us: args.hold_us,
-        readahead: args.readahead,
+        bench: args.bench,
     };
     let r = testlab::bench::run(&exe, &["dsm-node"], &opts)?;
     testlab::bench::print_human(&r);

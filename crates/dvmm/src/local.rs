@@ -8,12 +8,11 @@
 //! period is killed. Namespaces and the temporary directory are removed on every exit.
 
 use std::net::{SocketAddr, TcpListener};
-use std::os::fd::AsRawFd;
-use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
+use testlab::launch::{Cluster, Lines};
 use testlab::netns::NetnsLab;
 
 /// How to run the local cluster.
@@ -54,12 +53,7 @@ impl Drop for TempDir {
 }
 
 fn secret() -> Vec<u8> {
-    use rand::Rng;
-    let mut rng = rand::thread_rng();
-    (0..32)
-        .map(|_| format!("{:02x}", rng.gen::<u8>()))
-        .collect::<String>()
-        .into_bytes()
+    testlab::launch::random_secret().into_bytes()
 }
 
 /// Splits `total` into `n` parts, the first ones one larger.
@@ -122,16 +116,6 @@ pub fn cluster_config(
     }
 }
 
-/// Listening sockets bound to free loopback ports, one per node; each node process
-/// inherits its own, so no other process can take a port between its choice and use.
-fn bind_loopback(nodes: usize) -> Result<Vec<TcpListener>, String> {
-    (0..nodes)
-        .map(|_| {
-            TcpListener::bind("127.0.0.1:0").map_err(|e| format!("cannot bind 127.0.0.1:0: {e}"))
-        })
-        .collect()
-}
-
 /// The listening socket `dvmm run` handed down as descriptor `fd`; it must be bound to
 /// node `id`'s address in `cfg`.
 pub fn inherited_listener(
@@ -163,15 +147,6 @@ pub fn inherited_listener(
     Err(refused)
 }
 
-fn kill_all(children: &mut [(usize, Child)]) {
-    for (_, c) in children.iter_mut() {
-        let _ = c.kill();
-    }
-    for (_, c) in children.iter_mut() {
-        let _ = c.wait();
-    }
-}
-
 /// Runs a local cluster; returns the exit code for the process.
 pub fn run(run: &LocalRun) -> Result<i32, String> {
     check_local_nodes(run.nodes)?;
@@ -180,7 +155,8 @@ pub fn run(run: &LocalRun) -> Result<i32, String> {
     let listeners = if run.netns {
         Vec::new()
     } else {
-        bind_loopback(run.nodes)?
+        testlab::launch::bind_loopback(run.nodes)
+            .map_err(|e| format!("cannot bind a loopback listener: {e}"))?
     };
     let addrs: Vec<SocketAddr> = if run.netns {
         (0..run.nodes)
@@ -243,8 +219,8 @@ pub fn run(run: &LocalRun) -> Result<i32, String> {
         .save(&dir)
         .map_err(|e| e.to_string())?;
     let exe = std::env::current_exe().map_err(|e| e.to_string())?;
-    let mut children: Vec<(usize, Child)> = Vec::new();
-    let mut relays = Vec::new();
+    let mut cluster = Cluster::default();
+    let mut listeners = listeners.into_iter();
     for k in 0..run.nodes {
         let mut cmd = match &netns {
             Some(ns) => {
@@ -260,23 +236,7 @@ pub fn run(run: &LocalRun) -> Result<i32, String> {
             .arg("--id")
             .arg(k.to_string())
             .arg("--timeout")
-            .arg(run.timeout.to_string());
-        if let Some(l) = listeners.get(k) {
-            let fd = l.as_raw_fd();
-            cmd.arg("--listen-fd").arg(fd.to_string());
-            // SAFETY: runs in the forked child before exec and only calls `fcntl`,
-            // which is async-signal-safe; it clears close-on-exec on this node's own
-            // listener (the others stay close-on-exec and are not inherited).
-            unsafe {
-                cmd.pre_exec(move || {
-                    if libc::fcntl(fd, libc::F_SETFD, 0) < 0 {
-                        return Err(std::io::Error::last_os_error());
-                    }
-                    Ok(())
-                });
-            }
-        }
-        cmd
+            .arg(run.timeout.to_string())
             // Node 0 holds the console: the terminal (or pipe) is its input and output.
             .stdin(if k == 0 {
                 Stdio::inherit()
@@ -289,102 +249,57 @@ pub fn run(run: &LocalRun) -> Result<i32, String> {
                 Stdio::null()
             })
             .stderr(Stdio::piped());
-        match cmd.spawn() {
-            Ok(mut c) => {
-                if let Some(err) = c.stderr.take() {
-                    relays.push(relay_lines(err));
-                }
-                children.push((k, c))
-            }
-            Err(e) => {
-                kill_all(&mut children);
-                finish_relays(relays);
-                return Err(format!("cannot start node {k}: {e}"));
-            }
+        // Every node's stderr reaches ours one whole line at a time, never cut into by
+        // another node's; nothing is kept in memory (a run can be long).
+        let relay = Lines {
+            echo: Some(String::new()),
+            keep: false,
+        };
+        let id = u16::try_from(k).map_err(|_| format!("node {k}: too many nodes"))?;
+        if let Err(e) = cluster.start(id, cmd, listeners.next(), relay) {
+            cluster.kill_all();
+            return Err(format!("cannot start node {k}: {e}"));
         }
     }
-    let r = supervise(children);
-    finish_relays(relays);
-    r
-}
-
-/// Copies a node's stderr to ours one whole line at a time (each with one write under
-/// the stderr lock), so that the lines of several nodes never cut into each other.
-fn relay_lines(from: std::process::ChildStderr) -> std::thread::JoinHandle<()> {
-    std::thread::spawn(move || {
-        use std::io::{BufRead, Write};
-        let mut r = std::io::BufReader::new(from);
-        let mut line = Vec::new();
-        loop {
-            line.clear();
-            match r.read_until(b'\n', &mut line) {
-                Ok(0) | Err(_) => return,
-                Ok(_) => {
-                    let mut err = std::io::stderr().lock();
-                    let _ = err.write_all(&line);
-                }
-            }
-        }
-    })
-}
-
-/// Waits (a bounded time) for the relays to pass on the nodes' last lines.
-fn finish_relays(relays: Vec<std::thread::JoinHandle<()>>) {
-    let deadline = Instant::now() + Duration::from_secs(2);
-    for t in relays {
-        vmm::vm::join_by(t, deadline);
-    }
+    Ok(supervise(&mut cluster))
 }
 
 /// How long the other nodes get to stop after the first node process ended.
 const STOP_GRACE: Duration = Duration::from_secs(8);
 
-fn supervise(mut children: Vec<(usize, Child)>) -> Result<i32, String> {
-    let mut statuses: Vec<Option<ExitStatus>> = vec![None; children.len()];
-    let mut first_end: Option<Instant> = None;
-    loop {
-        for (k, c) in children.iter_mut() {
-            if statuses[*k].is_none() {
-                if let Ok(Some(st)) = c.try_wait() {
-                    statuses[*k] = Some(st);
-                    first_end.get_or_insert_with(Instant::now);
-                }
-            }
-        }
-        if statuses.iter().all(|s| s.is_some()) {
-            break;
-        }
+fn supervise(cluster: &mut Cluster) -> i32 {
+    while cluster.poll() > 0 {
         if INTERRUPTED.load(Ordering::SeqCst) {
             eprintln!("dvmm: interrupted: stopping every node");
-            kill_all(&mut children);
-            return Ok(130);
+            cluster.kill_all();
+            return 130;
         }
         // Every node hears of the first one's end over the mesh (at once on a closed
         // connection, within the 3 s heartbeat timeout on a silent link) and stops;
         // whatever is left after the grace period is killed, so that the whole
         // cluster is gone within 10 s.
-        if first_end.is_some_and(|t| t.elapsed() > STOP_GRACE) {
-            for (k, c) in children.iter_mut() {
-                if statuses[*k].is_none() {
-                    eprintln!("dvmm: node {k} did not stop: killing it");
-                    let _ = c.kill();
-                    statuses[*k] = c.wait().ok();
-                }
+        if cluster
+            .first_exit()
+            .is_some_and(|t| t.elapsed() > STOP_GRACE)
+        {
+            for n in cluster.nodes.iter().filter(|n| n.status.is_none()) {
+                eprintln!("dvmm: node {} did not stop: killing it", n.id);
             }
+            cluster.kill_all();
             break;
         }
         std::thread::sleep(Duration::from_millis(50));
     }
-    let code = |s: &Option<ExitStatus>| s.and_then(|s| s.code()).unwrap_or(1);
-    let node0 = code(&statuses[0]);
+    let code = |n: &testlab::launch::NodeProc| n.status.and_then(|s| s.code()).unwrap_or(1);
+    let node0 = cluster.nodes.first().map_or(1, code);
     if node0 != 0 {
-        return Ok(node0);
+        return node0;
     }
-    Ok(if statuses.iter().all(|s| code(s) == 0) {
+    if cluster.nodes.iter().all(|n| code(n) == 0) {
         0
     } else {
         1
-    })
+    }
 }
 
 #[cfg(test)]

@@ -144,8 +144,8 @@ struct Layout {
 
 impl Layout {
     fn new(args: &NodeArgs) -> Layout {
-        let samples = args.samples.max(1);
-        let seq = args.seq_mib.max(1) * (1 << 20) / PAGE;
+        let samples = args.bench.samples.max(1);
+        let seq = args.bench.seq_mib.max(1) * (1 << 20) / PAGE;
         // Node 1's block: read pages, write pages, 3-hop pages, sequential pages.
         // Node 0's block: (N-1) invalidation sets. Take the larger.
         let nodes = args.addrs.len() as u64;
@@ -378,8 +378,8 @@ pub(crate) fn node_bench(args: &NodeArgs, node: &Node) -> Result<(), String> {
                 0.0
             },
             runtime_read_p50_us: stats.read_latency.p50_us(),
-            hold_us: args.hold_us,
-            readahead: args.readahead,
+            hold_us: args.bench.hold_us,
+            readahead: args.bench.readahead,
         };
         let json = serde_json::to_string(&res).map_err(|e| e.to_string())?;
         println!("BENCH {json}");
@@ -387,29 +387,65 @@ pub(crate) fn node_bench(args: &NodeArgs, node: &Node) -> Result<(), String> {
     Ok(())
 }
 
+/// What a bench run measures and with which DSM settings: the arguments `dvmm bench
+/// dsm` takes and hands on to every node process (one definition, one set of defaults).
+#[derive(clap::Args, Clone, Debug, PartialEq, Eq)]
+pub struct BenchArgs {
+    /// Samples per latency measurement.
+    #[arg(long, default_value_t = 2000)]
+    pub samples: u64,
+    /// Size of the sequential-read pass in MiB.
+    #[arg(long, default_value_t = 16)]
+    pub seq_mib: u64,
+    /// Page hold time after a wake, in µs.
+    #[arg(long, default_value_t = 50)]
+    pub hold_us: u64,
+    /// Read-ahead window in pages on sequential remote read faults (0 = off).
+    #[arg(long, default_value_t = 0)]
+    pub readahead: u64,
+}
+
+impl Default for BenchArgs {
+    /// The command line's defaults.
+    fn default() -> Self {
+        #[derive(clap::Parser)]
+        struct Defaults {
+            #[command(flatten)]
+            b: BenchArgs,
+        }
+        <Defaults as clap::Parser>::parse_from(["bench"]).b
+    }
+}
+
+impl BenchArgs {
+    /// The same settings as node-process arguments.
+    pub fn to_args(&self) -> Vec<String> {
+        [
+            ("--samples", self.samples),
+            ("--seq-mib", self.seq_mib),
+            ("--hold-us", self.hold_us),
+            ("--readahead", self.readahead),
+        ]
+        .into_iter()
+        .flat_map(|(k, v)| [k.to_string(), v.to_string()])
+        .collect()
+    }
+}
+
 /// Options of the bench driver.
 #[derive(Clone, Debug)]
 pub struct BenchOptions {
     /// Node processes (>= 2).
     pub nodes: u16,
-    /// Samples per latency measurement.
-    pub samples: u64,
-    /// Sequential pass size, MiB.
-    pub seq_mib: u64,
-    /// Page hold time, µs.
-    pub hold_us: u64,
-    /// Read-ahead window, pages (0 = off).
-    pub readahead: u64,
+    /// What to measure.
+    pub bench: BenchArgs,
 }
 
 impl Default for BenchOptions {
     fn default() -> Self {
         BenchOptions {
             nodes: 3,
-            samples: 2000,
-            seq_mib: 16,
-            hold_us: 50,
-            readahead: 0,
+            bench: BenchArgs::default(),
         }
     }
 }
@@ -437,11 +473,8 @@ pub fn run(
         threads: 1,
         iters: 0,
         think_us: 0,
-        samples: opts.samples,
-        seq_mib: opts.seq_mib,
-        hold_us: opts.hold_us,
+        bench: opts.bench.clone(),
         spin_us: 0,
-        readahead: opts.readahead,
         connect_timeout_s: 30,
         peer_timeout_ms: 3000,
         log: "warn".into(),
@@ -454,15 +487,8 @@ pub fn run(
         "blocked".into(),
         "--pages".into(),
         pages.to_string(),
-        "--samples".into(),
-        opts.samples.to_string(),
-        "--seq-mib".into(),
-        opts.seq_mib.to_string(),
-        "--hold-us".into(),
-        opts.hold_us.to_string(),
-        "--readahead".into(),
-        opts.readahead.to_string(),
     ]);
+    launch = launch.args(opts.bench.to_args());
     launch.echo_stderr = true;
     let mut cluster = Cluster::spawn(&launch).map_err(|e| format!("cannot start nodes: {e}"))?;
     let ok = cluster.wait(Duration::from_secs(600));

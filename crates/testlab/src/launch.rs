@@ -1,6 +1,19 @@
-//! Spawning a local cluster of node processes (for `dvmm bench dsm` and the tests).
+//! The one process launcher of the project: a set of node processes started on this
+//! machine, their output read whole line by whole line, their exits recorded, and every
+//! one still running killed on drop.
+//!
+//! Two users start clusters with it:
+//! * [`Cluster::spawn`] — the DSM test/bench nodes (`dvmm bench dsm`, the multi-process
+//!   tests): node arguments on the command line, output captured;
+//! * `dvmm run --nodes N` (`crates/dvmm/src/local.rs`) — `dvmm node` processes built
+//!   from a description file, node 0 holding the terminal, every node's stderr relayed
+//!   a whole line at a time; it adds the console, SIGINT and the grace period.
+//!
+//! Both hand each node its already bound loopback listener ([`Cluster::start`] with a
+//! listener: the node gets `--listen-fd FD`), so no other process can take a port
+//! between its choice and its use.
 
-use std::io::{self, BufRead, BufReader, Read};
+use std::io::{self, BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener};
 use std::os::fd::AsRawFd;
 use std::os::unix::process::CommandExt;
@@ -10,7 +23,7 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-/// How to start the nodes of a local cluster.
+/// How to start the nodes of a local DSM test cluster.
 #[derive(Clone, Debug)]
 pub struct Launch {
     /// The executable.
@@ -54,10 +67,18 @@ impl Launch {
     }
 }
 
-fn random_secret() -> String {
+/// A fresh cluster secret: 32 random bytes as 64 hex digits.
+pub fn random_secret() -> String {
     use rand::Rng;
     let mut r = rand::thread_rng();
     (0..32).map(|_| format!("{:02x}", r.gen::<u8>())).collect()
+}
+
+/// Listening sockets bound to free loopback ports, one per node.
+pub fn bind_loopback(nodes: usize) -> io::Result<Vec<TcpListener>> {
+    (0..nodes)
+        .map(|_| TcpListener::bind("127.0.0.1:0"))
+        .collect()
 }
 
 /// Output captured from one node (shared with its reader threads).
@@ -71,6 +92,16 @@ impl Captured {
     }
 }
 
+/// What happens to each line a node writes to a piped stdout or stderr.
+#[derive(Clone, Debug, Default)]
+pub struct Lines {
+    /// Copy the line to this process's stderr after this prefix, in one write (so the
+    /// lines of several nodes never cut into each other).
+    pub echo: Option<String>,
+    /// Keep the line in the node's [`Captured`] text.
+    pub keep: bool,
+}
+
 /// One node process.
 #[derive(Debug)]
 pub struct NodeProc {
@@ -78,71 +109,111 @@ pub struct NodeProc {
     pub id: u16,
     /// The process.
     pub child: Child,
-    /// Its standard output.
+    /// Its standard output (if piped and kept).
     pub stdout: Captured,
-    /// Its standard error.
+    /// Its standard error (if piped and kept).
     pub stderr: Captured,
     readers: Vec<JoinHandle<()>>,
     /// Exit status, once it exited.
     pub status: Option<ExitStatus>,
 }
 
+/// How long the reader threads get to pass on a node's last lines after it exited (a
+/// descendant that kept the pipe open must not hold the launcher).
+const READER_GRACE: Duration = Duration::from_secs(2);
+
 impl NodeProc {
-    /// Waits for the reader threads (after the process exited) so the capture is complete.
+    /// Waits (a bounded time) for the reader threads so the capture is complete.
     fn finish_capture(&mut self) {
+        let deadline = Instant::now() + READER_GRACE;
         for h in self.readers.drain(..) {
-            let _ = h.join();
+            while !h.is_finished() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            if h.is_finished() {
+                let _ = h.join();
+            }
         }
+    }
+
+    fn record(&mut self, s: ExitStatus) {
+        self.status = Some(s);
+        self.finish_capture();
     }
 }
 
 /// A running local cluster. Dropping it kills the nodes still running.
-#[derive(Debug)]
+#[derive(Debug, Default)]
 pub struct Cluster {
-    /// The nodes, by id.
+    /// The nodes, in the order they were started.
     pub nodes: Vec<NodeProc>,
-    /// Their listen addresses.
+    /// Their listen addresses (empty if the caller started them with [`Cluster::start`]
+    /// and did not fill it).
     pub addrs: Vec<SocketAddr>,
+    first_exit: Option<Instant>,
 }
 
-fn capture(
+fn read_lines(
     src: impl Read + Send + 'static,
-    echo: Option<String>,
+    lines: Lines,
     into: Captured,
 ) -> io::Result<JoinHandle<()>> {
     std::thread::Builder::new()
-        .name("dsm-capture".into())
+        .name("node-output".into())
         .spawn(move || {
             let mut r = BufReader::new(src);
-            let mut line = String::new();
+            let mut line = Vec::new();
+            let mut out = Vec::new();
             loop {
                 line.clear();
-                match r.read_line(&mut line) {
+                match r.read_until(b'\n', &mut line) {
                     Ok(0) | Err(_) => return,
                     Ok(_) => {
-                        if let Some(p) = &echo {
-                            eprint!("{p}{line}");
+                        if let Some(p) = &lines.echo {
+                            out.clear();
+                            out.extend_from_slice(p.as_bytes());
+                            out.extend_from_slice(&line);
+                            let _ = io::stderr().lock().write_all(&out);
                         }
-                        into.0
-                            .lock()
-                            .unwrap_or_else(|p| p.into_inner())
-                            .push_str(&line);
+                        if lines.keep {
+                            into.0
+                                .lock()
+                                .unwrap_or_else(|p| p.into_inner())
+                                .push_str(&String::from_utf8_lossy(&line));
+                        }
                     }
                 }
             }
         })
 }
 
+/// Lets the process `cmd` starts inherit `listener` under its own descriptor number
+/// (the flag close-on-exec is cleared in the child only, so no other child inherits
+/// it) and appends `--listen-fd FD` to its arguments.
+pub fn pass_listener(cmd: &mut Command, listener: &TcpListener) {
+    let fd = listener.as_raw_fd();
+    cmd.arg("--listen-fd").arg(fd.to_string());
+    // SAFETY: the closure runs in the forked child before exec and only calls `fcntl`,
+    // which is async-signal-safe, on a descriptor open in the parent (the listener
+    // outlives `spawn`, as the caller holds it).
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::fcntl(fd, libc::F_SETFD, 0) < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}
+
 impl Cluster {
-    /// Starts the nodes.
+    /// Starts the DSM test nodes `l` describes.
     pub fn spawn(l: &Launch) -> io::Result<Cluster> {
         let n = usize::from(l.nodes);
         let (addrs, mut listeners) = match &l.addrs {
             Some(a) => (a.clone(), Vec::new()),
             None => {
-                let ls = (0..n)
-                    .map(|_| TcpListener::bind("127.0.0.1:0"))
-                    .collect::<io::Result<Vec<_>>>()?;
+                let ls = bind_loopback(n)?;
                 let a = ls
                     .iter()
                     .map(TcpListener::local_addr)
@@ -155,10 +226,8 @@ impl Cluster {
             .map(ToString::to_string)
             .collect::<Vec<_>>()
             .join(",");
-        let mut cluster = Cluster {
-            nodes: Vec::new(),
-            addrs: addrs.clone(),
-        };
+        let mut cluster = Cluster::default();
+        cluster.addrs = addrs;
         for id in 0..l.nodes {
             let i = usize::from(id);
             let mut cmd = match l.wrappers.as_ref().and_then(|w| w.get(i)) {
@@ -179,59 +248,59 @@ impl Cluster {
                 .stdin(Stdio::null())
                 .stdout(Stdio::piped())
                 .stderr(Stdio::piped());
-            if let Some(listener) = listeners.get_mut(i).and_then(Option::take) {
-                let fd = listener.as_raw_fd();
-                cmd.arg("--listen-fd").arg("3");
-                // SAFETY: the closure runs in the child between fork and exec and only
-                // calls async-signal-safe functions (dup2, fcntl) on descriptors it owns.
-                unsafe {
-                    cmd.pre_exec(move || {
-                        if fd == 3 {
-                            let flags = libc::fcntl(3, libc::F_GETFD);
-                            if flags < 0
-                                || libc::fcntl(3, libc::F_SETFD, flags & !libc::FD_CLOEXEC) < 0
-                            {
-                                return Err(io::Error::last_os_error());
-                            }
-                        } else if libc::dup2(fd, 3) < 0 {
-                            return Err(io::Error::last_os_error());
-                        }
-                        Ok(())
-                    });
-                }
-                let child = cmd.spawn();
-                drop(listener);
-                cluster.push(id, child?, l.echo_stderr)?;
-            } else {
-                cluster.push(id, cmd.spawn()?, l.echo_stderr)?;
-            }
+            let stderr = Lines {
+                echo: l.echo_stderr.then(|| format!("[node {id}] ")),
+                keep: true,
+            };
+            let listener = listeners.get_mut(i).and_then(Option::take);
+            cluster.start(id, cmd, listener, stderr)?;
         }
         Ok(cluster)
     }
 
-    fn push(&mut self, id: u16, mut child: Child, echo: bool) -> io::Result<()> {
-        let stdout = Captured::default();
-        let stderr = Captured::default();
+    /// Starts node `id` with `cmd` (its stdin and stdout as the caller set them; a
+    /// piped stdout is kept, a piped stderr goes through `stderr`). With a listener, the
+    /// node inherits it ([`pass_listener`]) and this process's copy is closed once the
+    /// node started.
+    pub fn start(
+        &mut self,
+        id: u16,
+        mut cmd: Command,
+        listener: Option<TcpListener>,
+        stderr: Lines,
+    ) -> io::Result<()> {
+        if let Some(l) = &listener {
+            pass_listener(&mut cmd, l);
+        }
+        let spawned = cmd.spawn();
+        drop(listener);
+        let mut child = spawned?;
+        let out = Captured::default();
+        let err = Captured::default();
         let mut readers = Vec::new();
-        if let Some(o) = child.stdout.take() {
-            readers.push(capture(o, None, stdout.clone())?);
-        }
-        if let Some(e) = child.stderr.take() {
-            readers.push(capture(
-                e,
-                echo.then(|| format!("[node {id}] ")),
-                stderr.clone(),
-            )?);
-        }
+        let started = || -> io::Result<()> {
+            if let Some(o) = child.stdout.take() {
+                let keep = Lines {
+                    echo: None,
+                    keep: true,
+                };
+                readers.push(read_lines(o, keep, out.clone())?);
+            }
+            if let Some(e) = child.stderr.take() {
+                readers.push(read_lines(e, stderr, err.clone())?);
+            }
+            Ok(())
+        };
+        let r = started();
         self.nodes.push(NodeProc {
             id,
             child,
-            stdout,
-            stderr,
+            stdout: out,
+            stderr: err,
             readers,
             status: None,
         });
-        Ok(())
+        r
     }
 
     /// Polls the nodes: records exit statuses. Returns how many are still running.
@@ -241,8 +310,8 @@ impl Cluster {
             if n.status.is_none() {
                 match n.child.try_wait() {
                     Ok(Some(s)) => {
-                        n.status = Some(s);
-                        n.finish_capture();
+                        self.first_exit.get_or_insert_with(Instant::now);
+                        n.record(s);
                     }
                     Ok(None) => running += 1,
                     Err(_) => {}
@@ -250,6 +319,11 @@ impl Cluster {
             }
         }
         running
+    }
+
+    /// When [`poll`](Self::poll) first saw a node exited.
+    pub fn first_exit(&self) -> Option<Instant> {
+        self.first_exit
     }
 
     /// Waits until every node exited or `timeout` passed; then kills the rest.
@@ -279,10 +353,13 @@ impl Cluster {
         for n in &mut self.nodes {
             if n.status.is_none() {
                 let _ = n.child.kill();
+            }
+        }
+        for n in &mut self.nodes {
+            if n.status.is_none() {
                 if let Ok(s) = n.child.wait() {
-                    n.status = Some(s);
+                    n.record(s);
                 }
-                n.finish_capture();
             }
         }
     }
@@ -306,5 +383,61 @@ impl Cluster {
 impl Drop for Cluster {
     fn drop(&mut self) {
         self.kill_all();
+        for n in &mut self.nodes {
+            n.finish_capture();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A child inherits its own listener (and only it), and whole lines are kept.
+    #[test]
+    fn passes_the_listener_and_keeps_lines() {
+        let ls = bind_loopback(2).unwrap();
+        let fd0 = ls[0].as_raw_fd();
+        let fd1 = ls[1].as_raw_fd();
+        let mut c = Cluster::default();
+        let mut cmd = Command::new("sh");
+        // The script sees its arguments after `--listen-fd`; it reports which of the
+        // two descriptors are open in it.
+        cmd.arg("-c")
+            .arg(format!(
+                "for f in {fd0} {fd1}; do if [ -e /proc/self/fd/$f ]; then echo open $f; else echo closed $f; fi; done; echo args \"$@\" >&2"
+            ))
+            .arg("sh")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let mut it = ls.into_iter();
+        let l0 = it.next();
+        let keep = Lines {
+            echo: None,
+            keep: true,
+        };
+        c.start(0, cmd, l0, keep).unwrap();
+        assert!(c.wait(Duration::from_secs(20)), "{}", c.report());
+        assert!(c.nodes[0].status.is_some_and(|s| s.success()));
+        let out = c.nodes[0].stdout.text();
+        assert!(out.contains(&format!("open {fd0}\n")), "{out}");
+        assert!(out.contains(&format!("closed {fd1}\n")), "{out}");
+        let err = c.nodes[0].stderr.text();
+        assert_eq!(err, format!("args --listen-fd {fd0}\n"));
+        assert!(c.first_exit().is_some());
+    }
+
+    #[test]
+    fn kill_all_reaps_and_drop_is_quiet() {
+        let mut c = Cluster::default();
+        let mut cmd = Command::new("sleep");
+        cmd.arg("60").stdout(Stdio::piped()).stderr(Stdio::piped());
+        c.start(3, cmd, None, Lines::default()).unwrap();
+        assert_eq!(c.poll(), 1);
+        assert!(c.kill(4).is_err());
+        c.kill_all();
+        assert!(c.nodes[0].status.is_some());
+        assert_eq!(c.poll(), 0);
     }
 }

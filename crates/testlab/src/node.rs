@@ -73,7 +73,7 @@ pub struct NodeArgs {
     /// File holding the cluster secret (instead of --secret).
     #[arg(long)]
     pub secret_file: Option<PathBuf>,
-    /// Inherited, already listening socket to use instead of binding addrs[id].
+    /// Inherited, already listening socket to use instead of binding `addrs[id]`.
     #[arg(long)]
     pub listen_fd: Option<i32>,
     /// Size of the shared region in pages.
@@ -95,21 +95,12 @@ pub struct NodeArgs {
     /// runs overlap and pages really move back and forth.
     #[arg(long, default_value_t = 0)]
     pub think_us: u64,
-    /// Samples per measurement (bench workload).
-    #[arg(long, default_value_t = 2000)]
-    pub samples: u64,
-    /// Size of the sequential-read area in MiB (bench workload).
-    #[arg(long, default_value_t = 16)]
-    pub seq_mib: u64,
-    /// Page hold time after a wake, in µs.
-    #[arg(long, default_value_t = 50)]
-    pub hold_us: u64,
+    /// Bench measurements and DSM settings (hold time, read-ahead).
+    #[command(flatten)]
+    pub bench: crate::bench::BenchArgs,
     /// The fault thread keeps polling for this many µs after handling faults.
     #[arg(long, default_value_t = 0)]
     pub spin_us: u64,
-    /// Read-ahead window in pages on sequential remote read faults (0 = off).
-    #[arg(long, default_value_t = 0)]
-    pub readahead: u64,
     /// Seconds to wait for all nodes to join.
     #[arg(long, default_value_t = 30)]
     pub connect_timeout_s: u64,
@@ -347,9 +338,9 @@ pub(crate) fn join(args: &NodeArgs) -> Result<Node, String> {
     cfg.connect_timeout = Duration::from_secs(args.connect_timeout_s);
     cfg.peer_timeout = Duration::from_millis(args.peer_timeout_ms);
     let opts = DsmOptions {
-        hold: Duration::from_micros(args.hold_us),
+        hold: Duration::from_micros(args.bench.hold_us),
         spin: Duration::from_micros(args.spin_us),
-        readahead: args.readahead,
+        readahead: args.bench.readahead,
     };
     let (mesh, dsm) = connect(cfg, listener, region, homes, opts, move |ev| c.on_event(ev))
         .map_err(|e| format!("node {me}: {e}"))?;

@@ -7,6 +7,7 @@
 //! forwarded to the I/O node through the cluster link, which answers with the same
 //! [`IoBus::access`] of its local bus.
 
+use crate::lock;
 use std::sync::{Arc, Mutex};
 
 use irqchip::IoApic;
@@ -29,12 +30,6 @@ pub enum IoBus {
     Local(LocalBus),
     /// The devices are on the I/O node: forward every access there.
     Remote(Arc<dyn ClusterLink>),
-}
-
-/// The guard of a lock, even if a thread panicked while holding it: device state is
-/// plain registers, and dropping the guest's accesses would be worse.
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 impl LocalBus {

@@ -31,12 +31,10 @@ impl IoApicLink for Mutex<IoApic> {
     fn set_irq(&self, pin: usize, level: bool) -> Option<InterruptMessage> {
         // A panic while the lock was held leaves the IOAPIC state consistent enough
         // (every operation is a few register updates): keep delivering interrupts.
-        self.lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .set_irq(pin, level)
+        crate::lock(self).set_irq(pin, level)
     }
     fn eoi(&self, vector: u8) -> Vec<InterruptMessage> {
-        self.lock().unwrap_or_else(|p| p.into_inner()).eoi(vector)
+        crate::lock(self).eoi(vector)
     }
 }
 

@@ -34,6 +34,13 @@ mod timer;
 pub mod vcpu;
 pub mod vm;
 
+/// The guard of a lock, even if a thread panicked while holding it: the state behind
+/// vmm's locks (device registers, outcomes, generation counters) stays consistent at
+/// every step, and dropping the guest's interrupts or accesses would be worse.
+pub(crate) fn lock<T: ?Sized>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
 pub use vm::{
     run, ClusterLink, GuestEnd, IoAccess, Placement, RunReport, Vm, VmConfig, VmError, VmHandle,
 };

@@ -21,7 +21,7 @@ pub(crate) struct LapicTimer {
 impl LapicTimer {
     /// A vCPU (re)programmed its LAPIC timer.
     pub(crate) fn changed(&self) {
-        let mut g = self.generation.lock().unwrap_or_else(|p| p.into_inner());
+        let mut g = crate::lock(&self.generation);
         *g += 1;
         self.cv.notify_all();
     }
@@ -50,7 +50,7 @@ impl LapicTimer {
                     next = Some(next.map_or(d, |n: u64| n.min(d)));
                 }
             }
-            let g = self.generation.lock().unwrap_or_else(|p| p.into_inner());
+            let g = crate::lock(&self.generation);
             if *g != seen {
                 seen = *g;
                 continue;

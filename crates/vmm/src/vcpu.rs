@@ -257,7 +257,7 @@ impl VcpuHandle {
 
     /// Locks the LAPIC.
     pub fn lapic(&self) -> MutexGuard<'_, Lapic> {
-        self.lapic.lock().unwrap_or_else(|p| p.into_inner())
+        crate::lock(&self.lapic)
     }
 
     /// Makes the vCPU look at its LAPIC again: wakes it if it waits, kicks it out of
@@ -265,7 +265,7 @@ impl VcpuHandle {
     pub fn wake(&self) {
         self.cond.notify_all();
         if self.in_guest.load(Ordering::SeqCst) {
-            let k = self.kicker.lock().unwrap_or_else(|p| p.into_inner());
+            let k = crate::lock(&self.kicker);
             if let Some(k) = k.as_ref() {
                 // SAFETY: see `Kicker`: the mapping is alive while registered. A
                 // volatile byte store into the shared kvm_run page is what
@@ -283,14 +283,14 @@ impl VcpuHandle {
         let run: *mut kvm_bindings::kvm_run = vcpu.get_kvm_run();
         // SAFETY: pthread_self has no preconditions.
         let thread = unsafe { libc::pthread_self() };
-        *self.kicker.lock().unwrap_or_else(|p| p.into_inner()) = Some(Kicker {
+        *crate::lock(&self.kicker) = Some(Kicker {
             thread,
             kvm_run: run,
         });
     }
 
     fn unregister(&self) {
-        *self.kicker.lock().unwrap_or_else(|p| p.into_inner()) = None;
+        *crate::lock(&self.kicker) = None;
     }
 }
 

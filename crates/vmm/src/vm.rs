@@ -241,7 +241,7 @@ impl Shared {
 
     fn finish_inner(&self, r: Result<GuestEnd, VmError>, tell_others: bool) {
         {
-            let mut o = self.outcome.lock().unwrap_or_else(|p| p.into_inner());
+            let mut o = crate::lock(&self.outcome);
             let first = settle(&mut o, || r);
             if first && tell_others {
                 if let (Some(link), Some(r)) = (&self.link, o.as_ref()) {
@@ -765,7 +765,7 @@ impl Vm {
 
         let outcome = {
             let deadline = timeout.map(|t| Instant::now() + t);
-            let mut o = shared.outcome.lock().unwrap_or_else(|p| p.into_inner());
+            let mut o = crate::lock(&shared.outcome);
             while o.is_none() {
                 match deadline {
                     None => o = shared.outcome_cv.wait(o).unwrap_or_else(|p| p.into_inner()),
@@ -779,7 +779,7 @@ impl Vm {
                                 h.wake();
                             }
                             std::thread::sleep(Duration::from_millis(300));
-                            o = shared.outcome.lock().unwrap_or_else(|p| p.into_inner());
+                            o = crate::lock(&shared.outcome);
                             // A power-off, panic or failure that arrived while the
                             // vCPUs dumped their state is the real outcome: keep it.
                             settle(&mut o, || {

@@ -42,7 +42,7 @@ pub struct ShadowSync {
 impl ShadowSync {
     /// Another node is about to write a page this node had: flush soon.
     pub fn stale(&self) {
-        let mut r = self.requested.lock().unwrap_or_else(|p| p.into_inner());
+        let mut r = crate::lock(&self.requested);
         *r += 1;
         self.cv.notify_one();
     }
@@ -52,8 +52,8 @@ impl ShadowSync {
     /// is delivered only after this, so the vCPU that handles it cannot use shadow
     /// entries older than the change.
     pub fn wait_flushed(&self, limit: Duration) {
-        let want = *self.requested.lock().unwrap_or_else(|p| p.into_inner());
-        let mut done = self.done.lock().unwrap_or_else(|p| p.into_inner());
+        let want = *crate::lock(&self.requested);
+        let mut done = crate::lock(&self.done);
         let deadline = std::time::Instant::now() + limit;
         while *done < want {
             let now = std::time::Instant::now();
@@ -97,7 +97,7 @@ impl ShadowSync {
             unsafe { vm.set_user_memory_region(region(4096)) }?;
             let mut done = 0u64;
             while !stopping() {
-                let mut req = self.requested.lock().unwrap_or_else(|p| p.into_inner());
+                let mut req = crate::lock(&self.requested);
                 while *req == done && !stopping() {
                     req = self
                         .cv
@@ -115,7 +115,7 @@ impl ShadowSync {
                 // SAFETY: as above.
                 unsafe { vm.set_user_memory_region(region(4096)) }?;
                 self.flushes.fetch_add(1, Ordering::Relaxed);
-                *self.done.lock().unwrap_or_else(|p| p.into_inner()) = done;
+                *crate::lock(&self.done) = done;
                 self.done_cv.notify_all();
             }
             // SAFETY: removing the slot before its memory goes.
