@@ -63,6 +63,9 @@ pub enum WaitError {
     /// The run failed meanwhile (the reason may come from another node, as text).
     #[error("{0}")]
     Failed(String),
+    /// The run ended (an `End` came or was sent) before the step came.
+    #[error("the run ended while waiting for {0}")]
+    Ended(String),
     /// The step did not come in time.
     #[error("timed out after {timeout:?} waiting for {what}")]
     Timeout {
@@ -674,6 +677,10 @@ impl Node {
             if let Some(v) = ready(&g) {
                 return Ok(v);
             }
+            // The end of the run is known: what is awaited will not come.
+            if g.end_known {
+                return Err(WaitError::Ended(what.to_string()));
+            }
             let now = Instant::now();
             if now >= deadline {
                 return Err(WaitError::Timeout {
@@ -757,9 +764,8 @@ impl ClusterLink for Link {
         if let Some(d) = self.0.dsm.get() {
             d.expect_goodbyes();
         }
-        // The VM reports an error twice (when it happens and again when the run
-        // returns it) and re-reports an error another node ended the run with:
-        // `send_end` sends the first report only.
+        // The VM reports each outcome once, when it is settled; `send_end` still sends
+        // nothing if the end is known already (another node ended the run).
         let outcome = match outcome {
             Ok(e) => Ok(*e),
             Err(e) => Err(format!("node {}: {e}", self.0.me)),
@@ -1310,6 +1316,13 @@ mod tests {
         assert_eq!(n.life().failure, None);
         n.on_ctrl(0, end());
         assert_eq!(n.phase(), Phase::Ending);
+        // A wait stops at once (node 0 waiting for Ready would otherwise wait 120 s).
+        let t = Instant::now();
+        assert_eq!(
+            n.wait("the others", Duration::from_secs(30), |_| None::<()>),
+            Err(WaitError::Ended("the others".to_string()))
+        );
+        assert!(t.elapsed() < Duration::from_secs(5));
         // The run cannot go on once it is ending.
         assert_eq!(n.advance(Phase::VmCreated), Err(Phase::Ending));
         let mut l: Life<&str> = Life::new(3);

@@ -763,6 +763,9 @@ impl Vm {
             }
         }
 
+        // Whether this loop settled the outcome (a timeout): the other nodes have not
+        // heard of it yet. Every other outcome was reported when it was settled.
+        let mut timed_out = false;
         let outcome = {
             let deadline = timeout.map(|t| Instant::now() + t);
             let mut o = crate::lock(&shared.outcome);
@@ -782,7 +785,7 @@ impl Vm {
                             o = crate::lock(&shared.outcome);
                             // A power-off, panic or failure that arrived while the
                             // vCPUs dumped their state is the real outcome: keep it.
-                            settle(&mut o, || {
+                            timed_out = settle(&mut o, || {
                                 let counters = VmHandle(shared.clone()).vcpu_stats().join("; ");
                                 Err(VmError::Timeout(timeout.unwrap_or_default(), counters))
                             });
@@ -798,16 +801,11 @@ impl Vm {
             }
             o.take()
         };
-        // Make sure everything stops; other nodes hear of an error or timeout here.
-        match &outcome {
-            Some(Err(e)) => {
-                if let Some(link) = &shared.link {
-                    link.ended(&Err(e.to_string()));
-                }
-                shared.finish_inner(Ok(GuestEnd::PowerOff), false)
-            }
-            _ => shared.finish_inner(Ok(GuestEnd::PowerOff), false),
+        // Make sure everything stops; other nodes hear of a timeout here.
+        if let (true, Some(Err(e)), Some(link)) = (timed_out, &outcome, &shared.link) {
+            link.ended(&Err(e.to_string()));
         }
+        shared.finish_inner(Ok(GuestEnd::PowerOff), false);
         // A vCPU blocked on a page that can no longer arrive (its node is gone) never
         // returns from KVM_RUN: give the threads a few seconds, then leave them.
         let deadline = Instant::now() + Duration::from_secs(3);
