@@ -53,6 +53,7 @@
 //! ```
 #![deny(missing_docs)]
 
+pub mod ahead;
 mod hist;
 mod region;
 mod runtime;
@@ -69,7 +70,7 @@ use transport::{Event, LostReason, Mesh, MeshConfig, PageBuf, TransportError};
 
 pub use hist::Histogram;
 pub use region::Region;
-pub use runtime::{Dsm, DsmFailure, DsmOptions, DEFAULT_HOLD};
+pub use runtime::{Dsm, DsmFailure, DsmOptions, DEFAULT_HOLD, DEFAULT_READAHEAD, DEFAULT_WRITEAHEAD};
 pub use stats::{DsmStats, FaultKind};
 
 /// The transport channel byte of DSM protocol frames ([`transport::channel::DSM`]).
@@ -182,9 +183,10 @@ impl DsmSlot {
                 channel: DSM_CHANNEL,
                 header,
                 payload,
+                more,
             } => {
                 if let Some(d) = self.dsm.get() {
-                    d.on_frame(from, &header, payload);
+                    d.on_frame_in_burst(from, &header, payload, more);
                 } else {
                     self.deliver(Early::Frame {
                         from,

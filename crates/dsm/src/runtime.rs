@@ -15,6 +15,7 @@ use dsm_proto::{Access, Action, Engine, HomePolicy, LocalAccess, Msg, NodeId, Pa
 use tracing::{debug, error, warn};
 use transport::{LostReason, PageBuf, Sender, TransportError};
 
+use crate::ahead::Streams;
 use crate::hist::Histogram;
 use crate::region::Region;
 use crate::stats::{Counters, DsmStats, FaultKind};
@@ -45,17 +46,27 @@ pub struct DsmOptions {
     /// After handling faults, the fault thread keeps polling the userfaultfd (yielding
     /// the CPU in between) for this long before it sleeps. Zero: sleep at once.
     pub spin: Duration,
-    /// Read-ahead: on sequential remote read faults, also request read copies of the
-    /// next this many pages. 0 (the default) disables it.
+    /// Read-ahead: the largest window, in pages, of the adaptive read-ahead on
+    /// sequential or strided remote read faults (see [`crate::ahead`]); read copies
+    /// are fetched ahead. 0 disables it.
     pub readahead: u64,
+    /// Write-ahead: the same for write faults (ownership of the next pages of a write
+    /// stream is fetched ahead). 0 disables it.
+    pub writeahead: u64,
 }
+
+/// Default for [`DsmOptions::readahead`], pages.
+pub const DEFAULT_READAHEAD: u64 = 64;
+/// Default for [`DsmOptions::writeahead`], pages.
+pub const DEFAULT_WRITEAHEAD: u64 = 32;
 
 impl Default for DsmOptions {
     fn default() -> Self {
         DsmOptions {
             hold: DEFAULT_HOLD,
             spin: Duration::ZERO,
-            readahead: 0,
+            readahead: DEFAULT_READAHEAD,
+            writeahead: DEFAULT_WRITEAHEAD,
         }
     }
 }
@@ -89,9 +100,9 @@ struct Core {
     held_since: HashMap<PageId, Instant>,
     /// Peers with frames queued by the current engine call(s), to flush after unlocking.
     touched: Vec<NodeId>,
-    /// Read-ahead: the last remote read fault, and the page after the last prefetched.
-    last_read_fault: Option<PageId>,
-    ra_next: PageId,
+    /// Streams of remote read and write faults (read-ahead, write-ahead).
+    reads: Streams,
+    writes: Streams,
     /// Fault events per page (for [`DsmStats::hot_pages`]).
     faults_per_page: HashMap<PageId, u64>,
 }
@@ -143,7 +154,6 @@ pub struct Dsm {
     counters: Counters,
     hold: Duration,
     spin: Duration,
-    readahead: u64,
     release_tx: crossbeam_channel::Sender<ReleaseMsg>,
     failure: Mutex<Option<DsmFailure>>,
     failure_cv: Condvar,
@@ -228,8 +238,8 @@ impl Dsm {
                 lat: Default::default(),
                 held_since: HashMap::new(),
                 touched: Vec::new(),
-                last_read_fault: None,
-                ra_next: 0,
+                reads: Streams::new(opts.readahead),
+                writes: Streams::new(opts.writeahead),
                 faults_per_page: HashMap::new(),
             }),
             out: (0..nodes).map(|_| OutQueue::default()).collect(),
@@ -237,7 +247,6 @@ impl Dsm {
             counters: Counters::default(),
             hold: opts.hold,
             spin: opts.spin,
-            readahead: opts.readahead,
             release_tx,
             failure: Mutex::new(None),
             failure_cv: Condvar::new(),
@@ -298,9 +307,34 @@ impl Dsm {
     /// actions (install the payload, wake faulting threads, send replies). Malformed or
     /// unexpected messages are logged and ignored.
     pub fn on_frame(&self, from: NodeId, header: &[u8], payload: Option<PageBuf>) {
+        self.on_frame_in_burst(from, header, payload, false)
+    }
+
+    /// [`Dsm::on_frame`] for a frame of a burst: with `more` (the transport has the
+    /// peer's next DSM frame already, see `transport::Event::Frame`), the frames this
+    /// one makes stay queued and leave with those of the burst's last frame, in one
+    /// batch.
+    pub fn on_frame_in_burst(
+        &self,
+        from: NodeId,
+        header: &[u8],
+        payload: Option<PageBuf>,
+        more: bool,
+    ) {
         if self.closing.load(Ordering::Relaxed) {
             return;
         }
+        self.receive(from, header, payload);
+        if !more {
+            // The burst's end (whatever became of this frame): write what its frames
+            // queued, unless another engine caller did already.
+            let touched = std::mem::take(&mut lock(&self.core).touched);
+            self.flush(&touched);
+        }
+    }
+
+    /// Decodes a DSM frame and runs the engine on it; the frames it makes stay queued.
+    fn receive(&self, from: NodeId, header: &[u8], payload: Option<PageBuf>) {
         let size = header.len() + payload.as_ref().map_or(0, |_| PAGE_SIZE);
         Counters::add(&self.counters.bytes_in, size as u64);
         let msg = match wire::decode_frame(header) {
@@ -332,9 +366,6 @@ impl Dsm {
                     Counters::add(&self.counters.pages_received, 1);
                 }
                 self.run(&mut core, msg.page(), &actions, payload.as_ref());
-                let touched = std::mem::take(&mut core.touched);
-                drop(core);
-                self.flush(&touched);
             }
             Err(e) => {
                 drop(core);
@@ -484,6 +515,7 @@ impl Dsm {
             bad_frames: Counters::get(&c.bad_frames),
             protocol_errors: Counters::get(&c.protocol_errors),
             prefetches: Counters::get(&c.prefetches),
+            write_prefetches: Counters::get(&c.write_prefetches),
             read_latency: core.lat[0].clone(),
             write_latency: core.lat[1].clone(),
             upgrade_latency: core.lat[2].clone(),
@@ -617,8 +649,8 @@ impl Dsm {
                     core.waiting.entry(page).or_default().push((now, kind));
                 }
                 self.run(&mut core, page, &actions, None);
-                if access == Access::Read && !immediate && self.readahead > 0 {
-                    self.read_ahead(&mut core, page);
+                if !immediate {
+                    self.fetch_ahead(&mut core, page, access);
                 }
                 let touched = std::mem::take(&mut core.touched);
                 drop(core);
@@ -632,36 +664,35 @@ impl Dsm {
         }
     }
 
-    /// Sequential read detection: a remote read fault right after the previous page's,
-    /// or inside the window being prefetched, requests read copies of the next
-    /// `readahead` pages that are neither here nor requested (faults no thread waits for:
-    /// the engine installs them and the wake finds nobody).
-    fn read_ahead(&self, core: &mut Core, page: PageId) {
-        let ra = self.readahead;
-        let sequential = core.last_read_fault.is_some_and(|l| l + 1 == page)
-            || (page < core.ra_next && page + ra >= core.ra_next);
-        core.last_read_fault = Some(page);
-        if !sequential {
-            return;
-        }
-        let end = (page + 1 + ra).min(self.region.pages());
-        let start = core.ra_next.max(page + 1);
-        for q in start..end {
-            if core.engine.local_access(q) != LocalAccess::None || core.engine.is_pending(q) {
+    /// Read-ahead and write-ahead: a remote fault at `page` may continue a stream
+    /// ([`Streams`]); the pages it names are asked for like faults no thread waits for
+    /// (the engine installs them and the wake finds nobody), unless they are here with
+    /// that access already or requested.
+    fn fetch_ahead(&self, core: &mut Core, page: PageId, access: Access) {
+        let pages = self.region.pages();
+        let ahead = match access {
+            Access::Read => core.reads.on_fault(page, pages),
+            Access::Write => core.writes.on_fault(page, pages),
+        };
+        for q in ahead {
+            if core.engine.local_access(q).allows(access) || core.engine.is_pending(q) {
                 continue;
             }
-            match core.engine.fault(q, Access::Read) {
+            match core.engine.fault(q, access) {
                 Ok(actions) => {
-                    Counters::add(&self.counters.prefetches, 1);
+                    let c = match access {
+                        Access::Read => &self.counters.prefetches,
+                        Access::Write => &self.counters.write_prefetches,
+                    };
+                    Counters::add(c, 1);
                     self.run(core, q, &actions, None);
                 }
                 Err(e) => {
-                    error!(node = self.me, page = q, "read-ahead refused: {e}");
+                    error!(node = self.me, page = q, "fetching ahead refused: {e}");
                     break;
                 }
             }
         }
-        core.ra_next = core.ra_next.max(end);
     }
 
     fn release_loop(&self, rx: &Receiver<ReleaseMsg>) {
@@ -859,8 +890,10 @@ impl Dsm {
         }
     }
 
-    /// Writes the queued frames of `peers` to the mesh, in queue order. Called without
-    /// the core lock, so a slow or blocking socket write never stalls the engine.
+    /// Writes the queued frames of `peers` to the mesh, in queue order, each peer's
+    /// queue as one batch (a burst of read-ahead requests or of pages costs a few
+    /// system calls). Called without the core lock, so a slow or blocking socket write
+    /// never stalls the engine.
     fn flush(&self, peers: &[NodeId]) {
         for &to in peers {
             let Some(q) = self.out.get(usize::from(to)) else {
@@ -870,27 +903,35 @@ impl Dsm {
             // so frames to one peer leave in the order the engine emitted them.
             let _sending = lock(&q.sending);
             loop {
-                let Some(f) = lock(&q.queue).pop_front() else {
+                let batch: Vec<Outgoing> = lock(&q.queue).drain(..).collect();
+                if batch.is_empty() {
                     break;
-                };
-                self.transmit(to, &f);
+                }
+                self.transmit(to, &batch);
             }
         }
     }
 
-    fn transmit(&self, to: NodeId, f: &Outgoing) {
-        let data = f.page.as_ref().map(PageBuf::as_slice);
-        let size = f.header.len() + data.map_or(0, <[u8]>::len);
+    fn transmit(&self, to: NodeId, batch: &[Outgoing]) {
+        let frames: Vec<(&[u8], Option<&[u8]>)> = batch
+            .iter()
+            .map(|f| (&f.header[..], f.page.as_ref().map(PageBuf::as_slice)))
+            .collect();
+        let size: usize = frames
+            .iter()
+            .map(|(h, p)| h.len() + p.map_or(0, <[u8]>::len))
+            .sum();
         Counters::add(&self.counters.bytes_out, size as u64);
-        if let Err(e) = self.sender.send(to, DSM_CHANNEL, &f.header, data) {
+        if let Err(e) = self.sender.send_batch(to, DSM_CHANNEL, &frames) {
             let node = match &e {
                 TransportError::PeerLost { node, .. } | TransportError::Io { node, .. } => *node,
                 _ => to,
             };
             if !self.closing.load(Ordering::SeqCst) {
+                let kind = batch.first().map_or("a frame", |f| f.kind);
                 self.fail(
                     Some(node),
-                    format!("DSM peer node {node} lost: sending {} failed: {e}", f.kind),
+                    format!("DSM peer node {node} lost: sending {kind} failed: {e}"),
                 );
             }
         }

@@ -69,6 +69,9 @@ pub struct DsmStats {
     pub protocol_errors: u64,
     /// Pages requested by read-ahead (also counted in `read_faults`).
     pub prefetches: u64,
+    /// Pages whose ownership write-ahead requested (also counted in `write_faults`).
+    #[serde(default)]
+    pub write_prefetches: u64,
     /// Fault-to-wake latency of read faults.
     pub read_latency: Histogram,
     /// Fault-to-wake latency of write faults.
@@ -157,6 +160,7 @@ pub(crate) struct Counters {
     pub bad_frames: AtomicU64,
     pub protocol_errors: AtomicU64,
     pub prefetches: AtomicU64,
+    pub write_prefetches: AtomicU64,
 }
 
 impl Counters {

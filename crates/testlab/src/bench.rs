@@ -17,12 +17,17 @@
 //!    (node 1), timing each access from the faulting thread (Request + Data, 2 hops), in
 //!    descending order so that read-ahead (`--readahead`) stays out of it.
 //! 4. write faults: node 0 writes pages owned by their home node 1 (ownership transfer,
-//!    2 hops); with N >= 3, also pages homed at node 1 but owned by node 2 (3 hops + Done).
+//!    2 hops); with N >= 3, also pages homed at node 1 but owned by node 2 (3 hops +
+//!    Done). Descending, like 3. and 5., so that write-ahead stays out of it.
 //! 5. invalidations: for k = 1..N-1, nodes 1..=k read a set of pages homed at node 0
 //!    (and written by it), then node 0 writes each of them: an upgrade at the home that
 //!    must invalidate k remote copies (parallel `Invalidate`s, then all acks).
-//! 6. sequential read: node 0 reads every byte of `seq_mib` MiB homed at node 1, in
-//!    address order; MiB/s of the whole pass (this is where `--readahead` helps).
+//! 6. bandwidth: first the transport's own (node 1 streams `seq_mib` MiB of 4 KiB
+//!    frames to node 0 in batches of 64 over the same mesh), then the sequential read:
+//!    node 0 reads every byte of `seq_mib` MiB homed at node 1, in address order
+//!    (this is where read-ahead helps); the ratio of the two.
+//! 7. sequential write: node 0 writes every word of `seq_mib` MiB owned by node 1
+//!    (write-ahead); node 1 then reads some back.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -73,6 +78,17 @@ pub struct BenchResult {
     pub seq_read_mib_s: f64,
     /// Size of the sequential pass, MiB.
     pub seq_mib: u64,
+    /// Sequential write throughput of remote pages (each owned by its home, which
+    /// holds its contents), MiB/s.
+    #[serde(default)]
+    pub seq_write_mib_s: f64,
+    /// The floor for bandwidth: `seq_mib` MiB of pages streamed over the same mesh
+    /// (4 KiB frames in batches of 64, nothing installed), MiB/s.
+    #[serde(default)]
+    pub tcp_bulk_mib_s: f64,
+    /// `seq_read_mib_s / tcp_bulk_mib_s` (goal: >= 0.25).
+    #[serde(default)]
+    pub seq_read_ratio: f64,
     /// The floor: 4 KiB request/response over the mesh + one `UFFDIO_COPY` + waking the
     /// waiting thread, p50 µs.
     pub floor_p50_us: f64,
@@ -87,9 +103,12 @@ pub struct BenchResult {
     pub runtime_read_p50_us: f64,
     /// Page hold time used, µs.
     pub hold_us: u64,
-    /// Read-ahead window used, pages.
+    /// Largest read-ahead window used, pages.
     #[serde(default)]
     pub readahead: u64,
+    /// Largest write-ahead window used, pages.
+    #[serde(default)]
+    pub writeahead: u64,
 }
 
 /// Node 0's receiver of floor replies.
@@ -146,10 +165,11 @@ impl Layout {
     fn new(args: &NodeArgs) -> Layout {
         let samples = args.bench.samples.max(1);
         let seq = args.bench.seq_mib.max(1) * (1 << 20) / PAGE;
-        // Node 1's block: read pages, write pages, 3-hop pages, sequential pages.
-        // Node 0's block: (N-1) invalidation sets. Take the larger.
+        // Node 1's block: read pages, write pages, 3-hop pages, sequential read and
+        // sequential write pages. Node 0's block: (N-1) invalidation sets. Take the
+        // larger.
         let nodes = args.addrs.len() as u64;
-        let block = (3 * samples + seq).max(nodes.saturating_sub(1) * samples);
+        let block = (3 * samples + 2 * seq).max(nodes.saturating_sub(1) * samples);
         Layout {
             samples,
             seq,
@@ -172,6 +192,10 @@ impl Layout {
     }
     fn seq_pages(&self) -> std::ops::Range<u64> {
         let s = self.block + 3 * self.samples;
+        s..s + self.seq
+    }
+    fn seq_write_pages(&self) -> std::ops::Range<u64> {
+        let s = self.block + 3 * self.samples + self.seq;
         s..s + self.seq
     }
     fn inval_pages(&self, k: u64) -> std::ops::Range<u64> {
@@ -242,6 +266,7 @@ pub(crate) fn node_bench(args: &NodeArgs, node: &Node) -> Result<(), String> {
                 .read_pages()
                 .chain(lay.write_pages())
                 .chain(lay.seq_pages())
+                .chain(lay.seq_write_pages())
             {
                 write_page(region, p, p);
             }
@@ -293,15 +318,15 @@ pub(crate) fn node_bench(args: &NodeArgs, node: &Node) -> Result<(), String> {
     }
     barrier()?;
 
-    // 4. write faults: 2 hops, then 3 hops
+    // 4. write faults: 2 hops, then 3 hops (descending, so write-ahead stays out)
     let mut write = Histogram::new();
     let mut write3 = Histogram::new();
     if me == 0 {
-        for p in lay.write_pages() {
+        for p in lay.write_pages().rev() {
             timed(&mut write, || write_page(region, p, p + 1));
         }
         if nodes >= 3 {
-            for p in lay.hop3_pages() {
+            for p in lay.hop3_pages().rev() {
                 timed(&mut write3, || write_page(region, p, p + 1));
             }
         }
@@ -321,7 +346,7 @@ pub(crate) fn node_bench(args: &NodeArgs, node: &Node) -> Result<(), String> {
         barrier()?;
         if me == 0 {
             let mut h = Histogram::new();
-            for p in lay.inval_pages(u64::from(k)) {
+            for p in lay.inval_pages(u64::from(k)).rev() {
                 timed(&mut h, || write_page(region, p, p + 1));
             }
             inval.push(InvalidationCost {
@@ -333,7 +358,14 @@ pub(crate) fn node_bench(args: &NodeArgs, node: &Node) -> Result<(), String> {
         barrier()?;
     }
 
-    // 6. sequential read
+    // 6. the transport's bulk throughput, then the sequential read, alternately
+    //    measured right after each other (the host is noisy).
+    let mut bulk_mib_s = 0.0;
+    if me == 0 {
+        let d = ctl.bulk(1, lay.seq, Duration::from_secs(120))?;
+        bulk_mib_s = (lay.seq * PAGE) as f64 / (1 << 20) as f64 / d.as_secs_f64();
+    }
+    barrier()?;
     let mut seq_mib_s = 0.0;
     if me == 0 {
         let pages = lay.seq_pages();
@@ -355,6 +387,33 @@ pub(crate) fn node_bench(args: &NodeArgs, node: &Node) -> Result<(), String> {
     }
     barrier()?;
 
+    // 7. sequential write: every word of pages owned by node 1.
+    let mut seq_write_mib_s = 0.0;
+    if me == 0 {
+        let pages = lay.seq_write_pages();
+        let t = Instant::now();
+        for p in pages.clone() {
+            let base = ptr(region, p);
+            for i in 0..(PAGE / 8) as usize {
+                // SAFETY: inside page `p` of the region.
+                unsafe { std::ptr::write_volatile(base.add(i), p ^ i as u64) };
+            }
+        }
+        let secs = t.elapsed().as_secs_f64();
+        seq_write_mib_s = (lay.seq * PAGE) as f64 / (1 << 20) as f64 / secs;
+    }
+    barrier()?;
+    if me == 1 {
+        // The writes are visible at the home (a read takes a copy back).
+        for p in lay.seq_write_pages().step_by(97) {
+            let v = read_page(region, p);
+            if v != p {
+                return Err(format!("node 1: page {p} reads {v:#x} after node 0 wrote {p:#x}"));
+            }
+        }
+    }
+    barrier()?;
+
     if me == 0 {
         let stats = node.dsm.stats();
         let res = BenchResult {
@@ -369,6 +428,13 @@ pub(crate) fn node_bench(args: &NodeArgs, node: &Node) -> Result<(), String> {
             invalidation: inval,
             seq_read_mib_s: seq_mib_s,
             seq_mib: (lay.seq * PAGE) >> 20,
+            seq_write_mib_s,
+            tcp_bulk_mib_s: bulk_mib_s,
+            seq_read_ratio: if bulk_mib_s > 0.0 {
+                seq_mib_s / bulk_mib_s
+            } else {
+                0.0
+            },
             floor_p50_us: floor.p50_us(),
             floor_p99_us: floor.p99_us(),
             floor_nowake_p50_us: floor_nowake.p50_us(),
@@ -380,6 +446,7 @@ pub(crate) fn node_bench(args: &NodeArgs, node: &Node) -> Result<(), String> {
             runtime_read_p50_us: stats.read_latency.p50_us(),
             hold_us: args.bench.hold_us,
             readahead: args.bench.readahead,
+            writeahead: args.bench.writeahead,
         };
         let json = serde_json::to_string(&res).map_err(|e| e.to_string())?;
         println!("BENCH {json}");
@@ -400,9 +467,14 @@ pub struct BenchArgs {
     /// Page hold time after a wake, in µs.
     #[arg(long, default_value_t = 50)]
     pub hold_us: u64,
-    /// Read-ahead window in pages on sequential remote read faults (0 = off).
-    #[arg(long, default_value_t = 0)]
+    /// Largest adaptive read-ahead window, pages, on sequential or strided remote
+    /// read faults (0 = off).
+    #[arg(long, default_value_t = dsm::DEFAULT_READAHEAD)]
     pub readahead: u64,
+    /// Largest adaptive write-ahead window, pages, on sequential or strided remote
+    /// write faults (0 = off).
+    #[arg(long, default_value_t = dsm::DEFAULT_WRITEAHEAD)]
+    pub writeahead: u64,
 }
 
 impl Default for BenchArgs {
@@ -425,6 +497,7 @@ impl BenchArgs {
             ("--seq-mib", self.seq_mib),
             ("--hold-us", self.hold_us),
             ("--readahead", self.readahead),
+            ("--writeahead", self.writeahead),
         ]
         .into_iter()
         .flat_map(|(k, v)| [k.to_string(), v.to_string()])
@@ -512,8 +585,8 @@ pub fn run(
 /// Prints `r` as human-readable lines.
 pub fn print_human(r: &BenchResult) {
     println!(
-        "dsm bench: {} nodes on loopback, {} samples per latency, hold {} us, read-ahead {} pages",
-        r.nodes, r.samples, r.hold_us, r.readahead
+        "dsm bench: {} nodes on loopback, {} samples per latency, hold {} us, read-ahead up to {} pages, write-ahead up to {}",
+        r.nodes, r.samples, r.hold_us, r.readahead, r.writeahead
     );
     println!(
         "floor (4 KiB request/response over the mesh + UFFDIO_COPY + wake): p50 {:.1} us  p99 {:.1} us  (without the wake: p50 {:.1} us)",
@@ -540,8 +613,16 @@ pub fn print_human(r: &BenchResult) {
         );
     }
     println!(
-        "sequential read of {} MiB of remote pages:   {:.1} MiB/s",
-        r.seq_mib, r.seq_read_mib_s
+        "transport bulk, {} MiB of 4 KiB frames over the mesh: {:.1} MiB/s",
+        r.seq_mib, r.tcp_bulk_mib_s
+    );
+    println!(
+        "sequential read of {} MiB of remote pages:   {:.1} MiB/s  ratio to bulk {:.3}",
+        r.seq_mib, r.seq_read_mib_s, r.seq_read_ratio
+    );
+    println!(
+        "sequential write of {} MiB of remote pages:  {:.1} MiB/s",
+        r.seq_mib, r.seq_write_mib_s
     );
     println!(
         "runtime fault-to-wake, all read faults of node 0 (from the uffd event): p50 {:.1} us",

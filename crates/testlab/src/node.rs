@@ -56,6 +56,9 @@ pub enum Workload {
     Bench,
     /// Nothing (join, barrier, leave).
     Idle,
+    /// Node 0 streams through the region (read-ahead) while the others rewrite its
+    /// pages in strided order (write-ahead); coherence checks on every read.
+    Stream,
 }
 
 /// Arguments of one node process.
@@ -129,6 +132,9 @@ pub(crate) struct Ctl {
     pub(crate) floor: Mutex<Option<Arc<crate::bench::FloorRx>>>,
     /// Bench floor reply page (node 1).
     floor_page: PageBuf,
+    /// Bench bulk transfer (node 0 while measuring): pages still to come, and whom to
+    /// tell when the last one came.
+    bulk: Mutex<Option<(u64, crossbeam_channel::Sender<()>)>>,
 }
 
 #[derive(Default)]
@@ -152,6 +158,7 @@ impl Ctl {
             dsm: OnceLock::new(),
             floor: Mutex::new(None),
             floor_page,
+            bulk: Mutex::new(None),
         })
     }
 
@@ -242,6 +249,7 @@ impl Ctl {
                 channel: FLOOR_CHANNEL,
                 header,
                 payload,
+                ..
             } => match (header.first(), payload) {
                 (Some(1), None) => {
                     // Ping: answer with a page, straight from the reader thread.
@@ -254,6 +262,28 @@ impl Ctl {
                     match rx {
                         Some(rx) => rx.on_pong(&header, &p),
                         None => warn!(node = self.me, "unexpected floor reply"),
+                    }
+                }
+                (Some(3), None) => {
+                    // Bulk request: stream that many pages back, in batches, as fast
+                    // as the transport takes them.
+                    let count = header
+                        .get(1..9)
+                        .and_then(|b| <[u8; 8]>::try_from(b).ok())
+                        .map_or(0, u64::from_le_bytes);
+                    self.send_bulk(from, count);
+                }
+                (Some(4), Some(_)) => {
+                    let mut b = lock(&self.bulk);
+                    match b.as_mut() {
+                        Some((left, done)) => {
+                            *left = left.saturating_sub(1);
+                            if *left == 0 {
+                                let _ = done.send(());
+                                *b = None;
+                            }
+                        }
+                        None => warn!(node = self.me, "unexpected bulk page"),
                     }
                 }
                 _ => warn!(node = self.me, from, "bad floor frame"),
@@ -270,6 +300,44 @@ impl Ctl {
                 self.cv.notify_all();
             }
         }
+    }
+
+    /// Streams `count` pages to `to` on the floor channel, 64 frames per batch.
+    fn send_bulk(&self, to: u16, count: u64) {
+        const BATCH: u64 = 64;
+        let Some(s) = self.sender.get() else {
+            return;
+        };
+        let head = [4u8];
+        let page = self.floor_page.as_slice();
+        let mut left = count;
+        while left > 0 {
+            let n = left.min(BATCH);
+            let frames: Vec<(&[u8], Option<&[u8]>)> =
+                (0..n).map(|_| (&head[..], Some(page))).collect();
+            if let Err(e) = s.send_batch(to, FLOOR_CHANNEL, &frames) {
+                warn!(node = self.me, to, "bulk send failed: {e}");
+                return;
+            }
+            left -= n;
+        }
+    }
+
+    /// The transport's bulk throughput: asks `from` for `pages` pages streamed back to
+    /// back and waits (at most `timeout`) until all came. Returns the elapsed time.
+    pub(crate) fn bulk(&self, from: u16, pages: u64, timeout: Duration) -> Result<Duration, String> {
+        let (tx, rx) = crossbeam_channel::bounded(1);
+        *lock(&self.bulk) = Some((pages, tx));
+        let mut h = [0u8; 9];
+        h[0] = 3;
+        h[1..].copy_from_slice(&pages.to_le_bytes());
+        let t = Instant::now();
+        self.send(from, FLOOR_CHANNEL, &h, None);
+        let r = rx.recv_timeout(timeout);
+        let elapsed = t.elapsed();
+        *lock(&self.bulk) = None;
+        r.map(|()| elapsed)
+            .map_err(|_| format!("bulk transfer of {pages} pages from node {from} incomplete after {timeout:?}"))
     }
 
     /// The bench floor: sends a ping to `to` (who answers with a 4 KiB page).
@@ -341,6 +409,7 @@ pub(crate) fn join(args: &NodeArgs) -> Result<Node, String> {
         hold: Duration::from_micros(args.bench.hold_us),
         spin: Duration::from_micros(args.spin_us),
         readahead: args.bench.readahead,
+        writeahead: args.bench.writeahead,
     };
     let (mesh, dsm) = connect(cfg, listener, region, homes, opts, move |ev| c.on_event(ev))
         .map_err(|e| format!("node {me}: {e}"))?;
@@ -369,6 +438,7 @@ pub fn node_main(args: NodeArgs) -> Result<(), String> {
         Workload::Counters => counters(&args, &node),
         Workload::Bench => crate::bench::node_bench(&args, &node),
         Workload::Idle => node.ctl.barrier(1),
+        Workload::Stream => stream(&args, &node),
     };
     // Leave together: nobody needs remote pages past the final barrier.
     node.dsm.expect_goodbyes();
@@ -380,6 +450,83 @@ pub fn node_main(args: NodeArgs) -> Result<(), String> {
     node.dsm.shutdown();
     node.mesh.shutdown();
     result.and(fin)
+}
+
+// ---------------------------------------------------------------- stream workload
+
+/// The stream workload: node 0 reads the whole region `iters` times in address order
+/// (so read-ahead fetches copies ahead of it) while every other node `k` rewrites the
+/// pages `p` with `p % (N-1) == k-1`, ascending (a strided write stream: write-ahead
+/// takes ownership ahead), `iters` rounds, round `r` writing `r + 1` to the page's first
+/// word and then its last. Read copies fetched ahead are invalidated under the reader
+/// all the time. Checks: on every read the last word is never newer than the first
+/// (writes are seen in order), a page's value never goes back, and after the run
+/// every node reads every page's final value.
+fn stream(args: &NodeArgs, node: &Node) -> Result<(), String> {
+    let region = node.dsm.region();
+    let pages = region.pages();
+    let writers = u64::from(node.ctl.nodes()).saturating_sub(1).max(1);
+    let me = u64::from(args.id);
+    let rounds = args.iters;
+    let last_word = PAGE_SIZE / 8 - 1;
+    let mut errors = Vec::new();
+    node.ctl.barrier(1)?;
+    let start = Instant::now();
+    if me == 0 {
+        let mut seen = vec![0u64; pages as usize];
+        for _ in 0..rounds {
+            for p in 0..pages {
+                let tail = word(region, p, last_word).load(Ordering::SeqCst);
+                let head = word(region, p, 0).load(Ordering::SeqCst);
+                if tail > head {
+                    errors.push(format!("page {p}: last word {tail} newer than first {head}"));
+                }
+                if head < seen[p as usize] {
+                    errors.push(format!("page {p}: read {head} after {}", seen[p as usize]));
+                }
+                seen[p as usize] = head;
+            }
+        }
+    } else {
+        let think = Duration::from_micros(args.think_us);
+        for r in 0..rounds {
+            for p in (me - 1..pages).step_by(writers as usize) {
+                word(region, p, 0).store(r + 1, Ordering::SeqCst);
+                word(region, p, last_word).store(r + 1, Ordering::SeqCst);
+                if !think.is_zero() {
+                    std::thread::sleep(think);
+                }
+            }
+        }
+    }
+    let elapsed = start.elapsed();
+    node.ctl.barrier(2)?;
+    for p in 0..pages {
+        for w in [0, last_word] {
+            let v = word(region, p, w).load(Ordering::SeqCst);
+            if v != rounds {
+                errors.push(format!("page {p} word {w}: final {v}, expected {rounds}"));
+            }
+        }
+    }
+    node.ctl.barrier(3)?;
+    let st = node.dsm.stats();
+    println!(
+        "RESULT node={me} stream pages={pages} rounds={rounds} elapsed_ms={} prefetches={} write_prefetches={} errors={} ok={}",
+        elapsed.as_millis(),
+        st.prefetches,
+        st.write_prefetches,
+        errors.len(),
+        errors.is_empty()
+    );
+    for e in errors.iter().take(20) {
+        eprintln!("dsm-node {me}: ERROR {e}");
+    }
+    if errors.is_empty() {
+        Ok(())
+    } else {
+        Err(format!("node {me}: {} verification errors", errors.len()))
+    }
 }
 
 // ---------------------------------------------------------------- counters workload

@@ -139,7 +139,7 @@ fn garbage_and_wrong_secret_are_refused_while_the_workload_completes() {
     let t = Instant::now();
     let iters = 1200;
     // Also covers another home policy and read-ahead.
-    let l = counters(3, iters).args(["--homes", "node0", "--readahead", "4"]);
+    let l = counters(3, iters).args(["--homes", "node0", "--readahead", "4", "--writeahead", "4"]);
     let mut c = Cluster::spawn(&l).expect("spawn");
     let target = c.addrs[0];
     std::thread::sleep(Duration::from_millis(500));
@@ -234,6 +234,56 @@ fn killing_a_node_makes_the_others_exit_naming_it() {
     }
     eprintln!(
         "killing_a_node_makes_the_others_exit_naming_it: {:?} (survivors exited {took:?} after the kill)",
+        t.elapsed()
+    );
+}
+
+/// A reader streams through the region (read-ahead on by default) while two writers
+/// rewrite its pages in strided order (write-ahead): copies fetched ahead are
+/// invalidated under the reader all the time. Every read sees writes in order and
+/// never goes back; afterwards every node reads every final value.
+#[test]
+fn a_stream_read_ahead_races_writers_and_stays_coherent() {
+    require_root!();
+    let _g = serial();
+    let t = Instant::now();
+    let rounds = 1000;
+    let l = Launch::new(BIN, &[], 3).args(
+        [
+            "--workload",
+            "stream",
+            "--pages",
+            "512",
+            "--iters",
+            &rounds.to_string(),
+        ]
+        .map(String::from),
+    );
+    let mut c = Cluster::spawn(&l).expect("spawn");
+    assert!(c.wait(Duration::from_secs(120)), "timed out\n{}", c.report());
+    let field = |out: &str, name: &str| -> u64 {
+        out.split_whitespace()
+            .find_map(|w| w.strip_prefix(name))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+    };
+    for n in &c.nodes {
+        let out = n.stdout.text();
+        assert!(
+            n.status.is_some_and(|s| s.success()) && out.contains("errors=0 ok=true"),
+            "node {} failed\n{}",
+            n.id,
+            c.report()
+        );
+        let ahead = if n.id == 0 {
+            field(&out, "prefetches=")
+        } else {
+            field(&out, "write_prefetches=")
+        };
+        assert!(ahead > 0, "node {} fetched nothing ahead\n{}", n.id, c.report());
+    }
+    eprintln!(
+        "a_stream_read_ahead_races_writers_and_stays_coherent: {:?}",
         t.elapsed()
     );
 }

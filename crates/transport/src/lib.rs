@@ -87,7 +87,7 @@
 //! let page = vec![7u8; transport::PAGE_SIZE];
 //! m0.sender().send(1, 3, b"hdr", Some(&page))?;
 //! match m1.events().recv()? {
-//!     Event::Frame { from, channel, header, payload } => {
+//!     Event::Frame { from, channel, header, payload, .. } => {
 //!         assert_eq!((from, channel, &header[..]), (0, 3, &b"hdr"[..]));
 //!         assert!(payload.is_some_and(|p| p[..] == page[..]));
 //!     }

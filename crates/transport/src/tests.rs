@@ -138,6 +138,7 @@ fn next_frame(rx: &Receiver<Event>) -> (u16, u8, Vec<u8>, Option<PageBuf>) {
             channel,
             header,
             payload,
+            ..
         } => (from, channel, header, payload),
         other => panic!("expected a frame, got {other:?}"),
     }
@@ -753,6 +754,7 @@ fn echo_pair(tweak0: impl Fn(&mut MeshConfig)) -> (Mesh, Mesh) {
                         channel,
                         header,
                         payload,
+                        ..
                     },
                     Some(s),
                 ) = (ev, e.get())
