@@ -109,13 +109,24 @@ impl Region {
 
     /// Drops the local copy of `page`: the next access is a MISSING fault again.
     pub(crate) fn zap(&self, page: PageId) -> Result<(), DsmError> {
-        // SAFETY: the range is one page inside our own mapping; MADV_DONTNEED on private
-        // anonymous memory only discards its contents (the protocol says they are stale
-        // or were handed over), it never invalidates the mapping itself.
+        self.zap_range(page, 1)
+    }
+
+    /// Drops the local copies of `count` pages from `page` on, with one system call.
+    pub(crate) fn zap_range(&self, page: PageId, count: u64) -> Result<(), DsmError> {
+        if count == 0 || page.saturating_add(count) > self.pages() {
+            return Err(DsmError::Config(format!(
+                "zap of {count} pages from page {page} outside the {} pages of the region",
+                self.pages()
+            )));
+        }
+        // SAFETY: the range lies inside our own mapping (checked above); MADV_DONTNEED
+        // on private anonymous memory only discards its contents (the protocol says
+        // they are stale or were handed over), it never invalidates the mapping itself.
         let rc = unsafe {
             libc::madvise(
                 self.page_addr(page) as *mut libc::c_void,
-                PAGE_SIZE,
+                PAGE_SIZE * count as usize,
                 libc::MADV_DONTNEED,
             )
         };

@@ -100,12 +100,71 @@ struct Core {
     held_since: HashMap<PageId, Instant>,
     /// Peers with frames queued by the current engine call(s), to flush after unlocking.
     touched: Vec<NodeId>,
+    /// Mapping changes and sends put off to the end of this hold of the lock, where
+    /// runs of pages take one system call (see [`Deferred`]).
+    deferred: Deferred,
     /// Streams of remote read and write faults (read-ahead, write-ahead).
     reads: Streams,
     writes: Streams,
     /// Fault events per page (for [`DsmStats::hot_pages`]).
     faults_per_page: HashMap<PageId, u64>,
 }
+
+/// What [`Dsm::execute`] puts off until the end of a hold of the core lock
+/// ([`Dsm::apply_deferred`]), so that the pages of a burst are installed,
+/// write-protected or dropped with one system call per run of pages instead of one per
+/// page. Applied in four phases — installs, write-protects, the sends (each copy taken
+/// then), the drops — which is the order of the actions for any one page; an action
+/// that would not keep that order, and every other kind of action, applies what is
+/// deferred first. The mapping agrees with the engine whenever the lock is free.
+#[derive(Default)]
+struct Deferred {
+    /// `Install`s by copy (received contents, or zeroes for a read-only zero page),
+    /// applied first: page, access, contents (`None`: zeroes), whether to wake.
+    installs: Vec<(PageId, LocalAccess, Option<PageBuf>, bool)>,
+    /// `SetAccess Read`: pages to write-protect.
+    protect: Vec<PageId>,
+    /// `Send`s, in emission order (the copy of `with_page` is taken when applied).
+    sends: Vec<(NodeId, Msg, Option<PageId>)>,
+    /// `SetAccess None`: pages to drop.
+    drop: Vec<PageId>,
+}
+
+impl Deferred {
+    fn is_empty(&self) -> bool {
+        self.installs.is_empty()
+            && self.protect.is_empty()
+            && self.sends.is_empty()
+            && self.drop.is_empty()
+    }
+
+    /// Whether a later action on `page` may not be moved before what waits for it.
+    fn touches(&self, page: PageId) -> bool {
+        self.protect.contains(&page)
+            || self.drop.contains(&page)
+            || self.sends.iter().any(|s| s.2 == Some(page))
+    }
+}
+
+/// Runs of consecutive pages in `pages` (sorted and deduplicated): `(first, count)`.
+fn runs(pages: &mut Vec<PageId>) -> Vec<(PageId, u64)> {
+    pages.sort_unstable();
+    pages.dedup();
+    let mut out: Vec<(PageId, u64)> = Vec::new();
+    for &p in pages.iter() {
+        match out.last_mut() {
+            Some((first, n)) if *first + *n == p => *n += 1,
+            _ => out.push((p, 1)),
+        }
+    }
+    out
+}
+
+/// Frames of one burst from one peer, waiting to be handled together.
+type Burst = Vec<(Vec<u8>, Option<PageBuf>)>;
+
+/// Most frames handled under one hold of the core lock.
+const MAX_BURST: usize = 64;
 
 /// A frame waiting in a peer's outgoing queue.
 struct Outgoing {
@@ -150,6 +209,8 @@ pub struct Dsm {
     region: Region,
     core: Mutex<Core>,
     out: Vec<OutQueue>,
+    /// Per peer: DSM frames of a burst not handled yet (see [`Dsm::on_frame_in_burst`]).
+    bursts: Vec<Mutex<Burst>>,
     sender: Sender,
     counters: Counters,
     hold: Duration,
@@ -238,11 +299,13 @@ impl Dsm {
                 lat: Default::default(),
                 held_since: HashMap::new(),
                 touched: Vec::new(),
+                deferred: Deferred::default(),
                 reads: Streams::new(opts.readahead),
                 writes: Streams::new(opts.writeahead),
                 faults_per_page: HashMap::new(),
             }),
             out: (0..nodes).map(|_| OutQueue::default()).collect(),
+            bursts: (0..nodes).map(|_| Mutex::new(Vec::new())).collect(),
             sender,
             counters: Counters::default(),
             hold: opts.hold,
@@ -311,9 +374,10 @@ impl Dsm {
     }
 
     /// [`Dsm::on_frame`] for a frame of a burst: with `more` (the transport has the
-    /// peer's next DSM frame already, see `transport::Event::Frame`), the frames this
-    /// one makes stay queued and leave with those of the burst's last frame, in one
-    /// batch.
+    /// peer's next DSM frame already, see `transport::Event::Frame`), the frame waits
+    /// for the rest of the burst; the burst's frames (at most [`MAX_BURST`]) are then
+    /// handled under one hold of the engine lock, their mapping changes made per run of
+    /// pages and their replies written as one batch.
     pub fn on_frame_in_burst(
         &self,
         from: NodeId,
@@ -324,39 +388,64 @@ impl Dsm {
         if self.closing.load(Ordering::Relaxed) {
             return;
         }
-        self.receive(from, header, payload);
-        if !more {
-            // The burst's end (whatever became of this frame): write what its frames
-            // queued, unless another engine caller did already.
-            let touched = std::mem::take(&mut lock(&self.core).touched);
-            self.flush(&touched);
+        let Some(slot) = self.bursts.get(usize::from(from)) else {
+            Counters::add(&self.counters.bad_frames, 1);
+            warn!(node = self.me, from, "DSM frame from a node outside the cluster");
+            return;
+        };
+        let frames = {
+            let mut b = lock(slot);
+            b.push((header.to_vec(), payload));
+            if more && b.len() < MAX_BURST {
+                return;
+            }
+            std::mem::take(&mut *b)
+        };
+        self.receive_burst(from, frames);
+    }
+
+    /// Decodes and handles the frames of a burst from `from`, in order.
+    fn receive_burst(&self, from: NodeId, frames: Burst) {
+        let mut msgs = Vec::with_capacity(frames.len());
+        let mut abort = None;
+        for (header, payload) in frames {
+            let size = header.len() + payload.as_ref().map_or(0, |_| PAGE_SIZE);
+            Counters::add(&self.counters.bytes_in, size as u64);
+            match wire::decode_frame(&header) {
+                Ok(wire::Frame::Msg(m)) => msgs.push((m, payload)),
+                Ok(wire::Frame::Abort { culprit, reason }) => {
+                    // Nothing after it matters: the peer's DSM is gone.
+                    abort = Some((culprit, reason));
+                    break;
+                }
+                Err(e) => {
+                    Counters::add(&self.counters.bad_frames, 1);
+                    warn!(node = self.me, from, "ignored DSM frame: {e}");
+                }
+            }
+        }
+        if !msgs.is_empty() {
+            let mut core = lock(&self.core);
+            for (msg, payload) in msgs {
+                self.receive_locked(&mut core, from, msg, payload);
+            }
+            self.finish(core);
+        }
+        if let Some((culprit, reason)) = abort {
+            let message = match culprit {
+                Some(c) if c != self.me => {
+                    format!("DSM peer node {c} lost (reported by node {from}: {reason})")
+                }
+                _ => format!("DSM of peer node {from} failed: {reason}"),
+            };
+            let culprit = culprit.filter(|&c| c != self.me).or(Some(from));
+            self.fail(culprit, message);
         }
     }
 
-    /// Decodes a DSM frame and runs the engine on it; the frames it makes stay queued.
-    fn receive(&self, from: NodeId, header: &[u8], payload: Option<PageBuf>) {
-        let size = header.len() + payload.as_ref().map_or(0, |_| PAGE_SIZE);
-        Counters::add(&self.counters.bytes_in, size as u64);
-        let msg = match wire::decode_frame(header) {
-            Ok(wire::Frame::Msg(m)) => m,
-            Ok(wire::Frame::Abort { culprit, reason }) => {
-                let message = match culprit {
-                    Some(c) if c != self.me => {
-                        format!("DSM peer node {c} lost (reported by node {from}: {reason})")
-                    }
-                    _ => format!("DSM of peer node {from} failed: {reason}"),
-                };
-                let culprit = culprit.filter(|&c| c != self.me).or(Some(from));
-                self.fail(culprit, message);
-                return;
-            }
-            Err(e) => {
-                Counters::add(&self.counters.bad_frames, 1);
-                warn!(node = self.me, from, "ignored DSM frame: {e}");
-                return;
-            }
-        };
-        let mut core = lock(&self.core);
+    /// Runs the engine on one message (the core lock held); what it makes stays
+    /// queued or deferred until [`Dsm::finish`].
+    fn receive_locked(&self, core: &mut Core, from: NodeId, msg: Msg, payload: Option<PageBuf>) {
         match core
             .engine
             .receive_frame(from, msg.clone(), payload.is_some())
@@ -365,10 +454,9 @@ impl Dsm {
                 if payload.is_some() {
                     Counters::add(&self.counters.pages_received, 1);
                 }
-                self.run(&mut core, msg.page(), &actions, payload.as_ref());
+                self.run(core, msg.page(), &actions, payload.as_ref());
             }
             Err(e) => {
-                drop(core);
                 Counters::add(&self.counters.protocol_errors, 1);
                 warn!(
                     node = self.me,
@@ -378,6 +466,15 @@ impl Dsm {
                 );
             }
         }
+    }
+
+    /// Ends a hold of the core lock in which the engine ran: applies what is deferred,
+    /// releases the lock, then writes the queued frames.
+    fn finish(&self, mut core: MutexGuard<'_, Core>) {
+        self.apply_deferred(&mut core);
+        let touched = std::mem::take(&mut core.touched);
+        drop(core);
+        self.flush(&touched);
     }
 
     /// Peer `node` is gone (the transport's `PeerLost`). Fatal for the DSM — pages
@@ -652,9 +749,7 @@ impl Dsm {
                 if !immediate {
                     self.fetch_ahead(&mut core, page, access);
                 }
-                let touched = std::mem::take(&mut core.touched);
-                drop(core);
-                self.flush(&touched);
+                self.finish(core);
             }
             Err(e) => {
                 drop(core);
@@ -738,9 +833,7 @@ impl Dsm {
                         _ => self.release_now(&mut core, page),
                     }
                 }
-                let touched = std::mem::take(&mut core.touched);
-                drop(core);
-                self.flush(&touched);
+                self.finish(core);
             }
         }
     }
@@ -813,6 +906,53 @@ impl Dsm {
         let mut woken = Vec::new();
         let mut i = 0;
         while i < actions.len() {
+            // Write-protects, sends and drops wait for the end of the lock hold (one
+            // system call per run of pages), as long as their order per page holds:
+            // protect < send < drop. Anything else first applies what waits.
+            let d = &core.deferred;
+            let deferrable = match &actions[i] {
+                Action::Install { page, access, zero } => {
+                    (!*zero || *access == LocalAccess::Read)
+                        && (*zero || payload.is_some())
+                        && !d.touches(*page)
+                }
+                Action::SetAccess {
+                    page,
+                    access: LocalAccess::Read,
+                } => !d.drop.contains(page) && !d.sends.iter().any(|s| s.2 == Some(*page)),
+                Action::SetAccess {
+                    access: LocalAccess::None,
+                    ..
+                } => true,
+                Action::Send { with_page, .. } => with_page.is_none_or(|p| !d.drop.contains(&p)),
+                _ => false,
+            };
+            if deferrable {
+                match &actions[i] {
+                    Action::Install { page, access, zero } => {
+                        let wake = matches!(actions.get(i + 1), Some(Action::Wake { page: p }) if p == page);
+                        let contents = if *zero { None } else { payload.cloned() };
+                        core.deferred.installs.push((*page, *access, contents, wake));
+                        if wake {
+                            self.woken(core, *page);
+                            woken.push(*page);
+                            i += 1;
+                        }
+                    }
+                    Action::SetAccess {
+                        page,
+                        access: LocalAccess::Read,
+                    } => core.deferred.protect.push(*page),
+                    Action::SetAccess { page, .. } => core.deferred.drop.push(*page),
+                    Action::Send { to, msg, with_page } => {
+                        core.deferred.sends.push((*to, msg.clone(), *with_page));
+                    }
+                    _ => {}
+                }
+                i += 1;
+                continue;
+            }
+            self.apply_deferred(core);
             match &actions[i] {
                 Action::Send { to, msg, with_page } => self.enqueue(core, *to, msg, *with_page),
                 Action::Install { page, access, zero } => {
@@ -839,6 +979,102 @@ impl Dsm {
             i += 1;
         }
         woken
+    }
+
+    /// Applies what [`Dsm::execute`] deferred: write-protects (one ioctl per run of
+    /// pages), then the sends in order (copies taken now), then drops (one `madvise`
+    /// per run).
+    fn apply_deferred(&self, core: &mut Core) {
+        if core.deferred.is_empty() {
+            return;
+        }
+        let mut d = std::mem::take(&mut core.deferred);
+        self.apply_installs(&mut d.installs);
+        for (first, n) in runs(&mut d.protect) {
+            let len = PAGE_SIZE as u64 * n;
+            if let Err(e) =
+                self.region
+                    .uffd()
+                    .write_protect(self.region.page_addr(first), len, true, false)
+            {
+                self.fail(
+                    None,
+                    format!("node {}: write-protecting pages {first}+{n}: {e}", self.me),
+                );
+            }
+        }
+        for (to, msg, with_page) in d.sends.drain(..) {
+            self.enqueue(core, to, &msg, with_page);
+        }
+        for (first, n) in runs(&mut d.drop) {
+            if let Err(e) = self.region.zap_range(first, n) {
+                self.fail(
+                    None,
+                    format!("node {}: dropping pages {first}+{n}: {e}", self.me),
+                );
+            }
+            if let Some(h) = self.lost_hook.get() {
+                for p in first..first + n {
+                    h(p);
+                }
+            }
+        }
+        // Keep the vectors' capacity for the next hold.
+        d.protect.clear();
+        d.drop.clear();
+        core.deferred = d;
+    }
+
+    /// Installs deferred pages: one `UFFDIO_COPY` per run of consecutive pages of the
+    /// same access (read-only ones write-protected with the copy), waking the run if
+    /// any of its pages was to be woken (a woken thread that still lacks access faults
+    /// again, so waking more is harmless).
+    fn apply_installs(&self, installs: &mut Vec<(PageId, LocalAccess, Option<PageBuf>, bool)>) {
+        if installs.is_empty() {
+            return;
+        }
+        installs.sort_unstable_by_key(|i| i.0);
+        let mut buf: Vec<u8> = Vec::new();
+        let mut k = 0;
+        while k < installs.len() {
+            let (first, access, _, _) = installs[k];
+            let mut end = k + 1;
+            while end < installs.len()
+                && installs[end].0 == first + (end - k) as u64
+                && installs[end].1 == access
+            {
+                end += 1;
+            }
+            let run = &installs[k..end];
+            let wake = run.iter().any(|i| i.3);
+            buf.clear();
+            for (_, _, contents, _) in run {
+                match contents {
+                    Some(p) => buf.extend_from_slice(p.as_slice()),
+                    None => buf.resize(buf.len() + PAGE_SIZE, 0),
+                }
+            }
+            // SAFETY: `buf` holds `run.len()` pages and lives across the call; the
+            // destination is that many pages of our registered region from `first`
+            // (consecutive page ids, all inside the region: the engine named them).
+            let r = unsafe {
+                self.region.uffd().copy(
+                    buf.as_ptr(),
+                    self.region.page_addr(first),
+                    buf.len() as u64,
+                    access == LocalAccess::Read,
+                    wake,
+                )
+            };
+            if let Err(e) = r {
+                self.fail(
+                    None,
+                    format!("node {}: installing pages {first}+{}: {e}", self.me, run.len()),
+                );
+            }
+            k = end;
+        }
+        installs.clear();
     }
 
     /// Bookkeeping after waking the faults on `page`: latencies.

@@ -89,6 +89,10 @@ pub struct BenchResult {
     /// `seq_read_mib_s / tcp_bulk_mib_s` (goal: >= 0.25).
     #[serde(default)]
     pub seq_read_ratio: f64,
+    /// Page faults the reading thread took during the sequential read (the rest of
+    /// the pages were there before it touched them).
+    #[serde(default)]
+    pub seq_read_faults: u64,
     /// The floor: 4 KiB request/response over the mesh + one `UFFDIO_COPY` + waking the
     /// waiting thread, p50 µs.
     pub floor_p50_us: f64,
@@ -367,8 +371,10 @@ pub(crate) fn node_bench(args: &NodeArgs, node: &Node) -> Result<(), String> {
     }
     barrier()?;
     let mut seq_mib_s = 0.0;
+    let mut seq_faults = 0;
     if me == 0 {
         let pages = lay.seq_pages();
+        let before = node.dsm.stats();
         let t = Instant::now();
         let mut sum = 0u64;
         for p in pages.clone() {
@@ -384,6 +390,9 @@ pub(crate) fn node_bench(args: &NodeArgs, node: &Node) -> Result<(), String> {
             return Err(format!("sequential pass checksum {sum}, expected {expect}"));
         }
         seq_mib_s = (lay.seq * PAGE) as f64 / (1 << 20) as f64 / secs;
+        let after = node.dsm.stats();
+        seq_faults = (after.read_faults - before.read_faults)
+            .saturating_sub(after.prefetches - before.prefetches);
     }
     barrier()?;
 
@@ -429,6 +438,7 @@ pub(crate) fn node_bench(args: &NodeArgs, node: &Node) -> Result<(), String> {
             seq_read_mib_s: seq_mib_s,
             seq_mib: (lay.seq * PAGE) >> 20,
             seq_write_mib_s,
+            seq_read_faults: seq_faults,
             tcp_bulk_mib_s: bulk_mib_s,
             seq_read_ratio: if bulk_mib_s > 0.0 {
                 seq_mib_s / bulk_mib_s
@@ -617,8 +627,8 @@ pub fn print_human(r: &BenchResult) {
         r.seq_mib, r.tcp_bulk_mib_s
     );
     println!(
-        "sequential read of {} MiB of remote pages:   {:.1} MiB/s  ratio to bulk {:.3}",
-        r.seq_mib, r.seq_read_mib_s, r.seq_read_ratio
+        "sequential read of {} MiB of remote pages:   {:.1} MiB/s  ratio to bulk {:.3}  ({} faults taken)",
+        r.seq_mib, r.seq_read_mib_s, r.seq_read_ratio, r.seq_read_faults
     );
     println!(
         "sequential write of {} MiB of remote pages:  {:.1} MiB/s",
