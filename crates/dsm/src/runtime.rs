@@ -56,9 +56,9 @@ pub struct DsmOptions {
 }
 
 /// Default for [`DsmOptions::readahead`], pages.
-pub const DEFAULT_READAHEAD: u64 = 64;
+pub const DEFAULT_READAHEAD: u64 = 256;
 /// Default for [`DsmOptions::writeahead`], pages.
-pub const DEFAULT_WRITEAHEAD: u64 = 32;
+pub const DEFAULT_WRITEAHEAD: u64 = 64;
 
 impl Default for DsmOptions {
     fn default() -> Self {
@@ -120,8 +120,10 @@ struct Core {
 #[derive(Default)]
 struct Deferred {
     /// `Install`s by copy (received contents, or zeroes for a read-only zero page),
-    /// applied first: page, access, contents (`None`: zeroes), whether to wake.
-    installs: Vec<(PageId, LocalAccess, Option<PageBuf>, bool)>,
+    /// applied first, in arrival order: page, access, whether to wake. The contents
+    /// of the `k`-th are `install_bytes[k * PAGE_SIZE..][..PAGE_SIZE]`.
+    installs: Vec<(PageId, LocalAccess, bool)>,
+    install_bytes: Vec<u8>,
     /// `SetAccess Read`: pages to write-protect.
     protect: Vec<PageId>,
     /// `Send`s, in emission order (the copy of `with_page` is taken when applied).
@@ -931,8 +933,12 @@ impl Dsm {
                 match &actions[i] {
                     Action::Install { page, access, zero } => {
                         let wake = matches!(actions.get(i + 1), Some(Action::Wake { page: p }) if p == page);
-                        let contents = if *zero { None } else { payload.cloned() };
-                        core.deferred.installs.push((*page, *access, contents, wake));
+                        let d = &mut core.deferred;
+                        match payload {
+                            Some(p) if !*zero => d.install_bytes.extend_from_slice(p.as_slice()),
+                            _ => d.install_bytes.resize(d.install_bytes.len() + PAGE_SIZE, 0),
+                        }
+                        d.installs.push((*page, *access, wake));
                         if wake {
                             self.woken(core, *page);
                             woken.push(*page);
@@ -989,7 +995,7 @@ impl Dsm {
             return;
         }
         let mut d = std::mem::take(&mut core.deferred);
-        self.apply_installs(&mut d.installs);
+        self.apply_installs(&mut d);
         for (first, n) in runs(&mut d.protect) {
             let len = PAGE_SIZE as u64 * n;
             if let Err(e) =
@@ -1025,19 +1031,15 @@ impl Dsm {
         core.deferred = d;
     }
 
-    /// Installs deferred pages: one `UFFDIO_COPY` per run of consecutive pages of the
-    /// same access (read-only ones write-protected with the copy), waking the run if
-    /// any of its pages was to be woken (a woken thread that still lacks access faults
-    /// again, so waking more is harmless).
-    fn apply_installs(&self, installs: &mut Vec<(PageId, LocalAccess, Option<PageBuf>, bool)>) {
-        if installs.is_empty() {
-            return;
-        }
-        installs.sort_unstable_by_key(|i| i.0);
-        let mut buf: Vec<u8> = Vec::new();
+    /// Installs deferred pages: one `UFFDIO_COPY` per run of consecutive pages (in
+    /// arrival order) of the same access (read-only ones write-protected with the
+    /// copy), waking the run if any of its pages was to be woken (a woken thread that
+    /// still lacks access faults again, so waking more is harmless).
+    fn apply_installs(&self, d: &mut Deferred) {
+        let installs = &d.installs;
         let mut k = 0;
         while k < installs.len() {
-            let (first, access, _, _) = installs[k];
+            let (first, access, _) = installs[k];
             let mut end = k + 1;
             while end < installs.len()
                 && installs[end].0 == first + (end - k) as u64
@@ -1045,23 +1047,16 @@ impl Dsm {
             {
                 end += 1;
             }
-            let run = &installs[k..end];
-            let wake = run.iter().any(|i| i.3);
-            buf.clear();
-            for (_, _, contents, _) in run {
-                match contents {
-                    Some(p) => buf.extend_from_slice(p.as_slice()),
-                    None => buf.resize(buf.len() + PAGE_SIZE, 0),
-                }
-            }
-            // SAFETY: `buf` holds `run.len()` pages and lives across the call; the
+            let wake = installs[k..end].iter().any(|i| i.2);
+            let bytes = &d.install_bytes[k * PAGE_SIZE..end * PAGE_SIZE];
+            // SAFETY: `bytes` holds the run's pages and lives across the call; the
             // destination is that many pages of our registered region from `first`
-            // (consecutive page ids, all inside the region: the engine named them).
+            // (consecutive page ids the engine named, all inside the region).
             let r = unsafe {
                 self.region.uffd().copy(
-                    buf.as_ptr(),
+                    bytes.as_ptr(),
                     self.region.page_addr(first),
-                    buf.len() as u64,
+                    bytes.len() as u64,
                     access == LocalAccess::Read,
                     wake,
                 )
@@ -1069,12 +1064,13 @@ impl Dsm {
             if let Err(e) = r {
                 self.fail(
                     None,
-                    format!("node {}: installing pages {first}+{}: {e}", self.me, run.len()),
+                    format!("node {}: installing pages {first}+{}: {e}", self.me, end - k),
                 );
             }
             k = end;
         }
-        installs.clear();
+        d.installs.clear();
+        d.install_bytes.clear();
     }
 
     /// Bookkeeping after waking the faults on `page`: latencies.
@@ -1244,5 +1240,28 @@ impl Dsm {
                 format!("node {}: SetAccess {access:?} on page {page}: {e}", self.me),
             );
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn runs_of_pages() {
+        let mut v = vec![7, 3, 4, 5, 9, 4, 10, 11, 1];
+        assert_eq!(runs(&mut v), vec![(1, 1), (3, 3), (7, 1), (9, 3)]);
+        assert!(runs(&mut Vec::new()).is_empty());
+    }
+
+    #[test]
+    fn deferred_order_per_page() {
+        let mut d = Deferred::default();
+        assert!(d.is_empty());
+        d.protect.push(3);
+        assert!(d.touches(3) && !d.touches(4));
+        d.sends.push((1, Msg::Grant { page: 5 }, Some(5)));
+        d.drop.push(6);
+        assert!(d.touches(5) && d.touches(6) && !d.is_empty());
     }
 }

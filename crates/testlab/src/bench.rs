@@ -22,10 +22,11 @@
 //! 5. invalidations: for k = 1..N-1, nodes 1..=k read a set of pages homed at node 0
 //!    (and written by it), then node 0 writes each of them: an upgrade at the home that
 //!    must invalidate k remote copies (parallel `Invalidate`s, then all acks).
-//! 6. bandwidth: first the transport's own (node 1 streams `seq_mib` MiB of 4 KiB
-//!    frames to node 0 in batches of 64 over the same mesh), then the sequential read:
-//!    node 0 reads every byte of `seq_mib` MiB homed at node 1, in address order
-//!    (this is where read-ahead helps); the ratio of the two.
+//! 6. bandwidth: the transport's own (node 1 streams `seq_mib` MiB of 4 KiB frames to
+//!    node 0 in batches of 64 over the same mesh), measured just before and just after
+//!    the sequential read (the better of the two counts): node 0 reads every byte of
+//!    `seq_mib` MiB homed at node 1, in address order (this is where read-ahead
+//!    helps); the ratio of the two.
 //! 7. sequential write: node 0 writes every word of `seq_mib` MiB owned by node 1
 //!    (write-ahead); node 1 then reads some back.
 
@@ -83,7 +84,8 @@ pub struct BenchResult {
     #[serde(default)]
     pub seq_write_mib_s: f64,
     /// The floor for bandwidth: `seq_mib` MiB of pages streamed over the same mesh
-    /// (4 KiB frames in batches of 64, nothing installed), MiB/s.
+    /// (4 KiB frames in batches of 64, nothing installed), MiB/s; the better of two
+    /// runs, just before and just after the sequential read.
     #[serde(default)]
     pub tcp_bulk_mib_s: f64,
     /// `seq_read_mib_s / tcp_bulk_mib_s` (goal: >= 0.25).
@@ -362,8 +364,8 @@ pub(crate) fn node_bench(args: &NodeArgs, node: &Node) -> Result<(), String> {
         barrier()?;
     }
 
-    // 6. the transport's bulk throughput, then the sequential read, alternately
-    //    measured right after each other (the host is noisy).
+    // 6. the transport's bulk throughput, the sequential read, the transport again,
+    //    right after each other (the host is noisy).
     let mut bulk_mib_s = 0.0;
     if me == 0 {
         let d = ctl.bulk(1, lay.seq, Duration::from_secs(120))?;
@@ -393,6 +395,13 @@ pub(crate) fn node_bench(args: &NodeArgs, node: &Node) -> Result<(), String> {
         let after = node.dsm.stats();
         seq_faults = (after.read_faults - before.read_faults)
             .saturating_sub(after.prefetches - before.prefetches);
+        // The transport again: the better of the two runs is the floor (the host's
+        // load changes from one second to the next).
+        let d = ctl.bulk(1, lay.seq, Duration::from_secs(120))?;
+        bulk_mib_s = f64::max(
+            bulk_mib_s,
+            (lay.seq * PAGE) as f64 / (1 << 20) as f64 / d.as_secs_f64(),
+        );
     }
     barrier()?;
 
