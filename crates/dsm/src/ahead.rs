@@ -85,9 +85,11 @@ impl Streams {
             return Self::extend(s, page, pages);
         }
         // 2. The second fault of a stream.
-        if let Some(s) = self.streams.iter_mut().find(|s| {
-            s.used != 0 && s.stride == 0 && page > s.last && page - s.last <= MAX_STRIDE
-        }) {
+        if let Some(s) = self
+            .streams
+            .iter_mut()
+            .find(|s| s.used != 0 && s.stride == 0 && page > s.last && page - s.last <= MAX_STRIDE)
+        {
             s.stride = page - s.last;
             s.window = INITIAL_WINDOW.min(max);
             s.last = page;
@@ -161,10 +163,7 @@ mod tests {
         let mut s = Streams::new(16);
         s.on_fault(100, 1000);
         assert_eq!(s.on_fault(103, 1000), vec![106, 109, 112, 115]);
-        assert_eq!(
-            s.on_fault(106, 1000),
-            vec![118, 121, 124, 127, 130]
-        );
+        assert_eq!(s.on_fault(106, 1000), vec![118, 121, 124, 127, 130]);
     }
 
     #[test]
@@ -200,6 +199,9 @@ mod tests {
         s.on_fault(5000, 10_000);
         assert_eq!(s.on_fault(5001, 10_000).len(), 4);
         assert!(s.on_fault(2, 10_000).is_empty(), "stream 0 was replaced");
-        assert!(!s.on_fault(3002, 10_000).is_empty(), "stream 3000 is followed");
+        assert!(
+            !s.on_fault(3002, 10_000).is_empty(),
+            "stream 3000 is followed"
+        );
     }
 }

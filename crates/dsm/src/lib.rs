@@ -70,7 +70,9 @@ use transport::{Event, LostReason, Mesh, MeshConfig, PageBuf, TransportError};
 
 pub use hist::Histogram;
 pub use region::Region;
-pub use runtime::{Dsm, DsmFailure, DsmOptions, DEFAULT_HOLD, DEFAULT_READAHEAD, DEFAULT_WRITEAHEAD};
+pub use runtime::{
+    Dsm, DsmFailure, DsmOptions, DEFAULT_HOLD, DEFAULT_READAHEAD, DEFAULT_WRITEAHEAD,
+};
 pub use stats::{DsmStats, FaultKind};
 
 /// The transport channel byte of DSM protocol frames ([`transport::channel::DSM`]).

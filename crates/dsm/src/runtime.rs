@@ -377,7 +377,7 @@ impl Dsm {
 
     /// [`Dsm::on_frame`] for a frame of a burst: with `more` (the transport has the
     /// peer's next DSM frame already, see `transport::Event::Frame`), the frame waits
-    /// for the rest of the burst; the burst's frames (at most [`MAX_BURST`]) are then
+    /// for the rest of the burst; the burst's frames (at most 64) are then
     /// handled under one hold of the engine lock, their mapping changes made per run of
     /// pages and their replies written as one batch.
     pub fn on_frame_in_burst(
@@ -392,7 +392,10 @@ impl Dsm {
         }
         let Some(slot) = self.bursts.get(usize::from(from)) else {
             Counters::add(&self.counters.bad_frames, 1);
-            warn!(node = self.me, from, "DSM frame from a node outside the cluster");
+            warn!(
+                node = self.me,
+                from, "DSM frame from a node outside the cluster"
+            );
             return;
         };
         let frames = {
@@ -1064,7 +1067,11 @@ impl Dsm {
             if let Err(e) = r {
                 self.fail(
                     None,
-                    format!("node {}: installing pages {first}+{}: {e}", self.me, end - k),
+                    format!(
+                        "node {}: installing pages {first}+{}: {e}",
+                        self.me,
+                        end - k
+                    ),
                 );
             }
             k = end;

@@ -426,7 +426,9 @@ pub(crate) fn node_bench(args: &NodeArgs, node: &Node) -> Result<(), String> {
         for p in lay.seq_write_pages().step_by(97) {
             let v = read_page(region, p);
             if v != p {
-                return Err(format!("node 1: page {p} reads {v:#x} after node 0 wrote {p:#x}"));
+                return Err(format!(
+                    "node 1: page {p} reads {v:#x} after node 0 wrote {p:#x}"
+                ));
             }
         }
     }

@@ -325,7 +325,12 @@ impl Ctl {
 
     /// The transport's bulk throughput: asks `from` for `pages` pages streamed back to
     /// back and waits (at most `timeout`) until all came. Returns the elapsed time.
-    pub(crate) fn bulk(&self, from: u16, pages: u64, timeout: Duration) -> Result<Duration, String> {
+    pub(crate) fn bulk(
+        &self,
+        from: u16,
+        pages: u64,
+        timeout: Duration,
+    ) -> Result<Duration, String> {
         let (tx, rx) = crossbeam_channel::bounded(1);
         *lock(&self.bulk) = Some((pages, tx));
         let mut h = [0u8; 9];
@@ -336,8 +341,9 @@ impl Ctl {
         let r = rx.recv_timeout(timeout);
         let elapsed = t.elapsed();
         *lock(&self.bulk) = None;
-        r.map(|()| elapsed)
-            .map_err(|_| format!("bulk transfer of {pages} pages from node {from} incomplete after {timeout:?}"))
+        r.map(|()| elapsed).map_err(|_| {
+            format!("bulk transfer of {pages} pages from node {from} incomplete after {timeout:?}")
+        })
     }
 
     /// The bench floor: sends a ping to `to` (who answers with a 4 KiB page).
@@ -479,7 +485,9 @@ fn stream(args: &NodeArgs, node: &Node) -> Result<(), String> {
                 let tail = word(region, p, last_word).load(Ordering::SeqCst);
                 let head = word(region, p, 0).load(Ordering::SeqCst);
                 if tail > head {
-                    errors.push(format!("page {p}: last word {tail} newer than first {head}"));
+                    errors.push(format!(
+                        "page {p}: last word {tail} newer than first {head}"
+                    ));
                 }
                 if head < seen[p as usize] {
                     errors.push(format!("page {p}: read {head} after {}", seen[p as usize]));

@@ -260,7 +260,11 @@ fn a_stream_read_ahead_races_writers_and_stays_coherent() {
         .map(String::from),
     );
     let mut c = Cluster::spawn(&l).expect("spawn");
-    assert!(c.wait(Duration::from_secs(120)), "timed out\n{}", c.report());
+    assert!(
+        c.wait(Duration::from_secs(120)),
+        "timed out\n{}",
+        c.report()
+    );
     let field = |out: &str, name: &str| -> u64 {
         out.split_whitespace()
             .find_map(|w| w.strip_prefix(name))
@@ -280,7 +284,12 @@ fn a_stream_read_ahead_races_writers_and_stays_coherent() {
         } else {
             field(&out, "write_prefetches=")
         };
-        assert!(ahead > 0, "node {} fetched nothing ahead\n{}", n.id, c.report());
+        assert!(
+            ahead > 0,
+            "node {} fetched nothing ahead\n{}",
+            n.id,
+            c.report()
+        );
     }
     eprintln!(
         "a_stream_read_ahead_races_writers_and_stays_coherent: {:?}",

@@ -199,7 +199,10 @@ pub(crate) fn write_frames<W: Write>(
 /// Whether `buf` (bytes already received, not yet parsed) starts with a whole data
 /// frame on `channel`: the reader then knows that frame will be delivered next.
 pub(crate) fn next_is_whole_data(buf: &[u8], channel: u8) -> bool {
-    let Some(fh) = buf.get(..FRAME_HEADER_LEN).and_then(|b| <&[u8; FRAME_HEADER_LEN]>::try_from(b).ok()) else {
+    let Some(fh) = buf
+        .get(..FRAME_HEADER_LEN)
+        .and_then(|b| <&[u8; FRAME_HEADER_LEN]>::try_from(b).ok())
+    else {
         return false;
     };
     match FrameHeader::decode(fh) {

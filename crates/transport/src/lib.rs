@@ -28,12 +28,14 @@
 //! ```
 //!
 //! A send writes the three parts with one vectored write (`writev`) straight from the
-//! caller's buffers — the page goes from guest memory to the socket without an
-//! intermediate copy. A receive reads the fixed header, then message header and page
-//! with one vectored read, the page landing directly in a 4096-aligned [`PageBuf`]
-//! (usable as the source of `UFFDIO_COPY`). Any malformed frame (bad magic, version,
-//! kind, reserved byte or length) closes that connection with a `tracing::warn!` and an
-//! [`Event::PeerLost`]; nothing a peer sends can panic the node.
+//! caller's buffers; [`Sender::send_batch`] writes many frames with one `writev` (up to
+//! 256 frames per call), so a burst of requests or a run of pages costs a few system
+//! calls. A reader thread reads its socket through a 256 KiB buffer (a burst arrives in
+//! a few `recv`s), the page of each frame landing in a 4096-aligned [`PageBuf`] (usable
+//! as the source of `UFFDIO_COPY`); `Event::Frame::more` tells the handler that the
+//! peer's next frame on the same channel is received already. Any malformed frame (bad
+//! magic, version, kind, reserved byte or length) closes that connection with a
+//! `tracing::warn!` and an [`Event::PeerLost`]; nothing a peer sends can panic the node.
 //!
 //! # Handshake
 //!
