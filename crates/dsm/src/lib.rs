@@ -188,7 +188,7 @@ impl DsmSlot {
                 more,
             } => {
                 if let Some(d) = self.dsm.get() {
-                    d.on_frame_in_burst(from, &header, payload, more);
+                    d.on_frame_in_burst(from, header, payload, more);
                 } else {
                     self.deliver(Early::Frame {
                         from,

@@ -372,7 +372,7 @@ impl Dsm {
     /// actions (install the payload, wake faulting threads, send replies). Malformed or
     /// unexpected messages are logged and ignored.
     pub fn on_frame(&self, from: NodeId, header: &[u8], payload: Option<PageBuf>) {
-        self.on_frame_in_burst(from, header, payload, false)
+        self.on_frame_in_burst(from, header.to_vec(), payload, false)
     }
 
     /// [`Dsm::on_frame`] for a frame of a burst: with `more` (the transport has the
@@ -383,7 +383,7 @@ impl Dsm {
     pub fn on_frame_in_burst(
         &self,
         from: NodeId,
-        header: &[u8],
+        header: Vec<u8>,
         payload: Option<PageBuf>,
         more: bool,
     ) {
@@ -400,7 +400,7 @@ impl Dsm {
         };
         let frames = {
             let mut b = lock(slot);
-            b.push((header.to_vec(), payload));
+            b.push((header, payload));
             if more && b.len() < MAX_BURST {
                 return;
             }
