@@ -458,6 +458,18 @@ pub fn node_main(args: NodeArgs) -> Result<(), String> {
     result.and(fin)
 }
 
+/// Prints a workload's first verification errors and returns its verdict.
+fn verdict(me: impl std::fmt::Display, errors: &[String]) -> Result<(), String> {
+    for e in errors.iter().take(20) {
+        eprintln!("dsm-node {me}: ERROR {e}");
+    }
+    if errors.is_empty() {
+        Ok(())
+    } else {
+        Err(format!("node {me}: {} verification errors", errors.len()))
+    }
+}
+
 // ---------------------------------------------------------------- stream workload
 
 /// The stream workload: node 0 reads the whole region `iters` times in address order
@@ -527,14 +539,7 @@ fn stream(args: &NodeArgs, node: &Node) -> Result<(), String> {
         errors.len(),
         errors.is_empty()
     );
-    for e in errors.iter().take(20) {
-        eprintln!("dsm-node {me}: ERROR {e}");
-    }
-    if errors.is_empty() {
-        Ok(())
-    } else {
-        Err(format!("node {me}: {} verification errors", errors.len()))
-    }
+    verdict(me, &errors)
 }
 
 // ---------------------------------------------------------------- counters workload
@@ -731,12 +736,5 @@ fn counters(args: &NodeArgs, node: &Node) -> Result<(), String> {
     node.ctl.barrier(3)?;
     line += &format!(" errors={} ok={}", errors.len(), errors.is_empty());
     println!("{line}");
-    for e in errors.iter().take(20) {
-        eprintln!("dsm-node {me}: ERROR {e}");
-    }
-    if errors.is_empty() {
-        Ok(())
-    } else {
-        Err(format!("node {me}: {} verification errors", errors.len()))
-    }
+    verdict(me, &errors)
 }
