@@ -58,7 +58,7 @@ pub struct DsmOptions {
 /// Default for [`DsmOptions::readahead`], pages.
 pub const DEFAULT_READAHEAD: u64 = 256;
 /// Default for [`DsmOptions::writeahead`], pages.
-pub const DEFAULT_WRITEAHEAD: u64 = 64;
+pub const DEFAULT_WRITEAHEAD: u64 = 0;
 
 impl Default for DsmOptions {
     fn default() -> Self {
@@ -916,10 +916,13 @@ impl Dsm {
             // protect < send < drop. Anything else first applies what waits.
             let d = &core.deferred;
             let deferrable = match &actions[i] {
+                // A page a thread waits for is installed (and the thread woken) at
+                // once; pages fetched ahead wait for the rest of their run.
                 Action::Install { page, access, zero } => {
                     (!*zero || *access == LocalAccess::Read)
                         && (*zero || payload.is_some())
                         && !d.touches(*page)
+                        && !core.waiting.contains_key(page)
                 }
                 Action::SetAccess {
                     page,
