@@ -146,7 +146,7 @@ impl DsmSlot {
                     from,
                     header,
                     payload,
-                } => dsm.on_frame(from, &header, payload),
+                } => dsm.on_frame_in_burst(from, header, payload, false),
                 Early::Lost { node, reason } => dsm.on_peer_lost(node, &reason),
             }
         }
@@ -159,7 +159,7 @@ impl DsmSlot {
                 from,
                 header,
                 payload,
-            } => d.on_frame(from, &header, payload),
+            } => d.on_frame_in_burst(from, header, payload, false),
             Early::Lost { node, reason } => d.on_peer_lost(node, &reason),
         };
         if let Some(d) = self.dsm.get() {

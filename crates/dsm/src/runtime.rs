@@ -911,57 +911,9 @@ impl Dsm {
         let mut woken = Vec::new();
         let mut i = 0;
         while i < actions.len() {
-            // Write-protects, sends and drops wait for the end of the lock hold (one
-            // system call per run of pages), as long as their order per page holds:
-            // protect < send < drop. Anything else first applies what waits.
-            let d = &core.deferred;
-            let deferrable = match &actions[i] {
-                // A page a thread waits for is installed (and the thread woken) at
-                // once; pages fetched ahead wait for the rest of their run.
-                Action::Install { page, access, zero } => {
-                    (!*zero || *access == LocalAccess::Read)
-                        && (*zero || payload.is_some())
-                        && !d.touches(*page)
-                        && !core.waiting.contains_key(page)
-                }
-                Action::SetAccess {
-                    page,
-                    access: LocalAccess::Read,
-                } => !d.drop.contains(page) && !d.sends.iter().any(|s| s.2 == Some(*page)),
-                Action::SetAccess {
-                    access: LocalAccess::None,
-                    ..
-                } => true,
-                Action::Send { with_page, .. } => with_page.is_none_or(|p| !d.drop.contains(&p)),
-                _ => false,
-            };
-            if deferrable {
-                match &actions[i] {
-                    Action::Install { page, access, zero } => {
-                        let wake = matches!(actions.get(i + 1), Some(Action::Wake { page: p }) if p == page);
-                        let d = &mut core.deferred;
-                        match payload {
-                            Some(p) if !*zero => d.install_bytes.extend_from_slice(p.as_slice()),
-                            _ => d.install_bytes.resize(d.install_bytes.len() + PAGE_SIZE, 0),
-                        }
-                        d.installs.push((*page, *access, wake));
-                        if wake {
-                            self.woken(core, *page);
-                            woken.push(*page);
-                            i += 1;
-                        }
-                    }
-                    Action::SetAccess {
-                        page,
-                        access: LocalAccess::Read,
-                    } => core.deferred.protect.push(*page),
-                    Action::SetAccess { page, .. } => core.deferred.drop.push(*page),
-                    Action::Send { to, msg, with_page } => {
-                        core.deferred.sends.push((*to, msg.clone(), *with_page));
-                    }
-                    _ => {}
-                }
-                i += 1;
+            let taken = self.defer(core, &actions[i..], payload, &mut woken);
+            if taken > 0 {
+                i += taken;
                 continue;
             }
             self.apply_deferred(core);
@@ -993,9 +945,67 @@ impl Dsm {
         woken
     }
 
-    /// Applies what [`Dsm::execute`] deferred: write-protects (one ioctl per run of
-    /// pages), then the sends in order (copies taken now), then drops (one `madvise`
-    /// per run).
+    /// Puts `actions[0]` off to the end of the lock hold if it may wait there (see
+    /// [`Deferred`]: installs of pages nobody waits for, write-protects, sends and
+    /// drops, as long as each page's order holds). Returns how many actions it took:
+    /// 0 (not deferred), 1, or 2 (an install and the wake that follows it).
+    fn defer(
+        &self,
+        core: &mut Core,
+        actions: &[Action],
+        payload: Option<&PageBuf>,
+        woken: &mut Vec<PageId>,
+    ) -> usize {
+        let d = &mut core.deferred;
+        match &actions[0] {
+            // A page a thread waits for is installed (and the thread woken) at once;
+            // pages fetched ahead wait for the rest of their run.
+            Action::Install { page, access, zero }
+                if (!*zero || *access == LocalAccess::Read)
+                    && (*zero || payload.is_some())
+                    && !d.touches(*page)
+                    && !core.waiting.contains_key(page) =>
+            {
+                match payload {
+                    Some(p) if !*zero => d.install_bytes.extend_from_slice(p.as_slice()),
+                    _ => d.install_bytes.resize(d.install_bytes.len() + PAGE_SIZE, 0),
+                }
+                let wake = matches!(actions.get(1), Some(Action::Wake { page: p }) if p == page);
+                d.installs.push((*page, *access, wake));
+                if !wake {
+                    return 1;
+                }
+                self.woken(core, *page);
+                woken.push(*page);
+                2
+            }
+            Action::SetAccess {
+                page,
+                access: LocalAccess::Read,
+            } if !d.drop.contains(page) && !d.sends.iter().any(|s| s.2 == Some(*page)) => {
+                d.protect.push(*page);
+                1
+            }
+            Action::SetAccess {
+                page,
+                access: LocalAccess::None,
+            } => {
+                d.drop.push(*page);
+                1
+            }
+            Action::Send { to, msg, with_page }
+                if with_page.is_none_or(|p| !d.drop.contains(&p)) =>
+            {
+                d.sends.push((*to, msg.clone(), *with_page));
+                1
+            }
+            _ => 0,
+        }
+    }
+
+    /// Applies what [`Dsm::execute`] deferred: installs (one `UFFDIO_COPY` per run of
+    /// pages), write-protects (one ioctl per run), the sends in order (copies taken
+    /// now), then drops (one `madvise` per run).
     fn apply_deferred(&self, core: &mut Core) {
         if core.deferred.is_empty() {
             return;

@@ -200,6 +200,10 @@ impl Layout {
         let s = self.block + 3 * self.samples;
         s..s + self.seq
     }
+    /// MiB/s of one sequential pass that took `d`.
+    fn seq_mib_s(&self, d: Duration) -> f64 {
+        (self.seq * PAGE) as f64 / (1 << 20) as f64 / d.as_secs_f64()
+    }
     fn seq_write_pages(&self) -> std::ops::Range<u64> {
         let s = self.block + 3 * self.samples + self.seq;
         s..s + self.seq
@@ -207,6 +211,15 @@ impl Layout {
     fn inval_pages(&self, k: u64) -> std::ops::Range<u64> {
         let s = (k - 1) * self.samples;
         s..s + self.samples
+    }
+}
+
+/// `a / b`, or 0 when there is no `b` to compare with.
+fn ratio(a: f64, b: f64) -> f64 {
+    if b > 0.0 {
+        a / b
+    } else {
+        0.0
     }
 }
 
@@ -369,7 +382,7 @@ pub(crate) fn node_bench(args: &NodeArgs, node: &Node) -> Result<(), String> {
     let mut bulk_mib_s = 0.0;
     if me == 0 {
         let d = ctl.bulk(1, lay.seq, Duration::from_secs(120))?;
-        bulk_mib_s = (lay.seq * PAGE) as f64 / (1 << 20) as f64 / d.as_secs_f64();
+        bulk_mib_s = lay.seq_mib_s(d);
     }
     barrier()?;
     let mut seq_mib_s = 0.0;
@@ -386,22 +399,19 @@ pub(crate) fn node_bench(args: &NodeArgs, node: &Node) -> Result<(), String> {
                 sum = sum.wrapping_add(unsafe { std::ptr::read_volatile(base.add(i)) });
             }
         }
-        let secs = t.elapsed().as_secs_f64();
+        let took = t.elapsed();
         let expect: u64 = pages.clone().fold(0u64, |a, p| a.wrapping_add(p));
         if sum != expect {
             return Err(format!("sequential pass checksum {sum}, expected {expect}"));
         }
-        seq_mib_s = (lay.seq * PAGE) as f64 / (1 << 20) as f64 / secs;
+        seq_mib_s = lay.seq_mib_s(took);
         let after = node.dsm.stats();
         seq_faults = (after.read_faults - before.read_faults)
             .saturating_sub(after.prefetches - before.prefetches);
         // The transport again: the better of the two runs is the floor (the host's
         // load changes from one second to the next).
         let d = ctl.bulk(1, lay.seq, Duration::from_secs(120))?;
-        bulk_mib_s = f64::max(
-            bulk_mib_s,
-            (lay.seq * PAGE) as f64 / (1 << 20) as f64 / d.as_secs_f64(),
-        );
+        bulk_mib_s = f64::max(bulk_mib_s, lay.seq_mib_s(d));
     }
     barrier()?;
 
@@ -417,8 +427,7 @@ pub(crate) fn node_bench(args: &NodeArgs, node: &Node) -> Result<(), String> {
                 unsafe { std::ptr::write_volatile(base.add(i), p ^ i as u64) };
             }
         }
-        let secs = t.elapsed().as_secs_f64();
-        seq_write_mib_s = (lay.seq * PAGE) as f64 / (1 << 20) as f64 / secs;
+        seq_write_mib_s = lay.seq_mib_s(t.elapsed());
     }
     barrier()?;
     if me == 1 {
@@ -451,19 +460,11 @@ pub(crate) fn node_bench(args: &NodeArgs, node: &Node) -> Result<(), String> {
             seq_write_mib_s,
             seq_read_faults: seq_faults,
             tcp_bulk_mib_s: bulk_mib_s,
-            seq_read_ratio: if bulk_mib_s > 0.0 {
-                seq_mib_s / bulk_mib_s
-            } else {
-                0.0
-            },
+            seq_read_ratio: ratio(seq_mib_s, bulk_mib_s),
             floor_p50_us: floor.p50_us(),
             floor_p99_us: floor.p99_us(),
             floor_nowake_p50_us: floor_nowake.p50_us(),
-            read_fault_ratio: if floor.p50_us() > 0.0 {
-                read.p50_us() / floor.p50_us()
-            } else {
-                0.0
-            },
+            read_fault_ratio: ratio(read.p50_us(), floor.p50_us()),
             runtime_read_p50_us: stats.read_latency.p50_us(),
             hold_us: args.bench.hold_us,
             readahead: args.bench.readahead,

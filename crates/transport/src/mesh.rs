@@ -218,21 +218,9 @@ impl Peer {
         }
     }
 
-    /// Writes one frame under the per-peer lock. A failed write poisons the stream
-    /// (part of a frame may be out), so the peer is declared lost.
+    /// Writes frames back to back under the per-peer lock. A failed write poisons the
+    /// stream (part of a frame may be out), so the peer is declared lost.
     fn write(
-        &self,
-        shared: &Shared,
-        kind: Kind,
-        channel: u8,
-        header: &[u8],
-        payload: &[u8],
-    ) -> Result<(), TransportError> {
-        self.write_many(shared, kind, channel, &[(header, payload)])
-    }
-
-    /// Writes frames back to back under the per-peer lock (see [`Peer::write`]).
-    fn write_many(
         &self,
         shared: &Shared,
         kind: Kind,
@@ -454,7 +442,11 @@ fn heartbeat_loop(shared: &Shared, peer: &Peer) {
         let idle = shared
             .now_ns()
             .saturating_sub(peer.last_send_ns.load(Ordering::Relaxed));
-        if idle >= interval_ns && peer.write(shared, Kind::Heartbeat, 0, &[], &[]).is_err() {
+        if idle >= interval_ns
+            && peer
+                .write(shared, Kind::Heartbeat, 0, &[(&[], &[])])
+                .is_err()
+        {
             return;
         }
     }
@@ -880,25 +872,7 @@ impl Sender {
         header: &[u8],
         payload: Option<&[u8]>,
     ) -> Result<(), TransportError> {
-        if header.len() > MAX_HEADER_LEN {
-            return Err(TransportError::HeaderTooLong(header.len()));
-        }
-        let payload = match payload {
-            None => &[][..],
-            Some(p) if p.len() == PAGE_SIZE => p,
-            Some(p) => return Err(TransportError::BadPayload(p.len())),
-        };
-        let peer = self.peer(to)?;
-        if self.shared.closing.load(Ordering::SeqCst) {
-            return Err(TransportError::Shutdown);
-        }
-        if peer.lost.load(Ordering::SeqCst) {
-            return Err(peer.lost_error());
-        }
-        if let Some(d) = self.shared.inject_delay {
-            thread::sleep(d);
-        }
-        peer.write(&self.shared, Kind::Data, channel, header, payload)
+        self.send_batch(to, channel, &[(header, payload)])
     }
 
     /// Sends several frames to node `to` on `channel`, back to back and in order, with
@@ -937,6 +911,6 @@ impl Sender {
         if let Some(d) = self.shared.inject_delay {
             thread::sleep(d);
         }
-        peer.write_many(&self.shared, Kind::Data, channel, &parts)
+        peer.write(&self.shared, Kind::Data, channel, &parts)
     }
 }
