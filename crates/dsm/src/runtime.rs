@@ -1121,7 +1121,7 @@ impl Dsm {
             let src = unsafe {
                 std::slice::from_raw_parts(self.region.page_addr(p) as *const u8, PAGE_SIZE)
             };
-            let mut buf = PageBuf::new();
+            let mut buf = PageBuf::recycled();
             buf.as_mut_slice().copy_from_slice(src);
             buf
         });

@@ -281,7 +281,7 @@ pub(crate) fn read_frame<R: Read>(r: &mut R) -> Result<RawFrame, ReadError> {
     }
     let h = FrameHeader::decode(&fh).map_err(ReadError::Frame)?;
     let mut header = vec![0u8; h.header_len as usize];
-    let mut payload = (h.payload_len != 0).then(PageBuf::new);
+    let mut payload = (h.payload_len != 0).then(PageBuf::recycled);
     {
         let mut slices = [IoSliceMut::new(&mut header), IoSliceMut::new(&mut [])];
         if let Some(page) = payload.as_mut() {

@@ -4,8 +4,29 @@ use std::alloc::{self, Layout};
 use std::fmt;
 use std::ops::{Deref, DerefMut};
 use std::ptr::NonNull;
+use std::sync::Mutex;
 
 use crate::frame::PAGE_SIZE;
+
+/// Freed page buffers kept for reuse (at most [`POOL_PAGES`]): a node streaming pages
+/// allocates and frees one per frame on different threads, and the allocator's
+/// aligned path (plus zeroing) cost more than the copy itself.
+static POOL: Mutex<Vec<PoolPage>> = Mutex::new(Vec::new());
+/// The most buffers [`POOL`] keeps (4 MiB).
+const POOL_PAGES: usize = 1024;
+
+/// A pooled buffer: the address of an allocation of [`PAGE_LAYOUT`] that no
+/// [`PageBuf`] owns.
+struct PoolPage(NonNull<u8>);
+// SAFETY: a pooled buffer is plain memory owned by the pool alone; moving its address
+// between threads is what the global allocator allows for any allocation.
+unsafe impl Send for PoolPage {}
+
+fn pool() -> std::sync::MutexGuard<'static, Vec<PoolPage>> {
+    // The pool holds addresses only; a panic while it was locked cannot leave one
+    // half-added, so a poisoned lock is still consistent.
+    POOL.lock().unwrap_or_else(|e| e.into_inner())
+}
 
 /// Layout of one page buffer: 4096 bytes, 4096-byte aligned.
 const PAGE_LAYOUT: Layout = match Layout::from_size_align(PAGE_SIZE, PAGE_SIZE) {
@@ -16,6 +37,9 @@ const PAGE_LAYOUT: Layout = match Layout::from_size_align(PAGE_SIZE, PAGE_SIZE) 
 };
 
 /// An owned, zero-initialised, 4 KiB buffer aligned to 4096 bytes.
+///
+/// Dropped buffers go back to a small process-wide pool; [`PageBuf::recycled`] takes
+/// one from it without zeroing, for callers that overwrite all 4 KiB.
 ///
 /// Received page payloads are read straight from the socket into a `PageBuf`, so a
 /// DSM runtime can hand its address to `UFFDIO_COPY` (which wants a page-aligned
@@ -45,12 +69,33 @@ impl PageBuf {
 
     /// Allocates a zeroed, page-aligned buffer.
     pub fn new() -> Self {
-        // SAFETY: PAGE_LAYOUT has a non-zero size.
-        let raw = unsafe { alloc::alloc_zeroed(PAGE_LAYOUT) };
-        let Some(ptr) = NonNull::new(raw) else {
-            alloc::handle_alloc_error(PAGE_LAYOUT)
-        };
-        PageBuf { ptr }
+        let pooled = pool().pop(); // the lock is released here
+        match pooled {
+            Some(PoolPage(ptr)) => {
+                let mut page = PageBuf { ptr };
+                page.as_mut_slice().fill(0);
+                page
+            }
+            None => {
+                // SAFETY: PAGE_LAYOUT has a non-zero size.
+                let raw = unsafe { alloc::alloc_zeroed(PAGE_LAYOUT) };
+                let Some(ptr) = NonNull::new(raw) else {
+                    alloc::handle_alloc_error(PAGE_LAYOUT)
+                };
+                PageBuf { ptr }
+            }
+        }
+    }
+
+    /// A buffer from the pool with whatever bytes its last owner left in it (zeroes
+    /// if the pool is empty): for callers that overwrite all 4 KiB right away, such
+    /// as a frame read from a socket or a copy of a mapped page.
+    pub fn recycled() -> Self {
+        let pooled = pool().pop(); // the lock is released here
+        match pooled {
+            Some(PoolPage(ptr)) => PageBuf { ptr },
+            None => PageBuf::new(),
+        }
     }
 
     /// Copies `src` into a new buffer; `None` unless `src` is exactly 4096 bytes long.
@@ -58,7 +103,7 @@ impl PageBuf {
         if src.len() != PAGE_SIZE {
             return None;
         }
-        let mut page = PageBuf::new();
+        let mut page = PageBuf::recycled();
         page.copy_from_slice(src);
         Some(page)
     }
@@ -126,7 +171,7 @@ impl AsMut<[u8]> for PageBuf {
 
 impl Clone for PageBuf {
     fn clone(&self) -> Self {
-        let mut page = PageBuf::new();
+        let mut page = PageBuf::recycled();
         page.copy_from_slice(self);
         page
     }
@@ -151,8 +196,14 @@ impl fmt::Debug for PageBuf {
 
 impl Drop for PageBuf {
     fn drop(&mut self) {
+        let mut pool = pool();
+        if pool.len() < POOL_PAGES {
+            pool.push(PoolPage(self.ptr));
+            return;
+        }
+        drop(pool);
         // SAFETY: `ptr` was returned by `alloc_zeroed(PAGE_LAYOUT)` and is freed exactly
-        // once, here, with the same layout.
+        // once, here, with the same layout (it is not in the pool: that push returned).
         unsafe { alloc::dealloc(self.ptr.as_ptr(), PAGE_LAYOUT) }
     }
 }
@@ -173,5 +224,23 @@ mod tests {
         assert!(PageBuf::from_slice(&[0u8; 10]).is_none());
         let c = PageBuf::from_slice(&[3u8; 4096]).unwrap();
         assert!(c.iter().all(|&x| x == 3));
+    }
+
+    #[test]
+    fn freed_buffers_are_reused_and_new_ones_are_zeroed() {
+        // Other tests share the pool: fill a few, free them, and check that buffers
+        // taken afterwards come back zeroed from `new` however they were left.
+        let dirty: Vec<PageBuf> = (0..8)
+            .map(|_| PageBuf::from_slice(&[0xa5; 4096]).unwrap())
+            .collect();
+        drop(dirty);
+        for _ in 0..8 {
+            let p = PageBuf::new();
+            assert!(
+                p.iter().all(|&b| b == 0),
+                "a page from new() must be zeroed"
+            );
+            assert_eq!(p.as_ptr() as usize % 4096, 0);
+        }
     }
 }
