@@ -10,6 +10,8 @@
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 const PRESENT: u64 = 1;
+const WRITABLE: u64 = 1 << 1;
+const USER: u64 = 1 << 2;
 const PAGE_SIZE_BIT: u64 = 1 << 7;
 const ADDR_MASK: u64 = 0x000f_ffff_ffff_f000;
 /// CR4.LA57: five-level paging.
@@ -24,6 +26,17 @@ pub enum PagingError {
     /// The page tables or the target point outside guest RAM.
     #[error("guest-physical address {0:#x} is outside guest RAM")]
     OutsideRam(u64),
+}
+
+/// Where a guest-virtual address leads, and what the page tables allow there.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Translation {
+    /// The guest-physical address.
+    pub gpa: u64,
+    /// Every level allows writes (R/W set).
+    pub writable: bool,
+    /// Every level allows user-mode access (U/S set).
+    pub user: bool,
 }
 
 /// The page tables of a vCPU at one moment: its CR3 and whether CR4.LA57 is set.
@@ -46,8 +59,20 @@ impl PageTables {
 
     /// The guest-physical address of `gva`.
     pub fn translate(&self, mem: &GuestMemoryMmap, gva: u64) -> Result<u64, PagingError> {
+        self.walk(mem, gva).map(|t| t.gpa)
+    }
+
+    /// The translation of `gva` with the access rights the walk found (the R/W and U/S
+    /// bits of every level combined, as the CPU combines them).
+    pub fn walk(&self, mem: &GuestMemoryMmap, gva: u64) -> Result<Translation, PagingError> {
         let levels: u32 = if self.la57 { 5 } else { 4 };
         let mut table = self.cr3 & ADDR_MASK;
+        let mut rights = WRITABLE | USER;
+        let done = |gpa, rights: u64| Translation {
+            gpa,
+            writable: rights & WRITABLE != 0,
+            user: rights & USER != 0,
+        };
         for level in (1..=levels).rev() {
             let shift = 12 + 9 * (level - 1);
             let index = (gva >> shift) & 0x1ff;
@@ -58,15 +83,16 @@ impl PageTables {
             if entry & PRESENT == 0 {
                 return Err(PagingError::NotMapped(gva));
             }
+            rights &= entry;
             // A large page at level 2 (2 MiB) or 3 (1 GiB).
             if (level == 2 || level == 3) && entry & PAGE_SIZE_BIT != 0 {
                 let size = 1u64 << shift;
                 let base = entry & ADDR_MASK & !(size - 1);
-                return Ok(base | (gva & (size - 1)));
+                return Ok(done(base | (gva & (size - 1)), rights));
             }
             table = entry & ADDR_MASK;
         }
-        Ok(table | (gva & 0xfff))
+        Ok(done(table | (gva & 0xfff), rights))
     }
 
     /// Reads `buf.len()` bytes at `gva` (the range may cross pages).
@@ -99,10 +125,17 @@ pub(crate) mod tests {
     /// Builds 4-level tables at 0x1000.. mapping `va` to `pa` with a 4 KiB page, one
     /// 2 MiB page at `va2m` -> 0x40_0000 and returns the tables.
     pub(crate) fn map(mem: &GuestMemoryMmap, maps: &[(u64, u64)]) -> PageTables {
+        let with_flags: Vec<(u64, u64, u64)> = maps.iter().map(|&(va, pa)| (va, pa, 3)).collect();
+        map_with(mem, &with_flags)
+    }
+
+    /// Like [`map`], with the leaf entry's flag bits given per mapping (`(va, pa,
+    /// flags)`); the upper levels allow everything (present, writable, user).
+    pub(crate) fn map_with(mem: &GuestMemoryMmap, maps: &[(u64, u64, u64)]) -> PageTables {
         // A bump allocator of table pages from 0x1000.
         let mut next = 0x2000u64;
         let root = 0x1000u64;
-        for &(va, pa) in maps {
+        for &(va, pa, flags) in maps {
             let mut table = root;
             for level in (2..=4u32).rev() {
                 let shift = 12 + 9 * (level - 1);
@@ -113,12 +146,12 @@ pub(crate) mod tests {
                 } else {
                     let t = next;
                     next += 0x1000;
-                    mem.write_obj(t | 3, GuestAddress(at)).unwrap();
+                    mem.write_obj(t | 7, GuestAddress(at)).unwrap();
                     t
                 };
             }
             let at = table + ((va >> 12) & 0x1ff) * 8;
-            mem.write_obj(pa | 3, GuestAddress(at)).unwrap();
+            mem.write_obj(pa | flags, GuestAddress(at)).unwrap();
         }
         PageTables {
             cr3: root,
@@ -184,5 +217,34 @@ pub(crate) mod tests {
             bad.translate(&mem, 0),
             Err(PagingError::OutsideRam(_))
         ));
+    }
+
+    #[test]
+    fn walk_reports_access_rights() {
+        let mem = memory();
+        let pt = map_with(
+            &mem,
+            &[
+                (0x40_0000, 0x50_0000, PRESENT),
+                (0x40_1000, 0x50_1000, PRESENT | WRITABLE),
+                (0x40_2000, 0x50_2000, PRESENT | WRITABLE | USER),
+            ],
+        );
+        let t = |va| pt.walk(&mem, va).unwrap();
+        assert_eq!(
+            t(0x40_0010),
+            Translation {
+                gpa: 0x50_0010,
+                writable: false,
+                user: false
+            }
+        );
+        assert!(t(0x40_1000).writable && !t(0x40_1000).user);
+        assert!(t(0x40_2fff).writable && t(0x40_2fff).user);
+        // An upper level without R/W takes the right away from the whole range.
+        let pml4 = pt.cr3 & ADDR_MASK;
+        let e: u64 = mem.read_obj(GuestAddress(pml4)).unwrap();
+        mem.write_obj(e & !WRITABLE, GuestAddress(pml4)).unwrap();
+        assert!(!t(0x40_2000).writable && t(0x40_2000).user);
     }
 }

@@ -20,8 +20,11 @@ pub enum ExitKind {
     IrqWindow,
     /// KVM_RUN interrupted by a kick.
     Intr,
-    /// Emulation failure fixed by the compat module (int3, fwait).
+    /// Emulation failure fixed by the compat module without emulating (int3, fwait).
     Int3,
+    /// An instruction the backend failed on, emulated by the VMM
+    /// (`compat::emulate`: cmpxchg16b...), the faults it raised included.
+    Emulated,
     /// MSR access handled in user space (TSC deadline, `syscall` MSRs).
     Msr,
     /// A guest system call repaired by the VMM (software-KVM hosts).
@@ -34,7 +37,7 @@ pub enum ExitKind {
 
 impl ExitKind {
     /// All kinds, in display order.
-    pub const ALL: [ExitKind; 12] = [
+    pub const ALL: [ExitKind; 13] = [
         ExitKind::IoIn,
         ExitKind::IoOut,
         ExitKind::MmioRead,
@@ -43,6 +46,7 @@ impl ExitKind {
         ExitKind::IrqWindow,
         ExitKind::Intr,
         ExitKind::Int3,
+        ExitKind::Emulated,
         ExitKind::Msr,
         ExitKind::Syscall,
         ExitKind::PageFault,
@@ -59,6 +63,7 @@ impl ExitKind {
             ExitKind::IrqWindow => "irq_window",
             ExitKind::Intr => "intr",
             ExitKind::Int3 => "emul_fix",
+            ExitKind::Emulated => "emulated",
             ExitKind::Msr => "msr",
             ExitKind::Syscall => "syscall",
             ExitKind::PageFault => "page_fault",
@@ -70,7 +75,7 @@ impl ExitKind {
 /// Counters of one vCPU.
 #[derive(Debug, Default)]
 pub struct VcpuStats {
-    exits: [AtomicU64; 12],
+    exits: [AtomicU64; ExitKind::ALL.len()],
     /// Interrupts injected with KVM_INTERRUPT.
     pub injected: AtomicU64,
     /// IPIs sent by this vCPU.

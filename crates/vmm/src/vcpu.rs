@@ -21,8 +21,9 @@ use kvm_ioctls::{VcpuExit, VcpuFd};
 use vmm_sys_util::ioctl::ioctl_with_ref;
 
 use crate::boot::{regs, BootInfo};
+use crate::compat::emulate::{self, Action, Outcome};
 use crate::compat::usermode::{Breakpoint, UserMode, MSR_LSTAR};
-use crate::compat::{handle_emulation_failure, EmulationFix};
+use crate::compat::INTERNAL_ERROR_EMULATION;
 use crate::devices::PortEvent;
 use crate::irq::VcpuTarget;
 use crate::stats::{ExitKind, VcpuStats};
@@ -83,6 +84,15 @@ pub enum VcpuError {
         data: Vec<u64>,
         /// Instruction pointer.
         rip: u64,
+    },
+    /// The backend failed on an instruction the VMM does not handle (see
+    /// [`crate::compat::emulate`]); `what` names the decoded instruction.
+    #[error("vCPU {vcpu}: {what}")]
+    Emulation {
+        /// vCPU index.
+        vcpu: usize,
+        /// The instruction and why it was not handled.
+        what: String,
     },
     /// An exit this VMM does not handle.
     #[error("vCPU {vcpu}: unhandled exit {exit} at rip {rip:#x}")]
@@ -332,6 +342,11 @@ pub trait VcpuEnv: Send + Sync {
     }
     /// The system-call repair, on hosts that need it (see [`crate::compat::usermode`]).
     fn user_mode(&self) -> Option<&UserMode> {
+        None
+    }
+    /// Guest RAM, for the instructions the VMM emulates (see
+    /// [`crate::compat::emulate`]).
+    fn guest_memory(&self) -> Option<&vm_memory::GuestMemoryMmap> {
         None
     }
 }
@@ -738,6 +753,9 @@ fn halt(vcpu: &mut VcpuFd, handle: &VcpuHandle, env: &dyn VcpuEnv) {
     }
 }
 
+/// A `KVM_EXIT_INTERNAL_ERROR`: an emulation failure is looked up in the compat
+/// table ([`crate::compat::emulate`]) and handled as it says; anything else ends the
+/// vCPU.
 fn internal_error(
     vcpu: &mut VcpuFd,
     handle: &VcpuHandle,
@@ -751,50 +769,66 @@ fn internal_error(
     let n = (internal.ndata as usize).min(internal.data.len());
     let data = internal.data[..n].to_vec();
     let mut regs = vcpu.get_regs().map_err(kvm_err(idx, "KVM_GET_REGS"))?;
-    let fix = handle_emulation_failure(internal.suberror, &data);
-    if let (EmulationFix::Int3, Some(um)) = (fix, env.user_mode()) {
-        let mut sregs = vcpu.get_sregs().map_err(kvm_err(idx, "KVM_GET_SREGS"))?;
-        match um.on_breakpoint(idx, &mut regs, &mut sregs) {
-            Breakpoint::NotOurs => {}
-            Breakpoint::Syscall => {
-                handle.stats.exit(ExitKind::Syscall);
-                vcpu.set_sregs(&sregs)
-                    .map_err(kvm_err(idx, "KVM_SET_SREGS"))?;
-                return vcpu.set_regs(&regs).map_err(kvm_err(idx, "KVM_SET_REGS"));
-            }
-            Breakpoint::PassThrough | Breakpoint::Refused => {
-                handle.stats.exit(ExitKind::PageFault);
-                return vcpu.set_regs(&regs).map_err(kvm_err(idx, "KVM_SET_REGS"));
-            }
-        }
-    }
-    match fix {
-        EmulationFix::Int3 => {
-            handle.stats.exit(ExitKind::Int3);
-            regs.rip += 1;
-            vcpu.set_regs(&regs).map_err(kvm_err(idx, "KVM_SET_REGS"))?;
-            let mut ev = vcpu
-                .get_vcpu_events()
-                .map_err(kvm_err(idx, "KVM_GET_VCPU_EVENTS"))?;
-            ev.exception.injected = 1;
-            ev.exception.nr = 3;
-            ev.exception.has_error_code = 0;
-            vcpu.set_vcpu_events(&ev)
-                .map_err(kvm_err(idx, "KVM_SET_VCPU_EVENTS"))?;
-            Ok(())
-        }
-        EmulationFix::SkipFwait => {
-            handle.stats.exit(ExitKind::Int3);
-            regs.rip += 1;
-            vcpu.set_regs(&regs).map_err(kvm_err(idx, "KVM_SET_REGS"))
-        }
-        EmulationFix::Unhandled => Err(VcpuError::Internal {
+    if internal.suberror != INTERNAL_ERROR_EMULATION {
+        return Err(VcpuError::Internal {
             vcpu: idx,
             suberror: internal.suberror,
             data,
             rip: regs.rip,
-        }),
+        });
     }
+    let mut sregs = vcpu.get_sregs().map_err(kvm_err(idx, "KVM_GET_SREGS"))?;
+    let failed = emulate::Failed::from_exit(&data, regs.rip, &sregs)
+        .map_err(|what| VcpuError::Emulation { vcpu: idx, what })?;
+    if failed.is_breakpoint() {
+        if let Some(um) = env.user_mode() {
+            match um.on_breakpoint(idx, &mut regs, &mut sregs) {
+                Breakpoint::NotOurs => {}
+                Breakpoint::Syscall => {
+                    handle.stats.exit(ExitKind::Syscall);
+                    vcpu.set_sregs(&sregs)
+                        .map_err(kvm_err(idx, "KVM_SET_SREGS"))?;
+                    return vcpu.set_regs(&regs).map_err(kvm_err(idx, "KVM_SET_REGS"));
+                }
+                Breakpoint::PassThrough | Breakpoint::Refused => {
+                    handle.stats.exit(ExitKind::PageFault);
+                    return vcpu.set_regs(&regs).map_err(kvm_err(idx, "KVM_SET_REGS"));
+                }
+            }
+        }
+    }
+    let outcome = failed.resolve(&mut emulate::Cpu {
+        regs: &mut regs,
+        sregs: &sregs,
+        mem: env.guest_memory(),
+    });
+    let inject = match outcome {
+        Outcome::Done => None,
+        Outcome::Inject(e) => Some(e),
+        Outcome::Unhandled(what) => return Err(VcpuError::Emulation { vcpu: idx, what }),
+    };
+    handle.stats.exit(match failed.entry().map(|e| e.action) {
+        Some(Action::Emulate(_)) => ExitKind::Emulated,
+        _ => ExitKind::Int3,
+    });
+    vcpu.set_regs(&regs).map_err(kvm_err(idx, "KVM_SET_REGS"))?;
+    if let Some(e) = inject {
+        if let Some(cr2) = e.cr2 {
+            sregs.cr2 = cr2;
+            vcpu.set_sregs(&sregs)
+                .map_err(kvm_err(idx, "KVM_SET_SREGS"))?;
+        }
+        let mut ev = vcpu
+            .get_vcpu_events()
+            .map_err(kvm_err(idx, "KVM_GET_VCPU_EVENTS"))?;
+        ev.exception.injected = 1;
+        ev.exception.nr = e.vector;
+        ev.exception.has_error_code = u8::from(e.error_code.is_some());
+        ev.exception.error_code = e.error_code.unwrap_or(0);
+        vcpu.set_vcpu_events(&ev)
+            .map_err(kvm_err(idx, "KVM_SET_VCPU_EVENTS"))?;
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -222,6 +222,8 @@ struct Shared {
     dump: AtomicBool,
     user_mode: Option<UserMode>,
     shadow: Option<Arc<ShadowSync>>,
+    /// Guest RAM, for the instructions the VMM emulates.
+    mem: GuestMemoryMmap,
 }
 
 /// Records the outcome of a run unless one is already there: the first definitive
@@ -302,6 +304,9 @@ impl VcpuEnv for Shared {
     }
     fn user_mode(&self) -> Option<&UserMode> {
         self.user_mode.as_ref()
+    }
+    fn guest_memory(&self) -> Option<&GuestMemoryMmap> {
+        Some(&self.mem)
     }
     fn dead_halt(&self, _vcpu: usize, halted: bool) {
         if halted {
@@ -627,6 +632,7 @@ impl Vm {
                 .then(|| UserMode::new(mem.clone(), cfg.vcpus)),
             shadow: (cfg.host.traps_syscall_msrs() && cfg.placement.is_some())
                 .then(|| Arc::new(ShadowSync::default())),
+            mem: mem.clone(),
         });
 
         let tsc_base = cfg.placement.as_ref().and_then(|p| p.tsc_base);

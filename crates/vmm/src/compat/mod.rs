@@ -20,17 +20,19 @@
 //! * **Timers.** Nothing to do: the guest uses the TSC-deadline timer, whose MSR the
 //!   VMM traps (MSR filter) to the user-space LAPIC on both kinds of host. With it Linux
 //!   needs neither a PIT nor a LAPIC timer calibration.
-//! * **`int3` in the guest kernel.** The backend's emulator fails on `int3` with
-//!   `KVM_EXIT_INTERNAL_ERROR` (suberror 1, emulation) carrying the instruction bytes.
-//!   [`handle_emulation_failure`] recognises that case, steps over the `0xcc` and injects
-//!   the #BP exception the guest expects, so its int3 self-test and kprobes work.
-//!   `fwait` fails the same way and is stepped over (see [`EmulationFix::SkipFwait`]).
+//! * **Instructions the backend cannot run.** Its emulator fails on some instructions
+//!   with `KVM_EXIT_INTERNAL_ERROR` (suberror 1, emulation) carrying the instruction
+//!   bytes. One table ([`emulate::TABLE`]) says what the VMM does with each: emulate it
+//!   (`cmpxchg16b`, `cmpxchg8b`, `popcnt`), step over it and inject #BP (`int3`, so the
+//!   kernel's int3 self-test and kprobes work), skip it (`fwait`), or keep it away by
+//!   hiding its feature on the command line (XSAVE, SMAP, AVX...).
 //! * **Guest user mode.** On `syscall` from guest CPL 3 the backend loads RIP = LSTAR
 //!   but leaves CS/SS at the user selectors, so the fetch at LSTAR faults. The VMM
 //!   repairs that at a breakpoint on the guest's page-fault handler ([`usermode`]); the
 //!   `syscall` MSRs are trapped for it ([`HostKind::traps_syscall_msrs`]). A hardware
 //!   host runs `syscall` in hardware and needs nothing.
 
+pub mod emulate;
 pub mod shadow;
 pub mod usermode;
 
@@ -90,45 +92,9 @@ impl HostKind {
     }
 }
 
-/// What to do after an emulation failure.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum EmulationFix {
-    /// The guest executed `int3`: advance RIP by one and inject #BP (vector 3).
-    Int3,
-    /// The guest executed `fwait` (0x9b), which the emulator cannot run: advance RIP by
-    /// one. The kernel issues it only to flush pending x87 exceptions (e.g. in
-    /// `fpu__drop` when a task exits), and with exceptions masked there are none.
-    SkipFwait,
-    /// Not something this module knows how to fix.
-    Unhandled,
-}
-
-/// KVM_INTERNAL_ERROR_EMULATION.
+/// KVM_INTERNAL_ERROR_EMULATION: the suberror of an emulation failure, whose data
+/// carries the instruction bytes ([`emulate::Failed::from_exit`]).
 pub const INTERNAL_ERROR_EMULATION: u32 = 1;
-
-/// Classifies a `KVM_EXIT_INTERNAL_ERROR` from its suberror and data words. With the
-/// emulation suberror the data holds the instruction length and bytes (the layout
-/// differs between backends), so an `int3` is recognised by the first instruction byte
-/// being 0xcc where the data reports the bytes.
-pub fn handle_emulation_failure(suberror: u32, data: &[u64]) -> EmulationFix {
-    if suberror != INTERNAL_ERROR_EMULATION {
-        return EmulationFix::Unhandled;
-    }
-    // With KVM_INTERNAL_ERROR_EMULATION_FLAG_INSTRUCTION_BYTES (bit 0 of data[0]) the
-    // kernel's layout is: u64 flags, then u8 insn_size followed by 15 instruction bytes,
-    // so data[1] holds the size in its low byte and the first instruction byte above it.
-    let first = match data {
-        [flags, insn, ..] if flags & 1 == 1 && (1..=15).contains(&(insn & 0xff)) => {
-            Some(((insn >> 8) & 0xff) as u8)
-        }
-        _ => None,
-    };
-    match first {
-        Some(0xcc) => EmulationFix::Int3,
-        Some(0x9b) => EmulationFix::SkipFwait,
-        _ => EmulationFix::Unhandled,
-    }
-}
 
 #[cfg(test)]
 mod tests {
@@ -156,25 +122,5 @@ mod tests {
             "tsc_early_khz=2596000"
         );
         assert_eq!(HostKind::Hardware.tsc_cmdline(2_596_000), "");
-    }
-
-    #[test]
-    fn recognises_int3() {
-        // As seen on this host: flags = 1, insn_size = 15, bytes cc 90 90 90 90 ...
-        let seen = [1, 0x7c83_9090_9090_cc0f, 0x480b_0f02_7401_0424, 0x1000];
-        assert_eq!(handle_emulation_failure(1, &seen), EmulationFix::Int3);
-        assert_eq!(
-            handle_emulation_failure(1, &[1, 0x01_0f03]),
-            EmulationFix::Unhandled
-        );
-        assert_eq!(
-            handle_emulation_failure(1, &[0, 0xcc01]),
-            EmulationFix::Unhandled
-        );
-        assert_eq!(handle_emulation_failure(3, &seen), EmulationFix::Unhandled);
-        // fwait in fpu__drop, as seen on this host.
-        let fwait = [1, 0x40d0_05c7_4865_9b0f, 0x65c3_0000_0000_7f00, 0x1000];
-        assert_eq!(handle_emulation_failure(1, &fwait), EmulationFix::SkipFwait);
-        assert_eq!(handle_emulation_failure(1, &[]), EmulationFix::Unhandled);
     }
 }
