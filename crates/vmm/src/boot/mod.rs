@@ -14,6 +14,7 @@
 //! | 0x100000   | kernel (ELF at its physical addresses) |
 //! | top of RAM | initrd                                 |
 
+pub mod bzimage;
 pub mod mptable;
 pub mod params;
 pub mod regs;
