@@ -67,7 +67,10 @@ impl Compression {
             (b"BZh", Compression::Bzip2),
             (&[0x5d, 0x00, 0x00], Compression::Lzma),
             (&[0xfd, b'7', b'z', b'X', b'Z', 0x00], Compression::Xz),
-            (&[0x89, b'L', b'Z', b'O', 0x00, 0x0d, 0x0a, 0x1a, 0x0a], Compression::Lzo),
+            (
+                &[0x89, b'L', b'Z', b'O', 0x00, 0x0d, 0x0a, 0x1a, 0x0a],
+                Compression::Lzo,
+            ),
             (&[0x02, 0x21, 0x4c, 0x18], Compression::Lz4),
             (&[0x28, 0xb5, 0x2f, 0xfd], Compression::Zstd),
         ];
@@ -153,6 +156,16 @@ pub enum BzImageError {
     /// What came out is not an ELF file.
     #[error("the unpacked kernel is not an ELF vmlinux (it starts with {0:02x?})")]
     NotElf([u8; 4]),
+    /// An ELF file, but not a 64-bit little-endian x86-64 one.
+    #[error("the unpacked kernel is an ELF file for machine {machine} (class {class}, data {data}), not x86-64")]
+    NotX86_64 {
+        /// EI_CLASS (2: 64-bit).
+        class: u8,
+        /// EI_DATA (1: little-endian).
+        data: u8,
+        /// e_machine (62: x86-64).
+        machine: u16,
+    },
 }
 
 impl BzImageError {
@@ -182,7 +195,11 @@ pub struct BzImage<'a> {
 impl<'a> BzImage<'a> {
     /// Whether `image` has a bzImage setup header (boot flag and `HdrS`).
     pub fn is_bzimage(image: &[u8]) -> bool {
-        let le16 = |o: usize| image.get(o..o + 2).map(|b| u16::from_le_bytes([b[0], b[1]]));
+        let le16 = |o: usize| {
+            image
+                .get(o..o + 2)
+                .map(|b| u16::from_le_bytes([b[0], b[1]]))
+        };
         let le32 = |o: usize| {
             image
                 .get(o..o + 4)
@@ -199,11 +216,13 @@ impl<'a> BzImage<'a> {
         let len = image.len() as u64;
         let mut header = setup_header::default();
         let hdr_end = SETUP_HEADER_OFFSET + header.as_slice().len();
-        let bytes = image.get(SETUP_HEADER_OFFSET..hdr_end).ok_or(BzImageError::Truncated {
-            what: "the setup header",
-            need: hdr_end as u64,
-            len,
-        })?;
+        let bytes = image
+            .get(SETUP_HEADER_OFFSET..hdr_end)
+            .ok_or(BzImageError::Truncated {
+                what: "the setup header",
+                need: hdr_end as u64,
+                len,
+            })?;
         header.as_mut_slice().copy_from_slice(bytes);
         if header.version < MIN_PROTOCOL {
             return Err(BzImageError::OldProtocol(header.version));
@@ -269,15 +288,24 @@ impl<'a> BzImage<'a> {
                 got: out.len() as u64,
             });
         }
-        match out.get(..4) {
-            Some(b"\x7fELF") => Ok(out),
-            _ => {
-                let mut m = [0u8; 4];
-                let n = out.len().min(4);
-                m[..n].copy_from_slice(&out[..n]);
-                Err(BzImageError::NotElf(m))
-            }
+        if out.get(..4) != Some(b"\x7fELF") {
+            let mut m = [0u8; 4];
+            let n = out.len().min(4);
+            m[..n].copy_from_slice(&out[..n]);
+            return Err(BzImageError::NotElf(m));
         }
+        let (class, data) = (out[4], out.get(5).copied().unwrap_or(0));
+        let machine = out
+            .get(18..20)
+            .map_or(0, |m| u16::from_le_bytes([m[0], m[1]]));
+        if (class, data, machine) != (2, 1, 62) {
+            return Err(BzImageError::NotX86_64 {
+                class,
+                data,
+                machine,
+            });
+        }
+        Ok(out)
     }
 }
 
@@ -304,8 +332,8 @@ pub fn decompress(
         Compression::Gzip => read(&mut flate2::read::GzDecoder::new(stream), &mut out)?,
         Compression::Bzip2 => read(&mut bzip2::read::BzDecoder::new(stream), &mut out)?,
         Compression::Lzma => {
-            let mut r =
-                lzma_rust2::LzmaReader::new_mem_limit(stream, mem_limit_kb, None).map_err(corrupt)?;
+            let mut r = lzma_rust2::LzmaReader::new_mem_limit(stream, mem_limit_kb, None)
+                .map_err(corrupt)?;
             read(&mut r, &mut out)?
         }
         Compression::Xz => read(
@@ -365,8 +393,8 @@ fn lz4_legacy(stream: &[u8], limit: u64, out: &mut Vec<u8>) -> std::io::Result<u
                 rest.len()
             ))
         })?;
-        let n = lz4_flex::block::decompress_into(data, &mut block)
-            .map_err(|e| bad(e.to_string()))?;
+        let n =
+            lz4_flex::block::decompress_into(data, &mut block).map_err(|e| bad(e.to_string()))?;
         out.extend_from_slice(&block[..n]);
         if out.len() as u64 > limit {
             break;
@@ -502,8 +530,7 @@ pub(crate) mod tests {
     pub(crate) fn compress(format: Compression, data: &[u8]) -> Vec<u8> {
         let mut out = match format {
             Compression::Gzip => {
-                let mut e =
-                    flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+                let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
                 e.write_all(data).unwrap();
                 // gzip carries its size in its own trailer: nothing is appended.
                 return e.finish().unwrap();
@@ -516,8 +543,8 @@ pub(crate) mod tests {
             Compression::Lzma => {
                 // Unknown size and an end marker, as `lzma -9` writes from a pipe.
                 let opts = lzma_rust2::LzmaOptions::with_preset(1);
-                let mut e = lzma_rust2::LzmaWriter::new_use_header(Vec::new(), &opts, None)
-                    .unwrap();
+                let mut e =
+                    lzma_rust2::LzmaWriter::new_use_header(Vec::new(), &opts, None).unwrap();
                 e.write_all(data).unwrap();
                 e.finish().unwrap()
             }
@@ -530,10 +557,9 @@ pub(crate) mod tests {
                 e.write_all(data).unwrap();
                 e.finish().unwrap()
             }
-            Compression::Zstd => ruzstd::encoding::compress_to_vec(
-                data,
-                ruzstd::encoding::CompressionLevel::Fastest,
-            ),
+            Compression::Zstd => {
+                ruzstd::encoding::compress_to_vec(data, ruzstd::encoding::CompressionLevel::Fastest)
+            }
             Compression::Lz4 => {
                 let mut out = LZ4_LEGACY_MAGIC.to_le_bytes().to_vec();
                 for chunk in data.chunks(LZ4_LEGACY_BLOCK) {
@@ -626,12 +652,21 @@ pub(crate) mod tests {
 
         let mut no_magic = good.clone();
         no_magic[0x202] = b'X';
-        assert!(matches!(BzImage::parse(&no_magic), Err(BzImageError::NotBzImage)));
+        assert!(matches!(
+            BzImage::parse(&no_magic),
+            Err(BzImageError::NotBzImage)
+        ));
         assert!(!BzImage::is_bzimage(&no_magic));
         let mut no_flag = good.clone();
         no_flag[0x1fe] = 0;
-        assert!(matches!(BzImage::parse(&no_flag), Err(BzImageError::NotBzImage)));
-        assert!(matches!(BzImage::parse(&good[..0x100]), Err(BzImageError::NotBzImage)));
+        assert!(matches!(
+            BzImage::parse(&no_flag),
+            Err(BzImageError::NotBzImage)
+        ));
+        assert!(matches!(
+            BzImage::parse(&good[..0x100]),
+            Err(BzImageError::NotBzImage)
+        ));
         assert!(matches!(
             BzImage::parse(b"\x7fELF not a bzImage"),
             Err(BzImageError::NotBzImage)
@@ -655,7 +690,10 @@ pub(crate) mod tests {
         assert!(matches!(e, BzImageError::Truncated { .. }), "{e}");
         // The payload cut off.
         let e = BzImage::parse(&img[..end - 1]).unwrap_err();
-        assert!(matches!(e, BzImageError::Truncated { need, .. } if need == end as u64), "{e}");
+        assert!(
+            matches!(e, BzImageError::Truncated { need, .. } if need == end as u64),
+            "{e}"
+        );
         assert!(e.to_string().contains("truncated bzImage"), "{e}");
         assert!(!e.guest_may_unpack());
         // A payload_length that runs past the file.
@@ -681,7 +719,10 @@ pub(crate) mod tests {
                 .unpack(UNPACK_LIMIT)
                 .unwrap_err();
             assert!(
-                matches!(e, BzImageError::Corrupt { .. } | BzImageError::SizeMismatch { .. }),
+                matches!(
+                    e,
+                    BzImageError::Corrupt { .. } | BzImageError::SizeMismatch { .. }
+                ),
                 "{format}: {e}"
             );
             // Bytes flipped in the middle.
@@ -695,7 +736,10 @@ pub(crate) mod tests {
                 .unpack(UNPACK_LIMIT);
             // gzip, bzip2 and xz (CRC32 as the kernel build asks) carry checksums; lzma
             // and legacy lz4 have none, and a flipped literal may go unnoticed there.
-            if matches!(format, Compression::Gzip | Compression::Bzip2 | Compression::Xz) {
+            if matches!(
+                format,
+                Compression::Gzip | Compression::Bzip2 | Compression::Xz
+            ) {
                 assert!(r.is_err(), "{format}: corruption not noticed");
             } else if let Ok(out) = r {
                 assert_eq!(out.len(), elf.len(), "{format}");
@@ -710,7 +754,10 @@ pub(crate) mod tests {
                 .unwrap_err();
             // gzip checks its own ISIZE; the others are caught by the size comparison.
             assert!(
-                matches!(e, BzImageError::Corrupt { .. } | BzImageError::SizeMismatch { .. }),
+                matches!(
+                    e,
+                    BzImageError::Corrupt { .. } | BzImageError::SizeMismatch { .. }
+                ),
                 "{format}: {e}"
             );
         }
@@ -719,7 +766,10 @@ pub(crate) mod tests {
     #[test]
     fn unknown_and_unsupported_formats() {
         let img = bzimage(b"\x00\x01\x02\x03\x04\x05\x06\x07\x08", 4, 0);
-        let e = BzImage::parse(&img).unwrap().unpack(UNPACK_LIMIT).unwrap_err();
+        let e = BzImage::parse(&img)
+            .unwrap()
+            .unpack(UNPACK_LIMIT)
+            .unwrap_err();
         assert!(matches!(e, BzImageError::UnknownCompression(_)), "{e}");
         assert!(e.to_string().contains("00, 01, 02"), "{e}");
         assert!(e.guest_may_unpack());
@@ -727,7 +777,10 @@ pub(crate) mod tests {
         let bz = BzImage::parse(&lzo).unwrap();
         assert_eq!(bz.compression().unwrap(), Compression::Lzo);
         let e = bz.unpack(UNPACK_LIMIT).unwrap_err();
-        assert!(matches!(e, BzImageError::Unsupported(Compression::Lzo)), "{e}");
+        assert!(
+            matches!(e, BzImageError::Unsupported(Compression::Lzo)),
+            "{e}"
+        );
         assert!(e.guest_may_unpack());
     }
 
@@ -750,7 +803,10 @@ pub(crate) mod tests {
                 .unwrap()
                 .unpack(4 << 20)
                 .unwrap_err();
-            assert!(matches!(e, BzImageError::NotElf([0, 0, 0, 0])), "{format}: {e}");
+            assert!(
+                matches!(e, BzImageError::NotElf([0, 0, 0, 0])),
+                "{format}: {e}"
+            );
         }
     }
 
@@ -758,10 +814,19 @@ pub(crate) mod tests {
     fn who_unpacks() {
         use HostKind::*;
         use UnpackBzImage::*;
-        assert_eq!(Unpacker::choose(Auto, Software), Unpacker::Vmm { strict: false });
+        assert_eq!(
+            Unpacker::choose(Auto, Software),
+            Unpacker::Vmm { strict: false }
+        );
         assert_eq!(Unpacker::choose(Auto, Hardware), Unpacker::Guest);
-        assert_eq!(Unpacker::choose(Always, Hardware), Unpacker::Vmm { strict: true });
-        assert_eq!(Unpacker::choose(Always, Software), Unpacker::Vmm { strict: true });
+        assert_eq!(
+            Unpacker::choose(Always, Hardware),
+            Unpacker::Vmm { strict: true }
+        );
+        assert_eq!(
+            Unpacker::choose(Always, Software),
+            Unpacker::Vmm { strict: true }
+        );
         assert_eq!(Unpacker::choose(Never, Software), Unpacker::Guest);
         for name in UnpackBzImage::NAMES {
             assert_eq!(name.parse::<UnpackBzImage>().unwrap().to_string(), name);
