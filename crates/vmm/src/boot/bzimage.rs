@@ -810,6 +810,157 @@ pub(crate) mod tests {
         }
     }
 
+    /// The repository's root (for the paths `make guest` writes).
+    fn repo_root() -> std::path::PathBuf {
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+    }
+
+    /// A file named by `var`, else the first of `known` that exists; panics with `how`
+    /// if there is none.
+    fn real_file(var: &str, known: &[&str], how: &str) -> std::path::PathBuf {
+        if let Some(p) = std::env::var_os(var) {
+            let p = std::path::PathBuf::from(p);
+            assert!(p.is_file(), "{var}={} is not a file", p.display());
+            return p;
+        }
+        known
+            .iter()
+            .map(|k| repo_root().join(k))
+            .find(|p| p.is_file())
+            .unwrap_or_else(|| panic!("no {how}: set {var}, or run `make guest-bzimage`"))
+    }
+
+    /// A PT_LOAD segment: (p_vaddr, p_paddr, p_filesz, p_memsz, file bytes).
+    type Segment<'a> = (u64, u64, u64, u64, &'a [u8]);
+
+    /// e_entry and the PT_LOAD segments of a 64-bit ELF file.
+    fn loads(elf: &[u8]) -> (u64, Vec<Segment<'_>>) {
+        let u16_at = |o: usize| u16::from_le_bytes(elf[o..o + 2].try_into().unwrap());
+        let u32_at = |o: usize| u32::from_le_bytes(elf[o..o + 4].try_into().unwrap());
+        let u64_at = |o: usize| u64::from_le_bytes(elf[o..o + 8].try_into().unwrap());
+        let (phoff, phentsize, phnum) = (u64_at(32) as usize, u16_at(54) as usize, u16_at(56));
+        let segs = (0..usize::from(phnum))
+            .map(|i| phoff + i * phentsize)
+            .filter(|&p| u32_at(p) == 1)
+            .map(|p| {
+                let (off, filesz) = (u64_at(p + 8) as usize, u64_at(p + 32));
+                let bytes = &elf[off..off + filesz as usize];
+                (
+                    u64_at(p + 16),
+                    u64_at(p + 24),
+                    filesz,
+                    u64_at(p + 40),
+                    bytes,
+                )
+            })
+            .collect();
+        (u64_at(24), segs)
+    }
+
+    /// The real thing: the project's kernel as a bzImage (`make guest-bzimage`, or
+    /// DVMM_BZIMAGE) unpacks to the same kernel as its vmlinux (`make guest`, or
+    /// DVMM_VMLINUX): same entry, same PT_LOAD segments, byte for byte.
+    #[test]
+    #[ignore = "needs a real bzImage and its vmlinux: `make guest-bzimage` (or DVMM_BZIMAGE, DVMM_VMLINUX)"]
+    fn a_real_bzimage_unpacks_to_its_vmlinux() {
+        let bz_path = real_file(
+            "DVMM_BZIMAGE",
+            &["guest/out/bzImage"],
+            "bzImage of the guest kernel",
+        );
+        let vm_path = real_file("DVMM_VMLINUX", &["guest/out/vmlinux"], "vmlinux");
+        let image = std::fs::read(&bz_path).unwrap();
+        let bz = BzImage::parse(&image).unwrap();
+        let format = bz.compression().unwrap();
+        let t = std::time::Instant::now();
+        let elf = bz.unpack(UNPACK_LIMIT).unwrap();
+        let took = t.elapsed();
+        println!(
+            "{}: boot protocol {}.{:02}, {format} payload of {} bytes at {:#x}, unpacked to {} bytes in {:.0} ms",
+            bz_path.display(),
+            { bz.header.version } >> 8,
+            { bz.header.version } & 0xff,
+            bz.payload.len(),
+            bz.payload.as_ptr() as usize - image.as_ptr() as usize,
+            elf.len(),
+            took.as_secs_f64() * 1e3,
+        );
+        assert_eq!(&elf[..4], b"\x7fELF");
+        assert_eq!((elf[4], elf[5]), (2, 1), "64-bit little-endian");
+        assert_eq!(u16::from_le_bytes([elf[18], elf[19]]), 62, "EM_X86_64");
+
+        let vmlinux = std::fs::read(&vm_path).unwrap();
+        let (entry, segs) = loads(&elf);
+        let (want_entry, want_segs) = loads(&vmlinux);
+        println!("entry {entry:#x} (vmlinux {want_entry:#x})");
+        for (v, p, f, m, _) in &segs {
+            println!("PT_LOAD vaddr {v:#x} paddr {p:#x} filesz {f:#x} memsz {m:#x}");
+        }
+        assert_eq!(entry, want_entry, "e_entry");
+        assert_eq!(segs.len(), want_segs.len(), "number of PT_LOAD segments");
+        for (i, (a, b)) in segs.iter().zip(&want_segs).enumerate() {
+            assert_eq!((a.0, a.1, a.2, a.3), (b.0, b.1, b.2, b.3), "PT_LOAD {i}");
+            assert!(a.4 == b.4, "PT_LOAD {i}: contents differ");
+        }
+        println!(
+            "{} PT_LOAD segments equal to {}'s, byte for byte",
+            segs.len(),
+            vm_path.display()
+        );
+    }
+
+    /// Streams made by the very commands the kernel build runs (scripts/Makefile.lib,
+    /// scripts/xz_wrap.sh) from a real vmlinux unpack to it.
+    #[test]
+    #[ignore = "needs a vmlinux (`make guest`, or DVMM_VMLINUX) and gzip, bzip2, lzma, xz, lz4, zstd"]
+    fn streams_of_the_kernel_build_tools_unpack() {
+        let vm_path = real_file("DVMM_VMLINUX", &["guest/out/vmlinux"], "vmlinux");
+        let vmlinux = std::fs::read(&vm_path).unwrap();
+        let tools: [(Compression, &str); 6] = [
+            (Compression::Gzip, "gzip -n -f -9"),
+            (Compression::Bzip2, "bzip2 -9"),
+            (Compression::Lzma, "lzma -9"),
+            (
+                Compression::Xz,
+                "xz --check=crc32 --x86 --lzma2=,dict=32MiB",
+            ),
+            (Compression::Lz4, "lz4 -l -9 - -"),
+            (Compression::Zstd, "zstd -22 --ultra"),
+        ];
+        for (format, cmd) in tools {
+            let mut child = std::process::Command::new("sh")
+                .args(["-c", &format!("{cmd} < \"$0\"")])
+                .arg(&vm_path)
+                .stdout(std::process::Stdio::piped())
+                .spawn()
+                .unwrap();
+            let mut stream = Vec::new();
+            child
+                .stdout
+                .take()
+                .unwrap()
+                .read_to_end(&mut stream)
+                .unwrap();
+            assert!(
+                child.wait().unwrap().success(),
+                "`{cmd}` failed (installed?)"
+            );
+            if format != Compression::Gzip {
+                stream.extend_from_slice(&(vmlinux.len() as u32).to_le_bytes());
+            }
+            let img = bzimage(&stream, 27, 0x4000);
+            let t = std::time::Instant::now();
+            let out = BzImage::parse(&img).unwrap().unpack(UNPACK_LIMIT).unwrap();
+            println!(
+                "{format:>5} ({cmd}): {} -> {} bytes in {:.0} ms",
+                stream.len(),
+                out.len(),
+                t.elapsed().as_secs_f64() * 1e3
+            );
+            assert!(out == vmlinux, "{format}: unpacked bytes differ");
+        }
+    }
+
     #[test]
     fn who_unpacks() {
         use HostKind::*;
