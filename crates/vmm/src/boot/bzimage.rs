@@ -79,11 +79,6 @@ impl Compression {
             .find(|(magic, _)| payload.starts_with(magic))
             .map(|(_, c)| *c)
     }
-
-    /// Whether the VMM can unpack this format.
-    pub fn unpackable(self) -> bool {
-        self != Compression::Lzo
-    }
 }
 
 impl fmt::Display for Compression {
