@@ -902,6 +902,34 @@ pub(crate) mod tests {
             segs.len(),
             vm_path.display()
         );
+        // And through the boot path: the same entry, the same bytes in guest memory.
+        let ram = || {
+            vm_memory::GuestMemoryMmap::<()>::from_ranges(&[(vm_memory::GuestAddress(0), 64 << 20)])
+                .unwrap()
+        };
+        let (bz_mem, vm_mem) = (ram(), ram());
+        let from_bz =
+            super::super::load_kernel(&bz_mem, &bz_path, Unpacker::Vmm { strict: true }).unwrap();
+        let from_vm = super::super::load_kernel(&vm_mem, &vm_path, Unpacker::Guest).unwrap();
+        assert_eq!(from_bz.entry, from_vm.entry);
+        assert_eq!({ from_bz.setup_header.unwrap().version }, {
+            bz.header.version
+        });
+        let (lo, hi) = (segs[0].1, segs.iter().map(|s| s.1 + s.3).max().unwrap());
+        let mut a = vec![0u8; (hi - lo) as usize];
+        let mut b = a.clone();
+        use vm_memory::Bytes;
+        bz_mem
+            .read_slice(&mut a, vm_memory::GuestAddress(lo))
+            .unwrap();
+        vm_mem
+            .read_slice(&mut b, vm_memory::GuestAddress(lo))
+            .unwrap();
+        assert!(a == b, "guest memory differs");
+        println!(
+            "boot::load_kernel: entry {:#x}, guest memory {lo:#x}..{hi:#x} equal",
+            from_bz.entry
+        );
     }
 
     /// Streams made by the very commands the kernel build runs (scripts/Makefile.lib,
