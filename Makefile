@@ -5,7 +5,7 @@
 CARGO ?= cargo
 DVMM := target/release/dvmm
 
-.PHONY: all deps build guest demo test test-rust test-heavy clippy check-dsm bench clean
+.PHONY: all deps build guest guest-bzimage demo test test-rust test-heavy test-bzimage clippy check-dsm bench clean
 
 all: build
 
@@ -17,6 +17,16 @@ build: deps
 
 guest: deps
 	@guest/build.sh
+
+# The same kernel as a bzImage, guest/out/bzImage: links the kernel's boot stub and its
+# compressed payload around the vmlinux `make guest` built (nothing else is rebuilt).
+guest-bzimage: guest
+	$(MAKE) -C guest/build/linux-source-6.1 -s bzImage
+	cp guest/build/linux-source-6.1/arch/x86/boot/bzImage guest/out/bzImage
+
+# The VMM unpacks that bzImage into the very vmlinux it was made from (no guest boot).
+test-bzimage: guest-bzimage
+	$(CARGO) test --release -p dvmm-vmm --lib a_real_bzimage_unpacks_to_its_vmlinux -- --ignored
 
 # The guest on a 2-node local cluster (one vCPU per node process), at a busybox shell
 # prompt on the console. Leave with `poweroff -f` in the guest, or Ctrl-A x.

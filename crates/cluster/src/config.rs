@@ -1,7 +1,8 @@
 //! The cluster description (TOML).
 //!
 //! ```toml
-//! kernel = "guest/out/vmlinux"     # read by node 0 only
+//! kernel = "guest/out/vmlinux"     # read by node 0 only (an ELF vmlinux or a bzImage)
+//! unpack_bzimage = "auto"           # who unpacks a bzImage: auto | always | never
 //! initrd = "guest/out/initramfs.cpio.gz"   # optional
 //! cmdline = "locktorture.shutdown_secs=20"  # appended to the VMM's defaults
 //! secret_file = "/etc/dvmm/secret"  # or: secret = "..." (at least 16 characters)
@@ -25,6 +26,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
+use vmm::boot::bzimage::UnpackBzImage;
 
 /// Errors in a cluster description.
 #[derive(Debug, thiserror::Error)]
@@ -78,6 +80,8 @@ struct RawConfig {
     #[serde(skip_serializing_if = "Option::is_none")]
     initrd: Option<PathBuf>,
     #[serde(default)]
+    unpack_bzimage: UnpackBzImage,
+    #[serde(default)]
     cmdline: String,
     #[serde(skip_serializing_if = "Option::is_none")]
     secret: Option<String>,
@@ -117,6 +121,9 @@ pub struct ClusterConfig {
     pub kernel: PathBuf,
     /// Initrd (node 0).
     pub initrd: Option<PathBuf>,
+    /// Who unpacks a bzImage kernel (node 0; `unpack_bzimage`, see
+    /// [`vmm::boot::bzimage::Unpacker::choose`]).
+    pub unpack_bzimage: UnpackBzImage,
     /// Extra kernel command line.
     pub cmdline: String,
     /// The shared secret.
@@ -193,6 +200,7 @@ impl ClusterConfig {
         let c = ClusterConfig {
             kernel: raw.kernel.unwrap_or_else(|| PathBuf::from(DEFAULT_KERNEL)),
             initrd: raw.initrd,
+            unpack_bzimage: raw.unpack_bzimage,
             cmdline: raw.cmdline,
             secret,
             connect_timeout: raw
@@ -263,6 +271,7 @@ impl ClusterConfig {
         let raw = RawConfig {
             kernel: Some(self.kernel.clone()),
             initrd: self.initrd.clone(),
+            unpack_bzimage: self.unpack_bzimage,
             cmdline: self.cmdline.clone(),
             secret: None,
             secret_file: Some(secret_file.to_path_buf()),
@@ -374,6 +383,10 @@ mod tests {
         assert_eq!(c.home_bounds(), vec![0, 131072, 196608]);
         assert_eq!(c.kernel, PathBuf::from(DEFAULT_KERNEL));
         assert_eq!(c.dsm_hold, dsm::DEFAULT_HOLD);
+        assert_eq!(c.unpack_bzimage, UnpackBzImage::Auto);
+        let always = format!("unpack_bzimage = \"always\"\n{OK}");
+        let c = ClusterConfig::parse(&always, Path::new(".")).unwrap();
+        assert_eq!(c.unpack_bzimage, UnpackBzImage::Always);
     }
 
     #[test]
@@ -388,6 +401,7 @@ mod tests {
             ("secret = \"0123456789abcdef\"\nbogus = 1\n[[node]]\naddr = \"127.0.0.1:1\"\nvcpus = 1\nmemory = \"512M\"", "unknown field"),
             ("secret = \"0123456789abcdef\"\n[[node]]\naddr = \"127.0.0.1:1\"\nvcpus = 1\nmemory = \"512M\"\n[[node]]\naddr = \"127.0.0.1:1\"\nvcpus = 1\nmemory = \"512M\"", "used twice"),
             ("secret = \"0123456789abcdef\"\ndsm_hold_us = 2000000\n[[node]]\naddr = \"127.0.0.1:1\"\nvcpus = 1\nmemory = \"512M\"", "dsm_hold_us"),
+            ("secret = \"0123456789abcdef\"\nunpack_bzimage = \"sometimes\"\n[[node]]\naddr = \"127.0.0.1:1\"\nvcpus = 1\nmemory = \"512M\"", "unknown variant"),
             ("not toml at all [", ""),
         ];
         for (text, want) in bad {
@@ -402,6 +416,7 @@ mod tests {
         ClusterConfig {
             kernel: "/k".into(),
             initrd: None,
+            unpack_bzimage: UnpackBzImage::Never,
             cmdline: "a=\"b\"".into(),
             secret: b"0123456789abcdef".to_vec(),
             connect_timeout: std::time::Duration::from_secs(30),

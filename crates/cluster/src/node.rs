@@ -965,6 +965,7 @@ fn create_vm(
         cmdline_extra: cfg.cmdline.clone(),
         console,
         host: HostKind::detect(),
+        unpack_bzimage: cfg.unpack_bzimage,
         timeout: opts.timeout,
         placement: Some(Placement {
             node: me,

@@ -14,6 +14,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 use testlab::launch::{Cluster, Lines};
 use testlab::netns::NetnsLab;
+use vmm::boot::bzimage::UnpackBzImage;
 
 /// How to run the local cluster.
 #[derive(Debug, Clone)]
@@ -26,6 +27,8 @@ pub struct LocalRun {
     pub memory: u64,
     /// Kernel.
     pub kernel: PathBuf,
+    /// Who unpacks a bzImage kernel.
+    pub unpack_bzimage: UnpackBzImage,
     /// Initrd.
     pub initrd: Option<PathBuf>,
     /// Extra command line.
@@ -93,6 +96,7 @@ pub fn cluster_config(
     let vcpus = spread(run.vcpus, n);
     cluster::ClusterConfig {
         kernel: run.kernel.clone(),
+        unpack_bzimage: run.unpack_bzimage,
         initrd: run.initrd.clone(),
         cmdline: run.cmdline.clone(),
         secret,
@@ -320,6 +324,7 @@ mod tests {
             vcpus,
             memory,
             kernel: "/k".into(),
+            unpack_bzimage: UnpackBzImage::Always,
             initrd: None,
             cmdline: "a=\"b\"".into(),
             netns: false,
@@ -348,6 +353,7 @@ mod tests {
         assert_eq!(c.total_memory(), 1 << 30);
         assert_eq!(c.cmdline, "a=\"b\"");
         assert_eq!(c.connect_timeout, Duration::from_secs(30));
+        assert_eq!(c.unpack_bzimage, UnpackBzImage::Always);
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

@@ -3,6 +3,7 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+use clap::builder::TypedValueParser as _;
 use clap::{Parser, Subcommand};
 
 mod bench_boot;
@@ -11,6 +12,7 @@ mod bench_ssi;
 mod child_run;
 mod dsm_cmd;
 mod local;
+use vmm::boot::bzimage::UnpackBzImage;
 use vmm::compat::HostKind;
 use vmm::devices::ConsoleOut;
 use vmm::memory::parse_size;
@@ -74,6 +76,13 @@ struct RunArgs {
     /// Kernel image (ELF vmlinux or bzImage).
     #[arg(long, default_value = DEFAULT_KERNEL)]
     kernel: PathBuf,
+    /// Who unpacks a bzImage kernel: `auto` (the VMM on a software-KVM host, where the
+    /// kernel's own decompressor takes minutes; the decompressor on a hardware host),
+    /// `always` (the VMM) or `never` (the kernel's decompressor).
+    #[arg(long, default_value = "auto", value_name = "WHEN",
+          value_parser = clap::builder::PossibleValuesParser::new(UnpackBzImage::NAMES)
+              .try_map(|s| s.parse::<UnpackBzImage>()))]
+    unpack_bzimage: UnpackBzImage,
     /// Initial ramdisk (cpio, gzip-compressed or not), or `none`.
     #[arg(long, default_value = DEFAULT_INITRD)]
     initrd: PathBuf,
@@ -168,6 +177,7 @@ fn run(args: RunArgs) -> Result<(), String> {
             vcpus,
             memory: args.memory,
             kernel: args.kernel,
+            unpack_bzimage: args.unpack_bzimage,
             initrd,
             cmdline: args.cmdline,
             netns: args.netns,
@@ -189,6 +199,7 @@ fn run(args: RunArgs) -> Result<(), String> {
         cmdline_extra: args.cmdline,
         console,
         host: HostKind::detect(),
+        unpack_bzimage: args.unpack_bzimage,
         timeout: (args.timeout > 0).then(|| std::time::Duration::from_secs(args.timeout)),
         placement: None,
         guest_memory: None,

@@ -11,6 +11,7 @@ use irqchip::{Interrupt, InterruptMessage, IoApic};
 use kvm_ioctls::{Kvm, VmFd};
 use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 
+use crate::boot::bzimage::{UnpackBzImage, Unpacker};
 use crate::boot::{self, mptable, BootSpec};
 use crate::bus::{IoBus, LocalBus};
 use crate::compat::shadow::ShadowSync;
@@ -42,6 +43,8 @@ pub struct VmConfig {
     pub console: ConsoleOut,
     /// The host kind (normally [`HostKind::detect`]).
     pub host: HostKind,
+    /// Who unpacks a bzImage kernel (with `host`: [`Unpacker::choose`]).
+    pub unpack_bzimage: UnpackBzImage,
     /// Stop the guest with an error if it has not ended after this long.
     pub timeout: Option<Duration>,
     /// Where this process sits in a multi-node cluster (None: a single-node VM).
@@ -684,6 +687,7 @@ impl Vm {
                     initrd: cfg.initrd.as_deref(),
                     cmdline: &full_cmdline,
                     vcpus: cfg.vcpus,
+                    unpacker: Unpacker::choose(cfg.unpack_bzimage, cfg.host),
                 },
             )?)
         } else {

@@ -13,7 +13,15 @@
 //! | 0x9fc00    | MP table                               |
 //! | 0x100000   | kernel (ELF at its physical addresses) |
 //! | top of RAM | initrd                                 |
+//!
+//! The kernel is an ELF vmlinux, loaded at its physical addresses and entered at its
+//! 64-bit entry, or a bzImage. A bzImage is either unpacked here (`bzimage`: its
+//! compressed payload is the same ELF vmlinux, booted the same way, with the bzImage's
+//! setup header in the zero page) or loaded whole at 0x100000 and entered at its 64-bit
+//! entry, where the kernel's own decompressor runs. [`bzimage::Unpacker::choose`]
+//! decides which.
 
+pub mod bzimage;
 pub mod mptable;
 pub mod params;
 pub mod regs;
@@ -21,8 +29,11 @@ pub mod regs;
 use std::fs::File;
 use std::path::{Path, PathBuf};
 
+use linux_loader::loader::bootparam::setup_header;
 use linux_loader::loader::{bzimage::BzImage, elf::Elf, KernelLoader};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+
+use bzimage::{BzImageError, Unpacker};
 
 /// Where the kernel's high part is loaded (bzImage) / the lowest ELF address accepted.
 pub const HIMEM_START: u64 = 0x10_0000;
@@ -44,6 +55,14 @@ pub enum BootError {
         /// Cause.
         source: std::io::Error,
     },
+    /// The kernel file cannot be read.
+    #[error("cannot read kernel {path}: {source}")]
+    ReadKernel {
+        /// Path.
+        path: PathBuf,
+        /// Cause.
+        source: std::io::Error,
+    },
     /// The kernel file is neither an x86-64 ELF vmlinux nor a bzImage.
     #[error("{path} is not a Linux kernel this VMM can boot (an x86-64 ELF vmlinux or a bzImage): {elf}; {bz}")]
     NotAKernel {
@@ -51,8 +70,32 @@ pub enum BootError {
         path: PathBuf,
         /// Why ELF loading failed.
         elf: linux_loader::loader::Error,
-        /// Why bzImage loading failed.
-        bz: linux_loader::loader::Error,
+        /// Why it is not a bzImage either.
+        bz: String,
+    },
+    /// The VMM was to unpack a bzImage and cannot.
+    #[error("cannot unpack the bzImage {path}: {source}{}", never_hint(source))]
+    Unpack {
+        /// Path.
+        path: PathBuf,
+        /// Cause.
+        source: BzImageError,
+    },
+    /// What a bzImage unpacked to does not load as an ELF vmlinux.
+    #[error("the kernel unpacked from the bzImage {path} does not load: {source}")]
+    UnpackedElf {
+        /// Path.
+        path: PathBuf,
+        /// Cause.
+        source: linux_loader::loader::Error,
+    },
+    /// The command line is longer than the kernel takes (its setup header says).
+    #[error("the kernel command line has {len} bytes; this kernel takes at most {max}")]
+    CmdlineTooLong {
+        /// Length without the NUL.
+        len: usize,
+        /// The setup header's `cmdline_size`.
+        max: u32,
     },
     /// The initrd cannot be read.
     #[error("cannot read initrd {path}: {source}")]
@@ -93,6 +136,14 @@ pub enum BootError {
     MpTable(#[from] mptable::MpTableError),
 }
 
+fn never_hint(e: &BzImageError) -> &'static str {
+    if e.guest_may_unpack() {
+        " (with --unpack-bzimage never the kernel's own decompressor unpacks it)"
+    } else {
+        ""
+    }
+}
+
 /// What the boot vCPU needs to start the kernel.
 #[derive(Debug, Clone, Copy)]
 pub struct BootInfo {
@@ -113,32 +164,26 @@ pub struct BootSpec<'a> {
     pub cmdline: &'a str,
     /// Number of vCPUs (for the MP table).
     pub vcpus: usize,
+    /// Who unpacks a bzImage ([`Unpacker::choose`]).
+    pub unpacker: Unpacker,
+}
+
+/// A kernel in guest memory.
+#[derive(Debug, Clone, Copy)]
+struct LoadedKernel {
+    /// 64-bit entry point.
+    entry: u64,
+    /// A bzImage's setup header (for the zero page); None for an ELF vmlinux.
+    setup_header: Option<setup_header>,
 }
 
 /// Loads the kernel, initrd and command line and writes the zero page, e820 map, MP
 /// table, GDT and page tables. Returns where the boot vCPU starts.
 pub fn load(mem: &GuestMemoryMmap, spec: &BootSpec<'_>) -> Result<BootInfo, BootError> {
-    let mut file = File::open(spec.kernel).map_err(|source| BootError::OpenKernel {
-        path: spec.kernel.to_path_buf(),
-        source,
-    })?;
-    let (entry, setup_header) =
-        match Elf::load(mem, None, &mut file, Some(GuestAddress(HIMEM_START))) {
-            Ok(r) => (r.kernel_load.0, None),
-            Err(elf_err) => {
-                match BzImage::load(mem, None, &mut file, Some(GuestAddress(HIMEM_START))) {
-                    // The 64-bit entry of a bzImage is 0x200 past the protected-mode code.
-                    Ok(r) => (r.kernel_load.0 + 0x200, r.setup_header),
-                    Err(bz_err) => {
-                        return Err(BootError::NotAKernel {
-                            path: spec.kernel.to_path_buf(),
-                            elf: elf_err,
-                            bz: bz_err,
-                        })
-                    }
-                }
-            }
-        };
+    let LoadedKernel {
+        entry,
+        setup_header,
+    } = load_kernel(mem, spec.kernel, spec.unpacker)?;
 
     let mut cmdline =
         linux_loader::cmdline::Cmdline::new(CMDLINE_MAX).map_err(BootError::Cmdline)?;
@@ -152,6 +197,15 @@ pub fn load(mem: &GuestMemoryMmap, spec: &BootSpec<'_>) -> Result<BootInfo, Boot
         .map_err(BootError::Cmdline)?
         .as_bytes()
         .len();
+    // From boot protocol 2.06 a bzImage says how long a command line it takes.
+    if let Some(h) = setup_header.filter(|h| h.version >= 0x0206 && h.cmdline_size > 0) {
+        if cmdline_len > h.cmdline_size as usize {
+            return Err(BootError::CmdlineTooLong {
+                len: cmdline_len,
+                max: h.cmdline_size,
+            });
+        }
+    }
 
     let initrd = match spec.initrd {
         None => None,
@@ -172,6 +226,118 @@ pub fn load(mem: &GuestMemoryMmap, spec: &BootSpec<'_>) -> Result<BootInfo, Boot
     Ok(BootInfo {
         entry,
         zero_page: ZERO_PAGE_START,
+    })
+}
+
+/// Loads the kernel: an ELF vmlinux, else a bzImage, unpacked by whom `unpacker` says.
+fn load_kernel(
+    mem: &GuestMemoryMmap,
+    path: &Path,
+    unpacker: Unpacker,
+) -> Result<LoadedKernel, BootError> {
+    let mut file = File::open(path).map_err(|source| BootError::OpenKernel {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let elf_err = match Elf::load(mem, None, &mut file, Some(GuestAddress(HIMEM_START))) {
+        Ok(r) => {
+            return Ok(LoadedKernel {
+                entry: r.kernel_load.0,
+                setup_header: None,
+            })
+        }
+        Err(e) => e,
+    };
+    if let Unpacker::Vmm { strict } = unpacker {
+        let image = std::fs::read(path).map_err(|source| BootError::ReadKernel {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        match load_unpacked(mem, path, &image) {
+            Ok(k) => return Ok(k),
+            Err(UnpackFailure::Unpack(BzImageError::NotBzImage)) => {
+                return Err(BootError::NotAKernel {
+                    path: path.to_path_buf(),
+                    elf: elf_err,
+                    bz: BzImageError::NotBzImage.to_string(),
+                })
+            }
+            Err(UnpackFailure::Unpack(e)) if !strict && e.guest_may_unpack() => {
+                tracing::warn!(
+                    kernel = %path.display(),
+                    "the VMM cannot unpack this bzImage ({e}): the kernel's own \
+                     decompressor will (slow under a software KVM)"
+                );
+            }
+            Err(UnpackFailure::Unpack(source)) => {
+                return Err(BootError::Unpack {
+                    path: path.to_path_buf(),
+                    source,
+                })
+            }
+            Err(UnpackFailure::Elf(source)) => {
+                return Err(BootError::UnpackedElf {
+                    path: path.to_path_buf(),
+                    source,
+                })
+            }
+        }
+    }
+    match BzImage::load(mem, None, &mut file, Some(GuestAddress(HIMEM_START))) {
+        // The 64-bit entry of a bzImage is 0x200 past the protected-mode code.
+        Ok(r) => Ok(LoadedKernel {
+            entry: r.kernel_load.0 + 0x200,
+            setup_header: r.setup_header,
+        }),
+        Err(bz_err) => Err(BootError::NotAKernel {
+            path: path.to_path_buf(),
+            elf: elf_err,
+            bz: bz_err.to_string(),
+        }),
+    }
+}
+
+/// Why [`load_unpacked`] failed.
+#[derive(Debug)]
+enum UnpackFailure {
+    /// Unpacking.
+    Unpack(BzImageError),
+    /// Loading the ELF that came out.
+    Elf(linux_loader::loader::Error),
+}
+
+/// Unpacks a bzImage's kernel and loads it as an ELF vmlinux (at its physical
+/// addresses, entered at its 64-bit entry), keeping the bzImage's setup header.
+fn load_unpacked(
+    mem: &GuestMemoryMmap,
+    path: &Path,
+    image: &[u8],
+) -> Result<LoadedKernel, UnpackFailure> {
+    let started = std::time::Instant::now();
+    let bz = bzimage::BzImage::parse(image).map_err(UnpackFailure::Unpack)?;
+    let compression = bz.compression().map_err(UnpackFailure::Unpack)?;
+    let elf = bz
+        .unpack(bzimage::UNPACK_LIMIT)
+        .map_err(UnpackFailure::Unpack)?;
+    let r = Elf::load(
+        mem,
+        None,
+        &mut std::io::Cursor::new(&elf),
+        Some(GuestAddress(HIMEM_START)),
+    )
+    .map_err(UnpackFailure::Elf)?;
+    tracing::info!(
+        kernel = %path.display(),
+        %compression,
+        packed = bz.payload.len(),
+        unpacked = elf.len(),
+        entry = format_args!("{:#x}", r.kernel_load.0),
+        ms = started.elapsed().as_millis() as u64,
+        "bzImage unpacked by the VMM"
+    );
+    Ok(LoadedKernel {
+        entry: r.kernel_load.0,
+        setup_header: Some(bz.header),
     })
 }
 
@@ -237,6 +403,186 @@ mod tests {
         let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
         e.write_all(data).unwrap();
         e.finish().unwrap()
+    }
+
+    use bzimage::tests::{bzimage, compress, tiny_elf};
+    use bzimage::Compression;
+    use linux_loader::loader::bootparam::boot_params;
+
+    /// A file in the temporary directory, removed on drop.
+    struct TempFile(PathBuf);
+    impl TempFile {
+        fn new(name: &str, data: &[u8]) -> Self {
+            let p = std::env::temp_dir().join(format!("dvmm-boot-{}-{name}", std::process::id()));
+            std::fs::write(&p, data).unwrap();
+            TempFile(p)
+        }
+    }
+    impl Drop for TempFile {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_file(&self.0);
+        }
+    }
+
+    fn guest_ram() -> GuestMemoryMmap {
+        GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 64 << 20)]).unwrap()
+    }
+
+    fn spec<'a>(kernel: &'a Path, cmdline: &'a str, unpacker: Unpacker) -> BootSpec<'a> {
+        BootSpec {
+            kernel,
+            initrd: None,
+            cmdline,
+            vcpus: 1,
+            unpacker,
+        }
+    }
+
+    const STRICT: Unpacker = Unpacker::Vmm { strict: true };
+    const LENIENT: Unpacker = Unpacker::Vmm { strict: false };
+
+    #[test]
+    fn an_unpacked_bzimage_boots_like_its_vmlinux() {
+        let elf = tiny_elf(0x4000);
+        let vmlinux = TempFile::new("vmlinux", &elf);
+        let bz = TempFile::new(
+            "bz-xz",
+            &bzimage(&compress(Compression::Xz, &elf), 4, 0x800),
+        );
+
+        let mem = guest_ram();
+        let direct = load(&mem, &spec(&vmlinux.0, "console=ttyS0", STRICT)).unwrap();
+        let direct_bp: boot_params = mem.read_obj(GuestAddress(ZERO_PAGE_START)).unwrap();
+        assert_eq!(
+            { direct_bp.hdr.version },
+            0,
+            "an ELF vmlinux has no setup header"
+        );
+
+        for unpacker in [STRICT, LENIENT] {
+            let mem = guest_ram();
+            let info = load(&mem, &spec(&bz.0, "console=ttyS0", unpacker)).unwrap();
+            assert_eq!(info.entry, direct.entry);
+            assert_eq!(info.entry, 0x100_0000);
+            // Both PT_LOAD segments at their physical addresses.
+            let mut seg = [0u8; 0x80];
+            mem.read_slice(&mut seg, GuestAddress(0x100_0000)).unwrap();
+            assert_eq!(&seg[..], &elf[0x1000..0x1080]);
+            mem.read_slice(&mut seg, GuestAddress(0x120_0000)).unwrap();
+            assert_eq!(&seg[..], &elf[0x1080..0x1100]);
+            // Nothing at the bzImage's own load address.
+            let mut low = [0u8; 16];
+            mem.read_slice(&mut low, GuestAddress(HIMEM_START)).unwrap();
+            assert_eq!(low, [0; 16]);
+            // The bzImage's setup header informs the zero page.
+            let bp: boot_params = mem.read_obj(GuestAddress(ZERO_PAGE_START)).unwrap();
+            assert_eq!({ bp.hdr.version }, 0x020f);
+            assert_eq!({ bp.hdr.header }, 0x5372_6448);
+            assert_eq!({ bp.hdr.cmd_line_ptr }, CMDLINE_START as u32);
+            assert_eq!({ bp.hdr.init_size }, 0x100_0000);
+        }
+    }
+
+    #[test]
+    fn the_guest_decompressor_path_is_kept() {
+        let elf = tiny_elf(0x4000);
+        let bz = TempFile::new(
+            "bz-guest",
+            &bzimage(&compress(Compression::Gzip, &elf), 4, 0),
+        );
+        let mem = guest_ram();
+        let info = load(&mem, &spec(&bz.0, "console=ttyS0", Unpacker::Guest)).unwrap();
+        // linux-loader puts the protected-mode part at 0x100000, entered 0x200 in.
+        assert_eq!(info.entry, HIMEM_START + 0x200);
+        let mut seg = [0u8; 0x80];
+        mem.read_slice(&mut seg, GuestAddress(0x100_0000)).unwrap();
+        assert_eq!(seg, [0; 0x80], "nothing unpacked");
+        let bp: boot_params = mem.read_obj(GuestAddress(ZERO_PAGE_START)).unwrap();
+        assert_eq!({ bp.hdr.version }, 0x020f);
+    }
+
+    #[test]
+    fn what_the_vmm_cannot_unpack_goes_to_the_guest_unless_strict() {
+        let lzo = TempFile::new(
+            "bz-lzo",
+            &bzimage(b"\x89LZO\x00\x0d\x0a\x1a\x0a\x10\x30 rest", 4, 0),
+        );
+        let info = load(&guest_ram(), &spec(&lzo.0, "", LENIENT)).unwrap();
+        assert_eq!(info.entry, HIMEM_START + 0x200);
+        let e = load(&guest_ram(), &spec(&lzo.0, "", STRICT)).unwrap_err();
+        assert!(matches!(e, BootError::Unpack { .. }), "{e}");
+        let msg = e.to_string();
+        assert!(
+            msg.contains("lzo") && msg.contains("--unpack-bzimage never"),
+            "{msg}"
+        );
+
+        // A broken image is an error either way: the guest could not unpack it either.
+        let mut payload = compress(Compression::Zstd, &tiny_elf(0x4000));
+        let n = payload.len();
+        payload[n - 4..].copy_from_slice(&7u32.to_le_bytes());
+        let broken = TempFile::new("bz-broken", &bzimage(&payload, 4, 0));
+        for unpacker in [STRICT, LENIENT] {
+            let e = load(&guest_ram(), &spec(&broken.0, "", unpacker)).unwrap_err();
+            assert!(
+                matches!(
+                    e,
+                    BootError::Unpack {
+                        source: BzImageError::SizeMismatch { .. },
+                        ..
+                    }
+                ),
+                "{e}"
+            );
+            assert!(!e.to_string().contains("--unpack-bzimage"), "{e}");
+        }
+
+        // Unpacked, but not an x86-64 ELF.
+        let mut not_x86 = tiny_elf(0x4000);
+        not_x86[18] = 183; // EM_AARCH64
+        let arm = TempFile::new(
+            "bz-arm",
+            &bzimage(&compress(Compression::Lz4, &not_x86), 4, 0),
+        );
+        let e = load(&guest_ram(), &spec(&arm.0, "", LENIENT)).unwrap_err();
+        assert!(
+            matches!(
+                e,
+                BootError::Unpack {
+                    source: BzImageError::NotX86_64 { machine: 183, .. },
+                    ..
+                }
+            ),
+            "{e}"
+        );
+        // An x86-64 ELF the loader refuses (entry below 1 MiB).
+        let mut low = tiny_elf(0x4000);
+        low[24..32].copy_from_slice(&0x1000u64.to_le_bytes());
+        let low = TempFile::new("bz-low", &bzimage(&compress(Compression::Lzma, &low), 4, 0));
+        let e = load(&guest_ram(), &spec(&low.0, "", LENIENT)).unwrap_err();
+        assert!(matches!(e, BootError::UnpackedElf { .. }), "{e}");
+    }
+
+    #[test]
+    fn neither_elf_nor_bzimage() {
+        let junk = TempFile::new("junk", &[0x42u8; 4096]);
+        for unpacker in [STRICT, LENIENT, Unpacker::Guest] {
+            let e = load(&guest_ram(), &spec(&junk.0, "", unpacker)).unwrap_err();
+            assert!(matches!(e, BootError::NotAKernel { .. }), "{e}");
+        }
+    }
+
+    #[test]
+    fn the_setup_header_bounds_the_command_line() {
+        let mut img = bzimage(&compress(Compression::Bzip2, &tiny_elf(0x4000)), 4, 0);
+        img[0x238..0x23c].copy_from_slice(&16u32.to_le_bytes());
+        let bz = TempFile::new("bz-cmdline", &img);
+        assert!(load(&guest_ram(), &spec(&bz.0, "console=ttyS0", STRICT)).is_ok());
+        let e = load(&guest_ram(), &spec(&bz.0, "console=ttyS0 quiet=1", STRICT)).unwrap_err();
+        assert!(
+            matches!(e, BootError::CmdlineTooLong { len: 21, max: 16 }),
+            "{e}"
+        );
     }
 
     #[test]
