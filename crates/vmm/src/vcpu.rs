@@ -797,11 +797,21 @@ fn internal_error(
             }
         }
     }
+    // MXCSR only for the instructions that use it (a KVM_GET_FPU each).
+    let mut fpu = if failed.needs_mxcsr() {
+        Some(vcpu.get_fpu().map_err(kvm_err(idx, "KVM_GET_FPU"))?)
+    } else {
+        None
+    };
     let outcome = failed.resolve(&mut emulate::Cpu {
         regs: &mut regs,
         sregs: &sregs,
         mem: env.guest_memory(),
+        mxcsr: fpu.as_mut().map(|f| &mut f.mxcsr),
     });
+    if let (Outcome::Done, Some(f)) = (&outcome, &fpu) {
+        vcpu.set_fpu(f).map_err(kvm_err(idx, "KVM_SET_FPU"))?;
+    }
     let inject = match outcome {
         Outcome::Done => None,
         Outcome::Inject(e) => Some(e),

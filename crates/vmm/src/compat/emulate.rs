@@ -108,11 +108,11 @@ pub static TABLE: &[Entry] = &[
         instruction: "cmpxchg16b m128 (with or without lock)",
         matches: Match::Mnemonics(&[Mnemonic::Cmpxchg16b]),
         action: Action::Emulate(cmpxchg16b),
-        hidden_by: None,
-        why: "a distribution kernel (Debian 6.1) uses it as soon as CPUID shows CX16 \
-              (SLUB's cmpxchg_double, this_cpu_cmpxchg_double on the per-CPU slab); hiding \
-              CX16 would switch the kernel to other slab paths and a kernel built for \
-              x86-64-v2 requires it",
+        hidden_by: Some("cx16"),
+        why: "a distribution kernel (Debian 6.1) stopped on it (seen): SLUB's per-CPU fast \
+              path uses it whenever CPUID shows CX16, i.e. on most allocations, and an exit \
+              each would be slow, so CX16 is hidden (SLUB then takes its locked path; \
+              Debian's kernel boots so); emulated for a kernel that uses it anyway",
     },
     Entry {
         instruction: "cmpxchg8b m64 (with or without lock)",
@@ -128,6 +128,32 @@ pub static TABLE: &[Entry] = &[
         hidden_by: Some("popcnt"),
         why: "failed in the emulator (seen); hidden, so the kernel's hweight uses its \
               software fallback; emulated for a kernel built to use it unconditionally",
+    },
+    Entry {
+        instruction: "ldmxcsr m32, stmxcsr m32",
+        matches: Match::Mnemonics(&[Mnemonic::Ldmxcsr, Mnemonic::Stmxcsr]),
+        action: Action::Emulate(mxcsr),
+        hidden_by: None,
+        why: "a distribution kernel (Debian 6.1) stopped on ldmxcsr (seen): \
+              kernel_fpu_begin loads the default MXCSR before any kernel SIMD code, and SSE \
+              cannot be hidden from a 64-bit kernel; rare (once per kernel SIMD section)",
+    },
+    Entry {
+        instruction: "SSSE3, SSE4.1, SSE4.2, AES-NI, PCLMULQDQ, SHA instructions",
+        matches: Match::Features(&[
+            CpuidFeature::SSSE3,
+            CpuidFeature::SSE4_1,
+            CpuidFeature::SSE4_2,
+            CpuidFeature::AES,
+            CpuidFeature::PCLMULQDQ,
+            CpuidFeature::SHA,
+        ]),
+        action: Action::Hidden,
+        hidden_by: Some("ssse3,sse4_1,sse4_2,aes,pclmulqdq,sha_ni"),
+        why: "the backend's emulator runs no vector instructions in kernel mode: a \
+              distribution kernel (Debian 6.1) stopped in its SSSE3 BLAKE2s (random pool) \
+              at boot (seen); the kernel's accelerated crypto and checksums need these \
+              features and fall back to generic C without them",
     },
     Entry {
         instruction: "int3",
@@ -340,6 +366,10 @@ pub struct Cpu<'a> {
     pub sregs: &'a kvm_sregs,
     /// Guest RAM (None: memory operands are refused).
     pub mem: Option<&'a GuestMemoryMmap>,
+    /// The SSE control and status register, for the instructions that
+    /// [`Failed::needs_mxcsr`] (the caller fetches it with KVM_GET_FPU and writes it
+    /// back after [`Outcome::Done`]); None: those instructions are refused.
+    pub mxcsr: Option<&'a mut u32>,
 }
 
 /// RFLAGS bits.
@@ -490,6 +520,32 @@ impl Cpu<'_> {
             ))
         })?;
         Ok(slice.ptr_guard_mut().as_ptr())
+    }
+
+    /// Writes `bytes` at `gva`: both pages are checked for write access before
+    /// anything is written, so a fault leaves memory unchanged.
+    fn write(&self, gva: u64, bytes: &[u8]) -> Result<(), Stop> {
+        let first = ((0x1000 - (gva & 0xfff)) as usize).min(bytes.len());
+        let a = self.host_ptr(gva, first, Access::Write)?;
+        let b = if first < bytes.len() {
+            Some(self.host_ptr(
+                gva.wrapping_add(first as u64),
+                bytes.len() - first,
+                Access::Write,
+            )?)
+        } else {
+            None
+        };
+        // SAFETY: host_ptr checked that `a` has `first` bytes of guest RAM and `b` the
+        // rest (each within one page of a region that lives as long as `self.mem`);
+        // `bytes` is a separate host buffer.
+        unsafe {
+            std::ptr::copy_nonoverlapping(bytes.as_ptr(), a, first);
+            if let Some(b) = b {
+                std::ptr::copy_nonoverlapping(bytes[first..].as_ptr(), b, bytes.len() - first);
+            }
+        }
+        Ok(())
     }
 
     /// Reads `buf.len()` bytes at `gva` (the range may cross pages).
@@ -693,6 +749,36 @@ pub fn cmpxchg8b(insn: &Instruction, cpu: &mut Cpu<'_>) -> Result<(), Stop> {
     Ok(())
 }
 
+/// `ldmxcsr m32` / `stmxcsr m32`: load MXCSR from memory (#GP(0) if a reserved bit
+/// is set, as the CPU does) or store it.
+pub fn mxcsr(insn: &Instruction, cpu: &mut Cpu<'_>) -> Result<(), Stop> {
+    /// The MXCSR bits a CPU without AVX-512 defines (FZ, RC, the masks, DAZ, the
+    /// flags); AVX-512 adds none. Loading any other bit raises #GP(0).
+    const MXCSR_MASK: u32 = 0xffff;
+    memory_operand(insn)?;
+    let ea = cpu.effective_address(insn)?;
+    let Some(cur) = cpu.mxcsr.as_deref().copied() else {
+        return Err(Stop::Refuse(
+            "MXCSR is not available to the emulator".into(),
+        ));
+    };
+    match insn.mnemonic() {
+        Mnemonic::Ldmxcsr => {
+            let mut b = [0u8; 4];
+            cpu.read(ea, &mut b)?;
+            let v = u32::from_le_bytes(b);
+            if v & !MXCSR_MASK != 0 {
+                return Err(Stop::Fault(Exception::gp(0)));
+            }
+            if let Some(m) = cpu.mxcsr.as_deref_mut() {
+                *m = v;
+            }
+        }
+        _ => cpu.write(ea, &cur.to_le_bytes())?,
+    }
+    Ok(())
+}
+
 /// `popcnt r, r/m` (16, 32 or 64 bits): the number of set bits of the source into the
 /// destination; ZF set if the source is zero, CF, PF, AF, SF and OF cleared.
 pub fn popcnt(insn: &Instruction, cpu: &mut Cpu<'_>) -> Result<(), Stop> {
@@ -799,6 +885,11 @@ impl Failed {
         lookup(&self.insn)
     }
 
+    /// Whether its emulation needs the vCPU's MXCSR ([`Cpu::mxcsr`]).
+    pub fn needs_mxcsr(&self) -> bool {
+        matches!(self.insn.mnemonic(), Mnemonic::Ldmxcsr | Mnemonic::Stmxcsr)
+    }
+
     /// Whether it is an `int3` (the user-mode repair's breakpoint may be behind it).
     pub fn is_breakpoint(&self) -> bool {
         self.insn.code() == Code::Int3
@@ -866,6 +957,7 @@ mod tests {
         mem: GuestMemoryMmap,
         regs: kvm_regs,
         sregs: kvm_sregs,
+        mxcsr: u32,
     }
 
     impl Machine {
@@ -895,7 +987,12 @@ mod tests {
                 rflags: 0x2,
                 ..Default::default()
             };
-            Machine { mem, regs, sregs }
+            Machine {
+                mem,
+                regs,
+                sregs,
+                mxcsr: 0x1f80,
+            }
         }
 
         /// Runs `bytes` as the instruction at RIP.
@@ -905,6 +1002,7 @@ mod tests {
                 regs: &mut self.regs,
                 sregs: &self.sregs,
                 mem: Some(&self.mem),
+                mxcsr: Some(&mut self.mxcsr),
             };
             f.resolve(&mut cpu)
         }
@@ -1080,6 +1178,7 @@ mod tests {
                                 regs: &mut regs,
                                 sregs: &sregs,
                                 mem: Some(&m.mem),
+                                mxcsr: None,
                             };
                             assert_eq!(f.resolve(&mut cpu), Outcome::Done);
                             if regs.rflags & rflags::ZF != 0 {
@@ -1167,6 +1266,65 @@ mod tests {
     }
 
     #[test]
+    fn ldmxcsr_and_stmxcsr_move_mxcsr_and_fault_like_the_cpu() {
+        let mut m = Machine::new();
+        // ldmxcsr [rsp+4] (the form a distribution kernel's kernel_fpu_begin used).
+        m.mem
+            .write_obj(0x7f80u32, GuestAddress(m.at(DATA + 0x24)))
+            .unwrap();
+        m.regs.rsp = DATA + 0x20;
+        let rip = m.regs.rip;
+        assert_eq!(m.run(&[0x0f, 0xae, 0x54, 0x24, 0x04]), Outcome::Done);
+        assert_eq!(m.mxcsr, 0x7f80);
+        assert_eq!(m.regs.rip, rip + 5);
+        // stmxcsr [rdi]: stored.
+        m.mxcsr = 0x1fbf;
+        m.regs.rdi = DATA + 0x40;
+        assert_eq!(m.run(&[0x0f, 0xae, 0x1f]), Outcome::Done);
+        let v: u32 = m.mem.read_obj(GuestAddress(m.at(DATA + 0x40))).unwrap();
+        assert_eq!(v, 0x1fbf);
+        // A reserved bit: #GP(0), MXCSR unchanged.
+        m.mem
+            .write_obj(0x1_0000u32, GuestAddress(m.at(DATA + 0x24)))
+            .unwrap();
+        assert_eq!(
+            m.run(&[0x0f, 0xae, 0x54, 0x24, 0x04]),
+            Outcome::Inject(Exception::gp(0))
+        );
+        assert_eq!(m.mxcsr, 0x1fbf);
+        // stmxcsr to a read-only page: #PF with the write bit, nothing written; one
+        // that straddles DATA's last bytes and the read-only page faults as a whole.
+        m.regs.rdi = RO;
+        assert_eq!(
+            m.run(&[0x0f, 0xae, 0x1f]),
+            Outcome::Inject(Exception::page_fault(RO, PF_PRESENT | PF_WRITE))
+        );
+        m.mem
+            .write_obj(0u32, GuestAddress(m.at(DATA + 0xffc)))
+            .unwrap();
+        m.regs.rdi = DATA + 0xffe;
+        assert_eq!(
+            m.run(&[0x0f, 0xae, 0x1f]),
+            Outcome::Inject(Exception::page_fault(RO, PF_PRESENT | PF_WRITE))
+        );
+        let v: u32 = m.mem.read_obj(GuestAddress(m.at(DATA + 0xffc))).unwrap();
+        assert_eq!(v, 0, "a faulting store writes nothing");
+        // Without MXCSR from the caller: refused with a message.
+        let f = Failed::decode(&[0x0f, 0xae, 0x1f], m.regs.rip, 64).unwrap();
+        assert!(f.needs_mxcsr());
+        let out = f.resolve(&mut Cpu {
+            regs: &mut m.regs,
+            sregs: &m.sregs,
+            mem: Some(&m.mem),
+            mxcsr: None,
+        });
+        assert!(
+            matches!(out, Outcome::Unhandled(ref w) if w.contains("stmxcsr")),
+            "{out:?}"
+        );
+    }
+
+    #[test]
     fn int3_and_fwait_keep_their_behaviour() {
         // As seen on this host: flags = 1, insn_size = 15, bytes cc 90 90 90 90 ...
         let seen = [1, 0x7c83_9090_9090_cc0f, 0x480b_0f02_7401_0424, 0x1000];
@@ -1179,6 +1337,7 @@ mod tests {
             regs: &mut m.regs,
             sregs: &m.sregs,
             mem: None,
+            mxcsr: None,
         };
         assert_eq!(f.resolve(&mut cpu), Outcome::Inject(Exception::BREAKPOINT));
         assert_eq!(m.regs.rip, rip + 1);
@@ -1191,6 +1350,7 @@ mod tests {
             regs: &mut m.regs,
             sregs: &m.sregs,
             mem: None,
+            mxcsr: None,
         };
         assert_eq!(f.resolve(&mut cpu), Outcome::Done);
         assert_eq!(m.regs.rip, rip + 1);
@@ -1220,6 +1380,7 @@ mod tests {
             regs: &mut m.regs,
             sregs: &m.sregs,
             mem: Some(&m.mem),
+            mxcsr: None,
         };
         let Outcome::Unhandled(msg) = f.resolve(&mut cpu) else {
             panic!("xrstor handled")
