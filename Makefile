@@ -5,7 +5,7 @@
 CARGO ?= cargo
 DVMM := target/release/dvmm
 
-.PHONY: all deps build guest guest-bzimage demo test test-rust test-heavy test-bzimage clippy check-dsm bench clean
+.PHONY: all deps build guest guest-bzimage distro-kernel demo test test-rust test-heavy test-bzimage test-distro clippy check-dsm bench bench-distro clean
 
 all: build
 
@@ -27,6 +27,19 @@ guest-bzimage: guest
 # The VMM unpacks that bzImage into the very vmlinux it was made from (no guest boot).
 test-bzimage: guest-bzimage
 	$(CARGO) test --release -p dvmm-vmm --lib a_real_bzimage_unpacks_to_its_vmlinux -- --ignored
+
+# Debian's stock kernel (the package linux-image-amd64 depends on) in guest/distro/:
+# vmlinuz as shipped and the vmlinux extracted from it (docs/COMPAT.md).
+distro-kernel: guest
+	@scripts/fetch-distro-kernel.sh
+
+# That kernel booted on 2 nodes to user space, as bzImage and as vmlinux (~10 minutes).
+test-distro: build guest distro-kernel
+	$(CARGO) test --release -p dvmm --test distro -- --ignored --test-threads=1
+
+# The bzImage boot against its own vmlinux: time to `smp: Brought up` (goal <= 1.2x).
+bench-distro: build guest distro-kernel
+	$(DVMM) bench boot --shapes 2x1 --kernels guest/distro/vmlinuz,guest/distro/vmlinux
 
 # The guest on a 2-node local cluster (one vCPU per node process), at a busybox shell
 # prompt on the console. Leave with `poweroff -f` in the guest, or Ctrl-A x.

@@ -1,7 +1,9 @@
 //! `dvmm bench boot`: boot to user space on several cluster shapes: time to
 //! `smp: Brought up`, to the initramfs' first line (`DVMM-GUEST nproc=...`, the shell
 //! would prompt here) and to the end of the run (`poweroff -f`), with each shape's
-//! ratio against the first one, measured in the same run.
+//! ratio against the first one, measured in the same run. With several `--kernels`
+//! (e.g. a bzImage and the vmlinux inside it) every shape boots each kernel, and the
+//! time to `Brought up` is also given as a ratio against the first kernel.
 
 use std::io::{BufRead, BufReader};
 use std::time::Instant;
@@ -21,6 +23,9 @@ pub struct BenchBootArgs {
     /// The initramfs (its /init prints `DVMM-GUEST nproc=` and runs `dvmm.script=`).
     #[arg(long, default_value = "guest/out/initramfs.cpio.gz")]
     pub initrd: String,
+    /// Kernel images (ELF vmlinux or bzImage), comma separated; each shape boots each.
+    #[arg(long, default_value = "guest/out/vmlinux")]
+    pub kernels: String,
     /// Print one JSON object as the last line.
     #[arg(long)]
     pub json: bool,
@@ -29,6 +34,8 @@ pub struct BenchBootArgs {
 /// One measured boot.
 #[derive(Debug)]
 pub struct BootTiming {
+    /// The kernel image.
+    pub kernel: String,
     /// Node processes.
     pub nodes: usize,
     /// vCPUs in all.
@@ -44,10 +51,16 @@ pub struct BootTiming {
 }
 
 /// Boots the guest once as a child `dvmm run` and times its console.
-pub fn time_boot(nodes: usize, vcpus: usize, args: &BenchBootArgs) -> Result<BootTiming, String> {
+pub fn time_boot(
+    nodes: usize,
+    vcpus: usize,
+    kernel: &str,
+    args: &BenchBootArgs,
+) -> Result<BootTiming, String> {
     let start = Instant::now();
     let mut cmd = crate::child_run::command(nodes, vcpus)?;
-    cmd.args(["--memory", &args.memory, "--timeout", "600"])
+    cmd.args(["--memory", &args.memory, "--timeout", "1200"])
+        .args(["--kernel", kernel])
         .args(["--initrd", &args.initrd])
         .args(["--cmdline", "dvmm.script=poweroff+-f"]);
     let (mut child, _) = crate::child_run::spawn(cmd, false)?;
@@ -65,6 +78,7 @@ pub fn time_boot(nodes: usize, vcpus: usize, args: &BenchBootArgs) -> Result<Boo
     }
     let status = child.wait().map_err(|e| e.to_string())?;
     Ok(BootTiming {
+        kernel: kernel.to_string(),
         nodes,
         vcpus,
         brought_up_s: brought_up,
@@ -82,42 +96,76 @@ fn json_num(s: Option<f64>) -> String {
     s.map_or("null".into(), |s| format!("{s:.2}"))
 }
 
+/// `new / base` with three decimals, or None.
+fn ratio(base: Option<f64>, new: Option<f64>) -> Option<f64> {
+    match (base, new) {
+        (Some(b), Some(n)) if b > 0.0 => Some(n / b),
+        _ => None,
+    }
+}
+
 /// Runs the boot benchmark.
 pub fn bench(args: BenchBootArgs) -> Result<(), String> {
     let shapes = parse_shapes(&args.shapes)?;
+    let kernels: Vec<&str> = args.kernels.split(',').filter(|k| !k.is_empty()).collect();
+    for k in &kernels {
+        if !std::path::Path::new(k).is_file() {
+            return Err(format!(
+                "kernel {k} not found (`make guest` builds guest/out/vmlinux)"
+            ));
+        }
+    }
     let mut results: Vec<BootTiming> = Vec::new();
+    // (user-space ratio against the first shape, brought-up ratio against the first
+    // kernel) for each result.
+    let mut ratios: Vec<(Option<f64>, Option<f64>)> = Vec::new();
     for &(nodes, per) in &shapes {
-        let t = time_boot(nodes, nodes * per, &args)?;
-        let ratio = match (results.first().and_then(|b| b.user_s), t.user_s) {
-            (Some(b), Some(u)) if b > 0.0 => format!(" (x{:.2} of the first shape)", u / b),
-            _ => String::new(),
-        };
-        println!(
-            "boot {}x{}: brought_up {} s, user space {} s{ratio}, power-off {:.1} s{}",
-            nodes,
-            per,
-            secs(t.brought_up_s),
-            secs(t.user_s),
-            t.end_s,
-            if t.ok { "" } else { " (FAILED)" }
-        );
-        results.push(t);
+        for kernel in &kernels {
+            let t = time_boot(nodes, nodes * per, kernel, &args)?;
+            let same_kernel = results.iter().find(|b| b.kernel == t.kernel);
+            let same_shape = results
+                .iter()
+                .find(|b| b.nodes == t.nodes && b.vcpus == t.vcpus);
+            let r = (
+                ratio(same_kernel.and_then(|b| b.user_s), t.user_s),
+                ratio(same_shape.and_then(|b| b.brought_up_s), t.brought_up_s),
+            );
+            let mut notes = String::new();
+            if let (Some(x), true) = (r.0, same_kernel.is_some()) {
+                notes += &format!(" (x{x:.2} of the first shape)");
+            }
+            let up_note = match (r.1, same_shape) {
+                (Some(x), Some(b)) => format!(" (x{x:.2} of {})", b.kernel),
+                _ => String::new(),
+            };
+            println!(
+                "boot {kernel} {}x{}: brought_up {} s{up_note}, user space {} s{notes}, power-off {:.1} s{}",
+                nodes,
+                per,
+                secs(t.brought_up_s),
+                secs(t.user_s),
+                t.end_s,
+                if t.ok { "" } else { " (FAILED)" }
+            );
+            results.push(t);
+            ratios.push(r);
+        }
     }
     if args.json {
-        let base = results.first().and_then(|b| b.user_s);
+        let num = |r: Option<f64>| r.map_or("null".into(), |r| format!("{r:.3}"));
         let items: Vec<String> = results
             .iter()
-            .map(|t| {
-                let ratio = match (base, t.user_s) {
-                    (Some(b), Some(u)) if b > 0.0 => format!("{:.3}", u / b),
-                    _ => "null".into(),
-                };
+            .zip(&ratios)
+            .map(|(t, r)| {
                 format!(
-                    "{{\"nodes\":{},\"vcpus\":{},\"brought_up_s\":{},\"user_s\":{},\"user_ratio\":{ratio},\"end_s\":{:.2},\"ok\":{}}}",
+                    "{{\"kernel\":{:?},\"nodes\":{},\"vcpus\":{},\"brought_up_s\":{},\"brought_up_ratio\":{},\"user_s\":{},\"user_ratio\":{},\"end_s\":{:.2},\"ok\":{}}}",
+                    t.kernel,
                     t.nodes,
                     t.vcpus,
                     json_num(t.brought_up_s),
+                    num(r.1),
                     json_num(t.user_s),
+                    num(r.0),
                     t.end_s,
                     t.ok
                 )
