@@ -39,7 +39,7 @@ test-distro: build guest distro-kernel
 
 # The bzImage boot against its own vmlinux: time to `smp: Brought up` (goal <= 1.2x).
 bench-distro: build guest distro-kernel
-	$(DVMM) bench boot --shapes 2x1 --kernels guest/distro/vmlinuz,guest/distro/vmlinux
+	$(DVMM) bench boot --shapes 2x1 --kernels guest/distro/vmlinux,guest/distro/vmlinuz
 
 # The guest on a 2-node local cluster (one vCPU per node process), at a busybox shell
 # prompt on the console. Leave with `poweroff -f` in the guest, or Ctrl-A x.

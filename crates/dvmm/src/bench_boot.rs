@@ -59,7 +59,7 @@ pub fn time_boot(
 ) -> Result<BootTiming, String> {
     let start = Instant::now();
     let mut cmd = crate::child_run::command(nodes, vcpus)?;
-    cmd.args(["--memory", &args.memory, "--timeout", "1200"])
+    cmd.args(["--memory", &args.memory, "--timeout", "2400"])
         .args(["--kernel", kernel])
         .args(["--initrd", &args.initrd])
         .args(["--cmdline", "dvmm.script=poweroff+-f"]);
