@@ -5,7 +5,7 @@
 //! (e.g. a bzImage and the vmlinux inside it) every shape boots each kernel, and the
 //! time to `Brought up` is also given as a ratio against the first kernel.
 
-use std::io::{BufRead, BufReader};
+use std::io::{BufRead, BufReader, Write};
 use std::time::Instant;
 
 use crate::bench_cluster::parse_shapes;
@@ -29,6 +29,9 @@ pub struct BenchBootArgs {
     /// Print one JSON object as the last line.
     #[arg(long)]
     pub json: bool,
+    /// Also write each boot's console to DIR/boot-<kernel file name>-<shape>.log.
+    #[arg(long, value_name = "DIR")]
+    pub console_dir: Option<String>,
 }
 
 /// One measured boot.
@@ -65,9 +68,26 @@ pub fn time_boot(
         .args(["--cmdline", "dvmm.script=poweroff+-f"]);
     let (mut child, _) = crate::child_run::spawn(cmd, false)?;
     let (mut brought_up, mut user) = (None, None);
+    let mut log = match &args.console_dir {
+        Some(dir) => {
+            let name = std::path::Path::new(kernel)
+                .file_name()
+                .map_or("kernel".into(), |n| n.to_string_lossy().into_owned());
+            let path = std::path::Path::new(dir)
+                .join(format!("boot-{name}-{nodes}x{}.log", vcpus / nodes.max(1)));
+            let f = std::fs::File::create(&path)
+                .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+            Some(std::io::BufWriter::new(f))
+        }
+        None => None,
+    };
     if let Some(out) = child.stdout.take() {
         for line in BufReader::new(out).lines() {
             let Ok(line) = line else { break };
+            if let Some(f) = log.as_mut() {
+                let _ = writeln!(f, "{line}");
+                let _ = f.flush();
+            }
             if brought_up.is_none() && line.contains("smp: Brought up") {
                 brought_up = Some(start.elapsed().as_secs_f64());
             }

@@ -54,8 +54,8 @@ fn boots_to_user_space_on_two_nodes(kernel: &str) {
         "dvmm run failed: {err}\n--- console tail ---\n{}",
         tail(&console, 3000)
     );
-    let version = std::fs::read_to_string(workspace().join("guest/distro/VERSION"))
-        .unwrap_or_default();
+    let version =
+        std::fs::read_to_string(workspace().join("guest/distro/VERSION")).unwrap_or_default();
     assert!(
         console.contains("Linux version 6.") && console.contains("Debian"),
         "not the Debian kernel ({version}): {}",
@@ -72,7 +72,9 @@ fn boots_to_user_space_on_two_nodes(kernel: &str) {
         tail(&console, 3000)
     );
     assert!(
-        !console.contains("Oops") && !console.contains("BUG:") && !console.contains("WARNING: CPU:"),
+        !console.contains("Oops")
+            && !console.contains("BUG:")
+            && !console.contains("WARNING: CPU:"),
         "{console}"
     );
     assert!(err.contains("guest powered off"), "{err}");
