@@ -279,6 +279,13 @@ pub static HIDDEN_FEATURES: &[(&str, &str)] = &[
          first boots, not minimised",
     ),
     ("fsrm", "fast short `rep movsb`: as erms"),
+    (
+        "x2apic",
+        "the user-space LAPIC model has the xAPIC (MMIO) interface only and refuses the \
+         x2APIC enable bit of IA32_APIC_BASE with #GP; a kernel without interrupt \
+         remapping stays in xAPIC mode anyway (Debian 6.1 did, seen), hiding makes that \
+         certain for any kernel; on a hardware host the VMM's CPUID table clears the bit",
+    ),
 ];
 
 /// Looks a decoded instruction up in [`TABLE`].

@@ -46,7 +46,7 @@ pub enum HostKind {
 }
 
 /// Command-line options a software backend needs (see the module docs).
-pub const SOFTWARE_CMDLINE: &str = "clearcpuid=hypervisor,xsave,smap,smep,popcnt,avx,avx2,bmi1,bmi2,fsgsbase,erms,fsrm,rdrand,rdseed,pcid,invpcid,pku,umip,cx16,ssse3,sse4_1,sse4_2,aes,pclmulqdq,sha_ni";
+pub const SOFTWARE_CMDLINE: &str = "clearcpuid=hypervisor,xsave,smap,smep,popcnt,avx,avx2,bmi1,bmi2,fsgsbase,erms,fsrm,rdrand,rdseed,pcid,invpcid,pku,umip,cx16,ssse3,sse4_1,sse4_2,aes,pclmulqdq,sha_ni,x2apic";
 
 impl HostKind {
     /// Detects the host kind from the CPU flags the host kernel reports.
