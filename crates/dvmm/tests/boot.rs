@@ -2,7 +2,7 @@
 
 mod common;
 
-use common::{dvmm, idle_initrd, kernel, text, torture};
+use common::{dvmm, idle_initrd, kernel, tail_bytes as tail, text, torture};
 
 #[test]
 fn two_vcpus_boot_run_locktorture_and_power_off() {
@@ -84,14 +84,4 @@ fn bad_inputs_give_one_line_errors() {
             "{args:?}: not one line: {err}"
         );
     }
-}
-
-/// The last `n` bytes of `s` or a little fewer: the cut moves forward to a character
-/// boundary, so a multi-byte character is never split (slicing there would panic).
-fn tail(s: &str, n: usize) -> &str {
-    let mut from = s.len().saturating_sub(n);
-    while !s.is_char_boundary(from) {
-        from += 1;
-    }
-    &s[from..]
 }

@@ -8,7 +8,7 @@ mod common;
 
 use std::path::PathBuf;
 
-use common::{dvmm, initramfs, text, workspace};
+use common::{dvmm, initramfs, tail_bytes as tail, text, workspace};
 
 /// A file of the kernel `make distro-kernel` fetched.
 fn distro(name: &str) -> PathBuf {
@@ -19,14 +19,6 @@ fn distro(name: &str) -> PathBuf {
         p.display()
     );
     p
-}
-
-fn tail(s: &str, n: usize) -> &str {
-    let mut from = s.len().saturating_sub(n);
-    while !s.is_char_boundary(from) {
-        from += 1;
-    }
-    &s[from..]
 }
 
 /// Boots `kernel` on 2 nodes x 1 vCPU to user space and a power-off.

@@ -53,6 +53,16 @@ pub fn torture(lock: &str, vcpus: usize, secs: u32) -> String {
     )
 }
 
+/// The last `n` bytes of `s` or a little fewer, for failure messages: the cut moves
+/// forward to a character boundary, so a multi-byte character is never split.
+pub fn tail_bytes(s: &str, n: usize) -> &str {
+    let mut from = s.len().saturating_sub(n);
+    while !s.is_char_boundary(from) {
+        from += 1;
+    }
+    &s[from..]
+}
+
 /// Runs `dvmm` with `args` from the workspace and waits for it.
 pub fn dvmm(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_dvmm"))
