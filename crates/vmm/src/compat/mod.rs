@@ -45,8 +45,14 @@ pub enum HostKind {
     Software,
 }
 
-/// Command-line options a software backend needs (see the module docs).
-pub const SOFTWARE_CMDLINE: &str = "clearcpuid=hypervisor,xsave,smap,smep,popcnt,avx,avx2,bmi1,bmi2,fsgsbase,erms,fsrm,rdrand,rdseed,pcid,invpcid,pku,umip,cx16,ssse3,sse4_1,sse4_2,aes,pclmulqdq,sha_ni,x2apic";
+/// Command-line options a software backend needs (see the module docs). Besides the
+/// hidden CPU features: `nowatchdog`, because guest kernel code runs under instruction
+/// emulation, tens of times slower than on hardware, and the lockup detectors' fixed
+/// thresholds then report false lockups (a Debian 6.1 kernel on 2 nodes logged "BUG:
+/// soft lockup - CPU#1 stuck for 26s" in a `stop_machine` that was only slow, seen);
+/// `cryptomgr.notests`, because the kernel's crypto self-tests (RSA private-key vectors,
+/// multi-precision loops) ran for more than 20 minutes under emulation in that kernel.
+pub const SOFTWARE_CMDLINE: &str = "nowatchdog cryptomgr.notests clearcpuid=hypervisor,xsave,smap,smep,popcnt,avx,avx2,bmi1,bmi2,fsgsbase,erms,fsrm,rdrand,rdseed,pcid,invpcid,pku,umip,cx16,ssse3,sse4_1,sse4_2,aes,pclmulqdq,sha_ni,x2apic";
 
 impl HostKind {
     /// Detects the host kind from the CPU flags the host kernel reports.
