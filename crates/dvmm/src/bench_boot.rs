@@ -116,7 +116,7 @@ fn json_num(s: Option<f64>) -> String {
     s.map_or("null".into(), |s| format!("{s:.2}"))
 }
 
-/// `new / base` with three decimals, or None.
+/// `new / base`, or None when either is missing or the base is zero.
 fn ratio(base: Option<f64>, new: Option<f64>) -> Option<f64> {
     match (base, new) {
         (Some(b), Some(n)) if b > 0.0 => Some(n / b),
@@ -142,20 +142,21 @@ pub fn bench(args: BenchBootArgs) -> Result<(), String> {
     for &(nodes, per) in &shapes {
         for kernel in &kernels {
             let t = time_boot(nodes, nodes * per, kernel, &args)?;
-            let same_kernel = results.iter().find(|b| b.kernel == t.kernel);
+            // The first boot of the same kernel (or of the same shape) is the base; the
+            // first one of each is its own base (ratio 1).
+            let same_kernel = results.iter().find(|b| b.kernel == t.kernel).unwrap_or(&t);
             let same_shape = results
                 .iter()
-                .find(|b| b.nodes == t.nodes && b.vcpus == t.vcpus);
+                .find(|b| b.nodes == t.nodes && b.vcpus == t.vcpus)
+                .unwrap_or(&t);
             let r = (
-                ratio(same_kernel.and_then(|b| b.user_s), t.user_s),
-                ratio(same_shape.and_then(|b| b.brought_up_s), t.brought_up_s),
+                ratio(same_kernel.user_s, t.user_s),
+                ratio(same_shape.brought_up_s, t.brought_up_s),
             );
-            let mut notes = String::new();
-            if let (Some(x), true) = (r.0, same_kernel.is_some()) {
-                notes += &format!(" (x{x:.2} of the first shape)");
-            }
-            let up_note = match (r.1, same_shape) {
-                (Some(x), Some(b)) => format!(" (x{x:.2} of {})", b.kernel),
+            let notes =
+                r.0.map_or(String::new(), |x| format!(" (x{x:.2} of the first shape)"));
+            let up_note = match r.1 {
+                Some(x) if kernels.len() > 1 => format!(" (x{x:.2} of {})", same_shape.kernel),
                 _ => String::new(),
             };
             println!(
