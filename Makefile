@@ -5,7 +5,7 @@
 CARGO ?= cargo
 DVMM := target/release/dvmm
 
-.PHONY: all deps build guest guest-bzimage distro-kernel demo test test-rust test-heavy test-bzimage test-distro clippy check-dsm bench bench-distro clean
+.PHONY: all deps build guest guest-bzimage distro-kernel demo test test-rust test-heavy test-bzimage test-distro clippy check-dsm bench bench-distro bench-xsave clean
 
 all: build
 
@@ -33,13 +33,18 @@ test-bzimage: guest-bzimage
 distro-kernel: guest
 	@scripts/fetch-distro-kernel.sh
 
-# That kernel booted on 2 nodes to user space, as bzImage and as vmlinux (~10 minutes).
+# That kernel booted on 2 nodes to user space, as bzImage and as vmlinux (~15 minutes
+# per boot on a software-KVM host).
 test-distro: build guest distro-kernel
 	$(CARGO) test --release -p dvmm --test distro -- --ignored --test-threads=1
 
 # The bzImage boot against its own vmlinux: time to `smp: Brought up` (goal <= 1.2x).
 bench-distro: build guest distro-kernel
 	$(DVMM) bench boot --shapes 2x1 --kernels guest/distro/vmlinux,guest/distro/vmlinuz
+
+# What the emulated XSAVE/XRSTOR costs a guest context switch (software-KVM hosts).
+bench-xsave: build guest
+	@scripts/bench-xsave.sh
 
 # The guest on a 2-node local cluster (one vCPU per node process), at a busybox shell
 # prompt on the console. Leave with `poweroff -f` in the guest, or Ctrl-A x.

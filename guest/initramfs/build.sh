@@ -42,13 +42,15 @@ cp $busybox "$root/bin/busybox"
 # all). Only the shell's own path exists.
 ln -s busybox "$root/bin/sh"
 install -m 0755 "$here/init" "$root/init"
-# One static program for both test tools (each static glibc copy costs the guest ~3 s
-# to unpack): /bin/smptest is a link to /bin/usertest, which runs smptest's main when
-# called by that name.
+# One static program for the test tools (each static glibc copy costs the guest ~3 s
+# to unpack): /bin/smptest and /bin/avxtest are links to /bin/usertest, which runs
+# smptest's or avxtest's main when called by that name.
 gcc -static -O2 -pthread -Wall -Wextra -c -Dmain=smptest_main -o "$root/smptest.o" "$here/smptest.c"
-gcc -static -O2 -pthread -Wall -Wextra -s -o "$root/bin/usertest" "$here/usertest.c" "$root/smptest.o"
-rm -f "$root/smptest.o"
+gcc -static -O2 -pthread -Wall -Wextra -c -o "$root/avxtest.o" "$here/avxtest.c"
+gcc -static -O2 -pthread -Wall -Wextra -s -o "$root/bin/usertest" "$here/usertest.c" "$root/smptest.o" "$root/avxtest.o"
+rm -f "$root/smptest.o" "$root/avxtest.o"
 ln -s usertest "$root/bin/smptest"
+ln -s usertest "$root/bin/avxtest"
 echo "root:x:0:0:root:/root:/bin/sh" > "$root/etc/passwd"
 # The kernel opens /dev/console for /init before anything is mounted (its built-in
 # initramfs has one too; this one is kept for kernels without it).

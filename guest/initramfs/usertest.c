@@ -1,5 +1,6 @@
 /* usertest: guest user-mode checks and the parallel benchmark of the dvmm guest.
- * Called as `smptest` (a link), it runs smptest.c's main instead.
+ * Called as `smptest` or `avxtest` (links), it runs smptest.c's or avxtest.c's main
+ * instead.
  *
  *   usertest syscalls N      N system calls with checked results, and their round
  *                            trip: USERTEST syscalls=N ok p50_ns=.. p99_ns=..
@@ -300,6 +301,7 @@ static int par(int threads, long iters, int shared)
 }
 
 int smptest_main(int argc, char **argv);
+int avxtest_main(int argc, char **argv);
 
 int main(int argc, char **argv)
 {
@@ -307,6 +309,8 @@ int main(int argc, char **argv)
 	name = name ? name + 1 : argv[0];
 	if (!strcmp(name, "smptest"))
 		return smptest_main(argc, argv);
+	if (!strcmp(name, "avxtest"))
+		return avxtest_main(argc, argv);
 	setvbuf(stdout, NULL, _IOLBF, 0);
 	if (argc >= 2 && !strcmp(argv[1], "syscalls"))
 		return test_syscalls(argc > 2 ? atol(argv[2]) : 100000);

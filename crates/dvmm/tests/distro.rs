@@ -35,7 +35,7 @@ fn boots_to_user_space_on_two_nodes(kernel: &str) {
         "--initrd",
         &initramfs(),
         "--cmdline",
-        "dvmm.script=poweroff+-f",
+        "dvmm.script=avxtest+procs+1000;poweroff+-f",
         "--timeout",
         "1500",
     ]);
@@ -68,6 +68,17 @@ fn boots_to_user_space_on_two_nodes(kernel: &str) {
             && !console.contains("BUG:")
             && !console.contains("WARNING: CPU:"),
         "{console}"
+    );
+    common::hidden_features_cleared(&console);
+    // Its processes keep their own vector registers (the XSAVE emulation).
+    let avx = console
+        .lines()
+        .find(|l| l.starts_with("AVXTEST mode=procs "))
+        .unwrap_or("(no avxtest line)");
+    assert!(
+        avx.contains(" corrupt=0 ") && avx.ends_with(" ok"),
+        "{avx}\n{}",
+        tail(&console, 3000)
     );
     assert!(err.contains("guest powered off"), "{err}");
 }

@@ -64,14 +64,26 @@ fn no_guest_errors(console: &str) {
     }
 }
 
+/// The line avxtest printed for `mode`, which must say `corrupt=0 ... ok`.
+fn avx_line<'a>(console: &'a str, mode: &str) -> &'a str {
+    console
+        .lines()
+        .find(|l| l.starts_with(&format!("AVXTEST mode={mode} ")))
+        .unwrap_or_else(|| panic!("no avxtest {mode} line:\n{}", tail(console, 30)))
+}
+
 /// The acceptance run, plus the repair's guest tests: 100,000 checked system
-/// calls, 100 fork+exec+wait, signals, and a program that jumps to the system-call
-/// entry and must die of SIGSEGV (and nothing else happens).
+/// calls, 30 fork+exec+wait, signals, and a program that jumps to the system-call
+/// entry and must die of SIGSEGV (and nothing else happens); and the extended state:
+/// two processes on one vCPU keep their own vector registers through 10,000 checks
+/// after context switches (5,000 rounds), and two threads that swap vCPUs, and so
+/// nodes, every round through 1,000 more (the state saved on one node, restored on
+/// the other).
 #[test]
 fn programs_on_2_nodes_2_vcpus() {
     let jump = syscall_entry();
     let script = format!(
-        "smptest;usertest+syscalls+100000;usertest+fork+100;usertest+signals;usertest+jump+{jump};usertest+syscalls+1000;poweroff+-f"
+        "smptest;usertest+syscalls+100000;usertest+fork+30;usertest+signals;usertest+jump+{jump};usertest+syscalls+1000;avxtest+procs+5000;avxtest+threads+500;poweroff+-f"
     );
     let (console, err, ok) = run_script(2, 2, &script);
     let t = tail(&console, 40);
@@ -88,17 +100,29 @@ fn programs_on_2_nodes_2_vcpus() {
         console.contains("USERTEST syscalls=100000 ok"),
         "syscalls:\n{t}"
     );
-    assert!(console.contains("USERTEST fork=100 ok"), "fork:\n{t}");
+    assert!(console.contains("USERTEST fork=30 ok"), "fork:\n{t}");
     assert!(console.contains("USERTEST signals ok"), "signals:\n{t}");
     assert!(console.contains("USERTEST jump=SIGSEGV ok"), "jump:\n{t}");
     assert!(
         console.contains("USERTEST syscalls=1000 ok"),
         "after the jump:\n{t}"
     );
+    common::hidden_features_cleared(&console);
+    for (mode, checks) in [("procs", 10_000), ("threads", 1_000)] {
+        let line = avx_line(&console, mode);
+        assert!(
+            line.contains(&format!(" checked={checks} corrupt=0 ")) && line.ends_with(" ok"),
+            "{line}\n{t}"
+        );
+    }
+    assert!(
+        avx_line(&console, "threads").contains(" moved=1000 "),
+        "the threads did not swap vCPUs every round:\n{t}"
+    );
     // Every command exited 0 but the jumping child, which the kernel reports once.
     assert_eq!(
         console.matches("DVMM-GUEST exit=0").count(),
-        6,
+        8,
         "a command failed:\n{t}"
     );
     let segv: Vec<&str> = console.lines().filter(|l| l.contains("segfault")).collect();
@@ -218,7 +242,11 @@ impl Screen {
 
 /// The interactive console of a 2-node guest through a pseudo-terminal: the shell's
 /// prompt, `nproc`, a pipeline, smptest, `poweroff -f`; exit status 0 and the
-/// terminal's settings as they were.
+/// terminal's settings as they were. This guest boots with `noxsave`, the kernel's
+/// XSAVE support off (it then saves only the legacy FXSAVE image on a context
+/// switch, while the processes use the host's full vector registers): `avxtest`
+/// typed there must find corrupt checks, which shows that the check of
+/// `programs_on_2_nodes_2_vcpus` can fail (one boot serves both).
 #[test]
 fn interactive_console_on_2_nodes() {
     let (master, slave) = openpty();
@@ -228,7 +256,14 @@ fn interactive_console_on_2_nodes() {
         .args(["run", "--nodes", "2", "--vcpus", "2", "--memory", "1G"])
         .arg("--kernel")
         .arg(&k)
-        .args(["--initrd", &initramfs(), "--timeout", "900"])
+        .args([
+            "--initrd",
+            &initramfs(),
+            "--cmdline",
+            "noxsave",
+            "--timeout",
+            "900",
+        ])
         .current_dir(workspace())
         .stdin(Stdio::from(slave.try_clone().unwrap()))
         .stdout(Stdio::from(slave.try_clone().unwrap()))
@@ -253,6 +288,25 @@ fn interactive_console_on_2_nodes() {
     at = screen.wait(at, "HELLO_DVMM", Duration::from_secs(120));
     type_line("smptest");
     at = screen.wait(at, "SMPTEST PASS", Duration::from_secs(300));
+    let _ = screen.wait(at, "# ", Duration::from_secs(60));
+    type_line("avxtest procs 200");
+    at = screen.wait(at, "AVXTEST mode=procs", Duration::from_secs(300));
+    let _ = screen.wait(at, "# ", Duration::from_secs(60));
+    let all = screen.text();
+    let line = all
+        .lines()
+        .find(|l| l.starts_with("AVXTEST mode=procs"))
+        .unwrap_or("");
+    let corrupt: u64 = line
+        .split("corrupt=")
+        .nth(1)
+        .and_then(|s| s.split_whitespace().next())
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    assert!(
+        corrupt > 0 && line.trim_end().ends_with(" FAIL"),
+        "no corruption seen with noxsave: {line}"
+    );
     let _ = screen.wait(at, "# ", Duration::from_secs(60));
     let mark = screen.len();
     type_line("poweroff -f");

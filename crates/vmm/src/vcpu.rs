@@ -23,6 +23,7 @@ use vmm_sys_util::ioctl::ioctl_with_ref;
 use crate::boot::{regs, BootInfo};
 use crate::compat::emulate::{self, Action, Outcome};
 use crate::compat::usermode::{Breakpoint, UserMode, MSR_LSTAR};
+use crate::compat::xstate;
 use crate::compat::INTERNAL_ERROR_EMULATION;
 use crate::devices::PortEvent;
 use crate::irq::VcpuTarget;
@@ -803,14 +804,24 @@ fn internal_error(
     } else {
         None
     };
+    // XCR0 and the extended state only for the XSAVE family.
+    let mut xs = if failed.needs_xstate() {
+        get_xstate(vcpu, idx)?
+    } else {
+        None
+    };
     let outcome = failed.resolve(&mut emulate::Cpu {
         regs: &mut regs,
         sregs: &sregs,
         mem: env.guest_memory(),
         mxcsr: fpu.as_mut().map(|f| &mut f.mxcsr),
+        xstate: xs.as_mut(),
     });
     if let (Outcome::Done, Some(f)) = (&outcome, &fpu) {
         vcpu.set_fpu(f).map_err(kvm_err(idx, "KVM_SET_FPU"))?;
+    }
+    if let (Outcome::Done, Some(x)) = (&outcome, &xs) {
+        set_xstate(vcpu, idx, x)?;
     }
     let inject = match outcome {
         Outcome::Done => None,
@@ -837,6 +848,59 @@ fn internal_error(
         ev.exception.error_code = e.error_code.unwrap_or(0);
         vcpu.set_vcpu_events(&ev)
             .map_err(kvm_err(idx, "KVM_SET_VCPU_EVENTS"))?;
+    }
+    Ok(())
+}
+
+/// XCR0 and the extended state of the vCPU (KVM_GET_XCRS, KVM_GET_XSAVE) for the
+/// XSAVE family's emulation; None where the host has no XSAVE layout the VMM handles
+/// (the instruction is then refused with a message).
+fn get_xstate(vcpu: &VcpuFd, idx: usize) -> Result<Option<xstate::XState>, VcpuError> {
+    let Some(layout) = xstate::Layout::host() else {
+        return Ok(None);
+    };
+    let xcrs = vcpu.get_xcrs().map_err(kvm_err(idx, "KVM_GET_XCRS"))?;
+    let n = (xcrs.nr_xcrs as usize).min(xcrs.xcrs.len());
+    let xcr0 = xcrs.xcrs[..n]
+        .iter()
+        .find(|x| x.xcr == 0)
+        .map_or(1, |x| x.value);
+    let xsave = vcpu.get_xsave().map_err(kvm_err(idx, "KVM_GET_XSAVE"))?;
+    let mut area = Box::new([0u8; xstate::AREA]);
+    for (chunk, word) in area.chunks_exact_mut(4).zip(xsave.region.iter()) {
+        chunk.copy_from_slice(&word.to_le_bytes());
+    }
+    Ok(Some(xstate::XState {
+        xcr0,
+        area,
+        layout,
+        area_changed: false,
+        xcr0_changed: false,
+    }))
+}
+
+/// Writes back what an emulated XSAVE-family instruction changed: XCR0 first (the
+/// extended state is checked against it), then the state.
+fn set_xstate(vcpu: &VcpuFd, idx: usize, x: &xstate::XState) -> Result<(), VcpuError> {
+    if x.xcr0_changed {
+        let mut xcrs = kvm_bindings::kvm_xcrs {
+            nr_xcrs: 1,
+            ..Default::default()
+        };
+        xcrs.xcrs[0].xcr = 0;
+        xcrs.xcrs[0].value = x.xcr0;
+        vcpu.set_xcrs(&xcrs).map_err(kvm_err(idx, "KVM_SET_XCRS"))?;
+    }
+    if x.area_changed {
+        let mut xsave = kvm_bindings::kvm_xsave::default();
+        for (word, chunk) in xsave.region.iter_mut().zip(x.area.chunks_exact(4)) {
+            *word = u32::from_le_bytes([chunk[0], chunk[1], chunk[2], chunk[3]]);
+        }
+        // SAFETY: KVM_SET_XSAVE reads the vCPU's uABI size of extended state, which is
+        // the 4096-byte region of `kvm_xsave` here: xstate::Layout::host() accepted the
+        // host layout only because every component it supports fits in that region (no
+        // dynamically enabled AMX state, whose uABI size would be larger).
+        unsafe { vcpu.set_xsave(&xsave) }.map_err(kvm_err(idx, "KVM_SET_XSAVE"))?;
     }
     Ok(())
 }

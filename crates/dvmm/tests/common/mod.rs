@@ -145,3 +145,23 @@ pub fn namespaces(tag: &str) -> Vec<String> {
         .map(str::to_owned)
         .collect()
 }
+
+/// On a software-KVM host: the guest kernel's "Clearing CPUID bits:" line names every
+/// feature of `vmm::compat::HIDDEN`, in order, and nothing it did not know (a wrong bit
+/// number or a `clearcpuid=` value longer than the kernel reads would show here).
+pub fn hidden_features_cleared(console: &str) {
+    use vmm::compat::{HostKind, HIDDEN};
+    if HostKind::detect() != HostKind::Software {
+        return;
+    }
+    let names: Vec<&str> = HIDDEN.iter().map(|(n, _)| *n).collect();
+    let want = format!("Clearing CPUID bits: {}", names.join(" "));
+    let got = console
+        .lines()
+        .find(|l| l.contains("Clearing CPUID bits:"))
+        .unwrap_or("(no such line)");
+    assert!(
+        got.ends_with(&want),
+        "the kernel printed\n{got}\nnot\n{want}"
+    );
+}

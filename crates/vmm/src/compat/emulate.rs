@@ -13,7 +13,7 @@
 //! * **inject #BP** (`int3`): step over it and deliver the trap the guest expects;
 //! * **skip** it (`fwait`);
 //! * **hidden**: the feature is turned off through the kernel command line
-//!   ([`super::SOFTWARE_CMDLINE`]), so a guest that honours it never executes the
+//!   ([`super::HIDDEN`]), so a guest that honours it never executes the
 //!   instruction. These entries are in the table too, so that the table is the whole
 //!   story and an instruction that arrives anyway is named with the option that should
 //!   have kept it away.
@@ -45,6 +45,7 @@ use iced_x86::{
 use kvm_bindings::{kvm_regs, kvm_sregs};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
+use super::xstate::{self, XState};
 use crate::paging::{PageTables, PagingError};
 
 /// What the VMM does with an instruction the backend failed on.
@@ -59,6 +60,8 @@ pub enum Action {
     /// Not emulated: hidden from the guest by the command line (the entry's
     /// [`Entry::hidden_by`]); a guest that honours the option never executes it.
     Hidden,
+    /// Neither emulated nor hidden (the entry says why): the VM ends with the reason.
+    Fail,
 }
 
 impl std::fmt::Debug for Action {
@@ -68,6 +71,7 @@ impl std::fmt::Debug for Action {
             Action::Breakpoint => "Breakpoint",
             Action::Skip => "Skip",
             Action::Hidden => "Hidden",
+            Action::Fail => "Fail",
         })
     }
 }
@@ -94,7 +98,7 @@ pub struct Entry {
     pub matches: Match,
     /// What the VMM does when the backend fails on one.
     pub action: Action,
-    /// The `clearcpuid=` feature of [`super::SOFTWARE_CMDLINE`] that hides the
+    /// The `clearcpuid=` feature of [`super::HIDDEN`] that hides the
     /// instructions from the guest, if they are hidden.
     pub hidden_by: Option<&'static str>,
     /// Why.
@@ -172,18 +176,39 @@ pub static TABLE: &[Entry] = &[
               task exits, seen); with exceptions masked there are none",
     },
     Entry {
-        instruction: "xsave, xrstor, xsaveopt, xsavec, xsaves, xrstors, xgetbv, xsetbv",
-        matches: Match::Features(&[
-            CpuidFeature::XSAVE,
-            CpuidFeature::XSAVEOPT,
-            CpuidFeature::XSAVEC,
-            CpuidFeature::XSAVES,
+        instruction: "xsave m, xrstor m (standard form), xgetbv, xsetbv",
+        matches: Match::Mnemonics(&[
+            Mnemonic::Xsave,
+            Mnemonic::Xsave64,
+            Mnemonic::Xrstor,
+            Mnemonic::Xrstor64,
+            Mnemonic::Xgetbv,
+            Mnemonic::Xsetbv,
+        ]),
+        action: Action::Emulate(xstate::run),
+        hidden_by: None,
+        why: "XRSTOR failed in the emulator (seen). Guest user code runs natively and uses \
+              the host's AVX/AVX-512 registers whatever the guest kernel thinks, so the \
+              kernel must save and restore them on every context switch (with XSAVE \
+              hidden it saved only the FXSAVE image and processes saw each other's ymm \
+              registers, seen): emulated against KVM_GET/SET_XSAVE (compat::xstate)",
+    },
+    Entry {
+        instruction: "xsaveopt, xsavec, xsaves, xrstors",
+        matches: Match::Mnemonics(&[
+            Mnemonic::Xsaveopt,
+            Mnemonic::Xsaveopt64,
+            Mnemonic::Xsavec,
+            Mnemonic::Xsavec64,
+            Mnemonic::Xsaves,
+            Mnemonic::Xsaves64,
+            Mnemonic::Xrstors,
+            Mnemonic::Xrstors64,
         ]),
         action: Action::Hidden,
-        hidden_by: Some("xsave"),
-        why: "XRSTOR failed in the emulator (seen); emulating it means moving the whole \
-              extended state through KVM_GET/SET_XSAVE on every context switch; without \
-              XSAVE the kernel saves the FXSAVE area (AVX state caveat: GUEST-USERMODE.md)",
+        hidden_by: Some("xsaveopt,xsavec,xsaves"),
+        why: "the optimised, compacted and supervisor forms; the kernel picks the best one \
+              it sees, so they are hidden and it uses the standard form, which is emulated",
     },
     Entry {
         instruction: "clac, stac",
@@ -211,12 +236,30 @@ pub static TABLE: &[Entry] = &[
               minimised); emulable like popcnt if a kernel needs them",
     },
     Entry {
-        instruction: "AVX and AVX2 instructions (VEX-encoded vector instructions)",
-        matches: Match::Features(&[CpuidFeature::AVX, CpuidFeature::AVX2]),
+        instruction: "AVX2 instructions",
+        matches: Match::Features(&[CpuidFeature::AVX2]),
         action: Action::Hidden,
-        hidden_by: Some("avx,avx2"),
-        why: "they need the XSAVE state, which is hidden; the kernel's AVX crypto and RAID \
-              code then stays off",
+        hidden_by: Some("avx2"),
+        why: "the backend's emulator runs no vector instructions in kernel mode; hiding \
+              AVX2 keeps the kernel's AVX2 crypto, checksum and RAID code off (and the \
+              AVX-512 paths that also need it)",
+    },
+    Entry {
+        instruction: "AVX and AVX-512 instructions",
+        matches: Match::Features(&[
+            CpuidFeature::AVX,
+            CpuidFeature::AVX512F,
+            CpuidFeature::AVX512VL,
+            CpuidFeature::AVX512BW,
+            CpuidFeature::AVX512DQ,
+        ]),
+        action: Action::Fail,
+        hidden_by: None,
+        why: "not emulated and not hidden: the kernel enables a register state in XCR0 \
+              (and so saves it for user processes) only when CPUID shows its feature, \
+              and its XSAVE size check must match the host's CPUID; no code of the \
+              project's kernel or Debian 6.1's reached one in kernel mode (seen); a \
+              kernel that does stops with this message",
     },
     Entry {
         instruction: "rdrand",
@@ -250,7 +293,7 @@ pub static TABLE: &[Entry] = &[
     },
 ];
 
-/// `clearcpuid=` features of [`super::SOFTWARE_CMDLINE`] that are not instructions
+/// `clearcpuid=` features of [`super::HIDDEN`] that are not instructions
 /// (so not in [`TABLE`]), with the reason each is hidden.
 pub static HIDDEN_FEATURES: &[(&str, &str)] = &[
     (
@@ -317,6 +360,15 @@ impl Exception {
         cr2: None,
     };
 
+    /// #UD (no error code).
+    pub fn ud() -> Self {
+        Exception {
+            vector: 6,
+            error_code: None,
+            cr2: None,
+        }
+    }
+
     /// #GP(code).
     pub fn gp(code: u32) -> Self {
         Exception {
@@ -377,6 +429,10 @@ pub struct Cpu<'a> {
     /// [`Failed::needs_mxcsr`] (the caller fetches it with KVM_GET_FPU and writes it
     /// back after [`Outcome::Done`]); None: those instructions are refused.
     pub mxcsr: Option<&'a mut u32>,
+    /// XCR0 and the extended state, for the instructions that [`Failed::needs_xstate`]
+    /// (the caller fetches them with KVM_GET_XCRS and KVM_GET_XSAVE and writes back
+    /// what changed after [`Outcome::Done`]); None: those instructions are refused.
+    pub xstate: Option<&'a mut XState>,
 }
 
 /// RFLAGS bits.
@@ -407,14 +463,14 @@ const PF_USER: u32 = 1 << 2;
 
 /// The kind of a memory access, for the page-table rights.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Access {
+pub(super) enum Access {
     Read,
     Write,
 }
 
 impl Cpu<'_> {
     /// The current privilege level.
-    fn cpl(&self) -> u8 {
+    pub(super) fn cpl(&self) -> u8 {
         (self.sregs.cs.selector & 3) as u8
     }
 
@@ -431,7 +487,7 @@ impl Cpu<'_> {
     /// The effective (linear) address of the instruction's memory operand: base +
     /// index * scale + displacement (or RIP-relative), truncated to the address size,
     /// plus the FS/GS base. A non-canonical result faults (#SS for a stack access).
-    fn effective_address(&self, insn: &Instruction) -> Result<u64, Stop> {
+    pub(super) fn effective_address(&self, insn: &Instruction) -> Result<u64, Stop> {
         let base = insn.memory_base();
         let index = insn.memory_index();
         let mut ea = insn.memory_displacement64();
@@ -531,7 +587,7 @@ impl Cpu<'_> {
 
     /// Writes `bytes` at `gva`: both pages are checked for write access before
     /// anything is written, so a fault leaves memory unchanged.
-    fn write(&self, gva: u64, bytes: &[u8]) -> Result<(), Stop> {
+    pub(super) fn write(&self, gva: u64, bytes: &[u8]) -> Result<(), Stop> {
         let first = ((0x1000 - (gva & 0xfff)) as usize).min(bytes.len());
         let a = self.host_ptr(gva, first, Access::Write)?;
         let b = if first < bytes.len() {
@@ -555,8 +611,20 @@ impl Cpu<'_> {
         Ok(())
     }
 
+    /// Checks every page of the `len` bytes at `gva` for `access` (the #PF the first
+    /// failing page raises), so that an instruction can fault before it writes.
+    pub(super) fn check(&self, gva: u64, len: usize, access: Access) -> Result<(), Stop> {
+        let mut done = 0usize;
+        while done < len {
+            let va = gva.wrapping_add(done as u64);
+            self.translate(va, access)?;
+            done += (0x1000 - (va & 0xfff)) as usize;
+        }
+        Ok(())
+    }
+
     /// Reads `buf.len()` bytes at `gva` (the range may cross pages).
-    fn read(&self, gva: u64, buf: &mut [u8]) -> Result<(), Stop> {
+    pub(super) fn read(&self, gva: u64, buf: &mut [u8]) -> Result<(), Stop> {
         let mut done = 0usize;
         while done < buf.len() {
             let va = gva.wrapping_add(done as u64);
@@ -897,6 +965,11 @@ impl Failed {
         matches!(self.insn.mnemonic(), Mnemonic::Ldmxcsr | Mnemonic::Stmxcsr)
     }
 
+    /// Whether its emulation needs XCR0 and the extended state ([`Cpu::xstate`]).
+    pub fn needs_xstate(&self) -> bool {
+        xstate::handles(self.insn.mnemonic())
+    }
+
     /// Whether it is an `int3` (the user-mode repair's breakpoint may be behind it).
     pub fn is_breakpoint(&self) -> bool {
         self.insn.code() == Code::Int3
@@ -930,6 +1003,7 @@ impl Failed {
                 "not emulated: hidden by clearcpuid={}, which the guest kernel did not honour",
                 entry.hidden_by.unwrap_or("?")
             )),
+            Action::Fail => self.unhandled(&format!("not emulated: {}", entry.why)),
             Action::Emulate(run) => {
                 if !cpu.is_64bit() {
                     return self.unhandled("emulated in 64-bit mode only");
@@ -1010,6 +1084,7 @@ mod tests {
                 sregs: &self.sregs,
                 mem: Some(&self.mem),
                 mxcsr: Some(&mut self.mxcsr),
+                xstate: None,
             };
             f.resolve(&mut cpu)
         }
@@ -1186,6 +1261,7 @@ mod tests {
                                 sregs: &sregs,
                                 mem: Some(&m.mem),
                                 mxcsr: None,
+                                xstate: None,
                             };
                             assert_eq!(f.resolve(&mut cpu), Outcome::Done);
                             if regs.rflags & rflags::ZF != 0 {
@@ -1324,6 +1400,7 @@ mod tests {
             sregs: &m.sregs,
             mem: Some(&m.mem),
             mxcsr: None,
+            xstate: None,
         });
         assert!(
             matches!(out, Outcome::Unhandled(ref w) if w.contains("stmxcsr")),
@@ -1345,6 +1422,7 @@ mod tests {
             sregs: &m.sregs,
             mem: None,
             mxcsr: None,
+            xstate: None,
         };
         assert_eq!(f.resolve(&mut cpu), Outcome::Inject(Exception::BREAKPOINT));
         assert_eq!(m.regs.rip, rip + 1);
@@ -1358,6 +1436,7 @@ mod tests {
             sregs: &m.sregs,
             mem: None,
             mxcsr: None,
+            xstate: None,
         };
         assert_eq!(f.resolve(&mut cpu), Outcome::Done);
         assert_eq!(m.regs.rip, rip + 1);
@@ -1380,29 +1459,37 @@ mod tests {
     fn unknown_and_hidden_instructions_are_named() {
         let mut m = Machine::new();
         let rip = m.regs.rip;
-        // xrstor [rax]: hidden by clearcpuid=xsave.
-        let f = Failed::from_exit(&exit_data(&[0x0f, 0xae, 0x28]), rip, &m.sregs).unwrap();
-        assert_eq!(f.text(), "xrstor [rax]");
+        // xsaveopt [rax]: hidden by clearcpuid=xsaveopt,xsavec,xsaves.
+        let f = Failed::from_exit(&exit_data(&[0x0f, 0xae, 0x30]), rip, &m.sregs).unwrap();
+        assert_eq!(f.text(), "xsaveopt [rax]");
         let mut cpu = Cpu {
             regs: &mut m.regs,
             sregs: &m.sregs,
             mem: Some(&m.mem),
             mxcsr: None,
+            xstate: None,
         };
         let Outcome::Unhandled(msg) = f.resolve(&mut cpu) else {
-            panic!("xrstor handled")
+            panic!("xsaveopt handled")
         };
         assert_eq!(
             msg,
             format!(
-                "emulation failure at rip {rip:#x} on `xrstor [rax]` (not emulated: hidden by \
-                 clearcpuid=xsave, which the guest kernel did not honour; bytes 0f ae 28)"
+                "emulation failure at rip {rip:#x} on `xsaveopt [rax]` (not emulated: hidden by \
+                 clearcpuid=xsaveopt,xsavec,xsaves, which the guest kernel did not honour; \
+                 bytes 0f ae 30)"
             )
         );
-        // clac (SMAP), an AVX instruction, andn (BMI1): hidden, each by its option.
+        // An AVX instruction (vmovaps xmm1, xmm5): neither emulated nor hidden, the
+        // message says why.
+        assert!(
+            matches!(m.run(&[0xc5, 0xf8, 0x28, 0xcd]), Outcome::Unhandled(s) if s.contains("not emulated and not hidden"))
+        );
+        // clac (SMAP), an AVX2 instruction (vpaddd ymm0, ymm1, ymm2), andn (BMI1):
+        // hidden, each by its option.
         for (bytes, option) in [
             (&[0x0f, 0x01, 0xca][..], "smap"),
-            (&[0xc5, 0xf8, 0x28, 0xcd][..], "avx,avx2"),
+            (&[0xc5, 0xf5, 0xfe, 0xc2][..], "avx2"),
             (&[0xc4, 0xe2, 0x78, 0xf2, 0xc3][..], "bmi1,bmi2"),
             (&[0x48, 0x0f, 0xc7, 0xf0][..], "rdrand"),
         ] {
@@ -1433,13 +1520,9 @@ mod tests {
         );
     }
 
-    /// The `clearcpuid=` list of the software host's command line.
+    /// The features the software host's command line clears.
     fn cleared() -> Vec<&'static str> {
-        super::super::SOFTWARE_CMDLINE
-            .split_whitespace()
-            .filter_map(|o| o.strip_prefix("clearcpuid="))
-            .flat_map(|l| l.split(','))
-            .collect()
+        super::super::HIDDEN.iter().map(|(n, _)| *n).collect()
     }
 
     #[test]
@@ -1451,7 +1534,7 @@ mod tests {
                 assert!(e.hidden_by.is_some(), "{}", e.instruction);
             }
             for f in e.hidden_by.into_iter().flat_map(|h| h.split(',')) {
-                assert!(cleared.contains(&f), "{f} is not in SOFTWARE_CMDLINE");
+                assert!(cleared.contains(&f), "{f} is not in compat::HIDDEN");
                 documented.push(f);
             }
         }

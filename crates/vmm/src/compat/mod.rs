@@ -7,7 +7,7 @@
 //! * **CPUID.** On a software backend `KVM_SET_CPUID2` has no visible effect: the guest
 //!   sees the host's CPUID. Features whose instructions the backend's emulator cannot run
 //!   (XSAVE/XRSTOR, CLAC/STAC, POPCNT, AVX...) are therefore turned off through the
-//!   kernel command line ([`HostKind::extra_cmdline`]). On a hardware host the VMM's own
+//!   kernel command line ([`HostKind::extra_cmdline`], [`HIDDEN`]). On a hardware host the VMM's own
 //!   CPUID table is in force and nothing is added.
 //! * **Paravirtual features.** The host's CPUID, which the guest sees here, announces
 //!   the outer hypervisor's KVM paravirtual features (PV IPIs, PV spinlock kicks, PV
@@ -35,6 +35,7 @@
 pub mod emulate;
 pub mod shadow;
 pub mod usermode;
+pub mod xstate;
 
 /// Which kind of KVM this host has.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -45,14 +46,65 @@ pub enum HostKind {
     Software,
 }
 
-/// Command-line options a software backend needs (see the module docs). Besides the
-/// hidden CPU features: `nowatchdog`, because guest kernel code runs under instruction
-/// emulation, tens of times slower than on hardware, and the lockup detectors' fixed
-/// thresholds then report false lockups (a Debian 6.1 kernel on 2 nodes logged "BUG:
-/// soft lockup - CPU#1 stuck for 26s" in a `stop_machine` that was only slow, seen);
-/// `cryptomgr.notests`, because the kernel's crypto self-tests (RSA private-key vectors,
-/// multi-precision loops) ran for more than 20 minutes under emulation in that kernel.
-pub const SOFTWARE_CMDLINE: &str = "nowatchdog cryptomgr.notests clearcpuid=hypervisor,xsave,smap,smep,popcnt,avx,avx2,bmi1,bmi2,fsgsbase,erms,fsrm,rdrand,rdseed,pcid,invpcid,pku,umip,cx16,ssse3,sse4_1,sse4_2,aes,pclmulqdq,sha_ni,x2apic";
+/// The CPU features a software backend hides from the guest kernel (`clearcpuid=`), by
+/// the name the kernel prints and by its bit number (`32 * word + bit` of the kernel's
+/// `cpufeatures.h`; the words used here are the CPUID registers themselves: 4 is
+/// CPUID.1:ECX, 9 CPUID.7:EBX, 10 CPUID.(0xD,1):EAX, 16 CPUID.7:ECX, 18 CPUID.7:EDX,
+/// which are the same in every kernel). Why each is hidden: [`emulate::TABLE`] and
+/// [`emulate::HIDDEN_FEATURES`].
+///
+/// The command line gives the numbers: the kernel copies the `clearcpuid=` value into
+/// a 128-byte buffer (Linux 6.1, `cpu_parse_early_param`) and silently drops what does
+/// not fit, and the names of all these features do not fit (the kernel prints what it
+/// cleared, by name: "Clearing CPUID bits: hypervisor xsaveopt ...").
+pub const HIDDEN: &[(&str, u16)] = &[
+    ("hypervisor", 4 * 32 + 31),
+    ("xsaveopt", 10 * 32),
+    ("xsavec", 10 * 32 + 1),
+    ("xsaves", 10 * 32 + 3),
+    ("smap", 9 * 32 + 20),
+    ("smep", 9 * 32 + 7),
+    ("popcnt", 4 * 32 + 23),
+    ("avx2", 9 * 32 + 5),
+    ("bmi1", 9 * 32 + 3),
+    ("bmi2", 9 * 32 + 8),
+    ("fsgsbase", 9 * 32),
+    ("erms", 9 * 32 + 9),
+    ("fsrm", 18 * 32 + 4),
+    ("rdrand", 4 * 32 + 30),
+    ("rdseed", 9 * 32 + 18),
+    ("pcid", 4 * 32 + 17),
+    ("invpcid", 9 * 32 + 10),
+    ("pku", 16 * 32 + 3),
+    ("umip", 16 * 32 + 2),
+    ("cx16", 4 * 32 + 13),
+    ("ssse3", 4 * 32 + 9),
+    ("sse4_1", 4 * 32 + 19),
+    ("sse4_2", 4 * 32 + 20),
+    ("aes", 4 * 32 + 25),
+    ("pclmulqdq", 4 * 32 + 1),
+    ("sha_ni", 9 * 32 + 29),
+    ("x2apic", 4 * 32 + 21),
+];
+
+/// The longest `clearcpuid=` value the kernel reads whole (its buffer is 128 bytes).
+pub const CLEARCPUID_MAX: usize = 127;
+
+/// Command-line options a software backend needs (see the module docs): the
+/// `clearcpuid=` of [`HIDDEN`], `nowatchdog`, because guest kernel code runs under
+/// instruction emulation, tens of times slower than on hardware, and the lockup
+/// detectors' fixed thresholds then report false lockups (a Debian 6.1 kernel on 2
+/// nodes logged "BUG: soft lockup - CPU#1 stuck for 26s" in a `stop_machine` that was
+/// only slow, seen); `cryptomgr.notests`, because the kernel's crypto self-tests (RSA
+/// private-key vectors, multi-precision loops) ran for more than 20 minutes under
+/// emulation in that kernel.
+pub fn software_cmdline() -> &'static str {
+    static LINE: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    LINE.get_or_init(|| {
+        let bits: Vec<String> = HIDDEN.iter().map(|(_, b)| b.to_string()).collect();
+        format!("nowatchdog cryptomgr.notests clearcpuid={}", bits.join(","))
+    })
+}
 
 impl HostKind {
     /// Detects the host kind from the CPU flags the host kernel reports.
@@ -93,7 +145,7 @@ impl HostKind {
     pub fn extra_cmdline(self) -> &'static str {
         match self {
             HostKind::Hardware => "",
-            HostKind::Software => SOFTWARE_CMDLINE,
+            HostKind::Software => software_cmdline(),
         }
     }
 }
@@ -121,12 +173,36 @@ mod tests {
             HostKind::Software
         );
         assert_eq!(HostKind::Hardware.extra_cmdline(), "");
-        assert!(HostKind::Software.extra_cmdline().contains("xsave"));
-        assert!(HostKind::Software.extra_cmdline().contains("hypervisor"));
+        assert!(HostKind::Software
+            .extra_cmdline()
+            .contains("clearcpuid=159,320,321,323,"));
+        assert!(HostKind::Software.extra_cmdline().contains("nowatchdog"));
         assert_eq!(
             HostKind::Software.tsc_cmdline(2_596_000),
             "tsc_early_khz=2596000"
         );
         assert_eq!(HostKind::Hardware.tsc_cmdline(2_596_000), "");
+    }
+
+    #[test]
+    fn clearcpuid_fits_the_kernel_buffer_and_names_each_feature_once() {
+        let line = software_cmdline();
+        let value = line
+            .split_whitespace()
+            .find_map(|o| o.strip_prefix("clearcpuid="))
+            .unwrap();
+        assert!(
+            value.len() <= CLEARCPUID_MAX,
+            "clearcpuid= is {} bytes, the kernel reads {CLEARCPUID_MAX}",
+            value.len()
+        );
+        assert_eq!(value.split(',').count(), HIDDEN.len());
+        for (i, (name, bit)) in HIDDEN.iter().enumerate() {
+            for (other, obit) in &HIDDEN[i + 1..] {
+                assert!(name != other && bit != obit, "{name} twice");
+            }
+            // Only the CPUID words whose numbering every kernel shares.
+            assert!([4, 9, 10, 16, 18].contains(&(bit / 32)), "{name}: {bit}");
+        }
     }
 }
