@@ -47,6 +47,24 @@ struct call {
 
 static int use_zmm;
 
+/* The assembly that does the calls[n] system calls (general registers only; the vector
+ * registers stay as they are). */
+#define CALLS \
+	"mov %[c], %%r12\n\t" \
+	"mov %[n], %%r13\n\t" \
+	"1: test %%r13, %%r13\n\t" \
+	"jz 2f\n\t" \
+	"mov 0(%%r12), %%rax\n\t" \
+	"mov 8(%%r12), %%rdi\n\t" \
+	"mov 16(%%r12), %%rsi\n\t" \
+	"mov 24(%%r12), %%rdx\n\t" \
+	"syscall\n\t" \
+	"mov %%rax, 32(%%r12)\n\t" \
+	"add $40, %%r12\n\t" \
+	"dec %%r13\n\t" \
+	"jmp 1b\n\t" \
+	"2:\n\t"
+
 /* Fills ymm0-15 from pat, does the calls, stores ymm0-15 to out. */
 static void round_ymm(const uint8_t *pat, uint8_t *out, struct call *calls, long n)
 {
@@ -55,20 +73,7 @@ static void round_ymm(const uint8_t *pat, uint8_t *out, struct call *calls, long
 	__asm__ volatile(
 		LY(0) LY(1) LY(2) LY(3) LY(4) LY(5) LY(6) LY(7)
 		LY(8) LY(9) LY(10) LY(11) LY(12) LY(13) LY(14) LY(15)
-		"mov %[c], %%r12\n\t"
-		"mov %[n], %%r13\n\t"
-		"1: test %%r13, %%r13\n\t"
-		"jz 2f\n\t"
-		"mov 0(%%r12), %%rax\n\t"
-		"mov 8(%%r12), %%rdi\n\t"
-		"mov 16(%%r12), %%rsi\n\t"
-		"mov 24(%%r12), %%rdx\n\t"
-		"syscall\n\t"
-		"mov %%rax, 32(%%r12)\n\t"
-		"add $40, %%r12\n\t"
-		"dec %%r13\n\t"
-		"jmp 1b\n\t"
-		"2:\n\t"
+		CALLS
 		SY(0) SY(1) SY(2) SY(3) SY(4) SY(5) SY(6) SY(7)
 		SY(8) SY(9) SY(10) SY(11) SY(12) SY(13) SY(14) SY(15)
 		:
@@ -89,20 +94,7 @@ static void round_zmm(const uint8_t *pat, uint8_t *out, struct call *calls, long
 		LZ(8) LZ(9) LZ(10) LZ(11) LZ(12) LZ(13) LZ(14) LZ(15)
 		LZ(16) LZ(17) LZ(18) LZ(19) LZ(20) LZ(21) LZ(22) LZ(23)
 		LZ(24) LZ(25) LZ(26) LZ(27) LZ(28) LZ(29) LZ(30) LZ(31)
-		"mov %[c], %%r12\n\t"
-		"mov %[n], %%r13\n\t"
-		"1: test %%r13, %%r13\n\t"
-		"jz 2f\n\t"
-		"mov 0(%%r12), %%rax\n\t"
-		"mov 8(%%r12), %%rdi\n\t"
-		"mov 16(%%r12), %%rsi\n\t"
-		"mov 24(%%r12), %%rdx\n\t"
-		"syscall\n\t"
-		"mov %%rax, 32(%%r12)\n\t"
-		"add $40, %%r12\n\t"
-		"dec %%r13\n\t"
-		"jmp 1b\n\t"
-		"2:\n\t"
+		CALLS
 		SZ(0) SZ(1) SZ(2) SZ(3) SZ(4) SZ(5) SZ(6) SZ(7)
 		SZ(8) SZ(9) SZ(10) SZ(11) SZ(12) SZ(13) SZ(14) SZ(15)
 		SZ(16) SZ(17) SZ(18) SZ(19) SZ(20) SZ(21) SZ(22) SZ(23)

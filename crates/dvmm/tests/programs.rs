@@ -49,6 +49,15 @@ fn run_script(nodes: usize, vcpus: usize, script: &str) -> (String, String, bool
     (text(&out.stdout), text(&out.stderr), out.status.success())
 }
 
+/// The number after `key` in `line` (0 if there is none).
+fn number(line: &str, key: &str) -> u64 {
+    line.split(key)
+        .nth(1)
+        .and_then(|s| s.split_whitespace().next())
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0)
+}
+
 fn tail(s: &str, n: usize) -> String {
     let l: Vec<&str> = s.lines().collect();
     l[l.len().saturating_sub(n)..].join("\n")
@@ -141,12 +150,7 @@ fn programs_on_2_nodes_2_vcpus() {
             .lines()
             .find(|l| l.starts_with(&format!("dvmm: node {node} stats vcpu")))
             .unwrap_or_else(|| panic!("no vCPU stats of node {node}:\n{err}"));
-        let n: u64 = line
-            .split("syscall=")
-            .nth(1)
-            .and_then(|s| s.split_whitespace().next())
-            .and_then(|s| s.parse().ok())
-            .unwrap_or(0);
+        let n = number(line, "syscall=");
         assert!(n > 0, "node {node} repaired no system call: {line}");
     }
 }
@@ -297,12 +301,7 @@ fn interactive_console_on_2_nodes() {
         .lines()
         .find(|l| l.starts_with("AVXTEST mode=procs"))
         .unwrap_or("");
-    let corrupt: u64 = line
-        .split("corrupt=")
-        .nth(1)
-        .and_then(|s| s.split_whitespace().next())
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0);
+    let corrupt = number(line, "corrupt=");
     assert!(
         corrupt > 0 && line.trim_end().ends_with(" FAIL"),
         "no corruption seen with noxsave: {line}"

@@ -146,6 +146,9 @@ pub struct XState {
     pub area: Box<[u8; AREA]>,
     /// Where the components are.
     pub layout: &'static Layout,
+    /// The XCR0 bits KVM lets this vCPU set (its CPUID leaf 0xD; KVM_SET_XCRS refuses
+    /// others): XSETBV takes only these, of those the CPU supports.
+    pub allowed: u64,
     /// Set when [`Self::area`] changed (XRSTOR): write it back with `KVM_SET_XSAVE`.
     pub area_changed: bool,
     /// Set when [`Self::xcr0`] changed (XSETBV): write it back with `KVM_SET_XCRS`.
@@ -229,7 +232,8 @@ fn xgetbv(cpu: &mut Cpu<'_>) -> Result<(), Stop> {
     Ok(())
 }
 
-/// XSETBV: CPL 0 and ECX 0 only, and a value [`Layout::valid_xcr0`] accepts.
+/// XSETBV: CPL 0 and ECX 0 only, and a value [`Layout::valid_xcr0`] accepts within
+/// [`XState::allowed`].
 fn xsetbv(cpu: &mut Cpu<'_>) -> Result<(), Stop> {
     let v = edx_eax(cpu);
     if cpu.cpl() != 0 || cpu.regs.rcx & 0xffff_ffff != 0 {
@@ -238,7 +242,7 @@ fn xsetbv(cpu: &mut Cpu<'_>) -> Result<(), Stop> {
     let Some(x) = cpu.xstate.as_deref_mut() else {
         return Err(Stop::Refuse("no extended state".into()));
     };
-    if !x.layout.valid_xcr0(v) {
+    if !x.layout.valid_xcr0(v) || v & !x.allowed != 0 {
         return Err(gp());
     }
     x.xcr0_changed |= x.xcr0 != v;
@@ -476,6 +480,7 @@ mod tests {
                     xcr0: XCR0,
                     area: vcpu_area(layout),
                     layout,
+                    allowed: XCR0,
                     area_changed: false,
                     xcr0_changed: false,
                 },
@@ -789,6 +794,12 @@ mod tests {
         m.request(0x3);
         m.regs.rcx = 1;
         assert_eq!(m.run(XSETBV), Outcome::Inject(Exception::gp(0)));
+        // A component the CPU has but KVM does not let the vCPU enable.
+        m.regs.rcx = 0;
+        m.x.allowed = 0x7;
+        m.request(0xe7);
+        assert_eq!(m.run(XSETBV), Outcome::Inject(Exception::gp(0)));
+        m.x.allowed = XCR0;
         // Only at CPL 0.
         m.regs.rcx = 0;
         m.sregs.cs.selector = 0x33;
