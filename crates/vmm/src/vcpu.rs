@@ -865,25 +865,21 @@ fn get_xstate(vcpu: &VcpuFd, idx: usize) -> Result<Option<xstate::XState>, VcpuE
         .iter()
         .find(|x| x.xcr == 0)
         .map_or(1, |x| x.value);
-    // The XCR0 bits KVM accepts for the vCPU (leaf 0xD of its CPUID), the same for
-    // every vCPU of the process.
+    // The XCR0 bits KVM accepts for the vCPU (leaf 0xD of its CPUID, the same for
+    // every vCPU of the process); without that leaf, what the CPU supports (KVM then
+    // refuses a value it does not take, and the VM stops with that error).
     static ALLOWED: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
-    let allowed = match ALLOWED.get() {
-        Some(a) => *a,
-        None => {
-            let cpuid = vcpu
-                .get_cpuid2(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
-                .map_err(kvm_err(idx, "KVM_GET_CPUID2"))?;
-            let a = cpuid
-                .as_slice()
-                .iter()
-                .find(|e| e.function == 0xd && e.index == 0)
-                .map_or(layout.supported, |e| {
-                    u64::from(e.eax) | (u64::from(e.edx) << 32)
-                });
-            *ALLOWED.get_or_init(|| a)
-        }
-    };
+    let allowed = *ALLOWED.get_or_init(|| {
+        vcpu.get_cpuid2(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
+            .ok()
+            .and_then(|c| {
+                c.as_slice()
+                    .iter()
+                    .find(|e| e.function == 0xd && e.index == 0)
+                    .map(|e| u64::from(e.eax) | (u64::from(e.edx) << 32))
+            })
+            .unwrap_or(layout.supported)
+    });
     let xsave = vcpu.get_xsave().map_err(kvm_err(idx, "KVM_GET_XSAVE"))?;
     let mut area = Box::new([0u8; xstate::AREA]);
     for (chunk, word) in area.chunks_exact_mut(4).zip(xsave.region.iter()) {
