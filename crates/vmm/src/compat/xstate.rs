@@ -198,11 +198,7 @@ pub fn run(insn: &Instruction, cpu: &mut Cpu<'_>) -> Result<(), Stop> {
     if cpu.sregs.cr4 & CR4_OSXSAVE == 0 || insn.has_lock_prefix() {
         return Err(ud());
     }
-    if cpu.xstate.is_none() {
-        return Err(Stop::Refuse(
-            "the extended state is not available to the emulator".into(),
-        ));
-    }
+    state(cpu)?;
     match insn.mnemonic() {
         Mnemonic::Xgetbv => xgetbv(cpu),
         Mnemonic::Xsetbv => xsetbv(cpu),
@@ -212,6 +208,15 @@ pub fn run(insn: &Instruction, cpu: &mut Cpu<'_>) -> Result<(), Stop> {
     }
 }
 
+/// The extended state the caller supplied (refused when there is none).
+fn state<'c>(cpu: &'c Cpu<'_>) -> Result<&'c XState, Stop> {
+    cpu.xstate.as_deref().ok_or_else(no_state)
+}
+
+fn no_state() -> Stop {
+    Stop::Refuse("the extended state is not available to the emulator".into())
+}
+
 /// EDX:EAX.
 fn edx_eax(cpu: &Cpu<'_>) -> u64 {
     (cpu.regs.rdx << 32) | (cpu.regs.rax & 0xffff_ffff)
@@ -219,9 +224,7 @@ fn edx_eax(cpu: &Cpu<'_>) -> u64 {
 
 /// XGETBV: ECX 0 reads XCR0, ECX 1 XCR0 AND XINUSE; anything else #GP(0).
 fn xgetbv(cpu: &mut Cpu<'_>) -> Result<(), Stop> {
-    let Some(x) = cpu.xstate.as_deref() else {
-        return Err(Stop::Refuse("no extended state".into()));
-    };
+    let x = state(cpu)?;
     let v = match cpu.regs.rcx & 0xffff_ffff {
         0 => x.xcr0,
         1 => x.xcr0 & x.xinuse(),
@@ -239,9 +242,7 @@ fn xsetbv(cpu: &mut Cpu<'_>) -> Result<(), Stop> {
     if cpu.cpl() != 0 || cpu.regs.rcx & 0xffff_ffff != 0 {
         return Err(gp());
     }
-    let Some(x) = cpu.xstate.as_deref_mut() else {
-        return Err(Stop::Refuse("no extended state".into()));
-    };
+    let x = cpu.xstate.as_deref_mut().ok_or_else(no_state)?;
     if !x.layout.valid_xcr0(v) || v & !x.allowed != 0 {
         return Err(gp());
     }
@@ -290,9 +291,7 @@ fn narrow_x87_pointers(bytes: &mut [u8]) {
 /// XSTATE_BV bits.
 fn xsave(insn: &Instruction, cpu: &mut Cpu<'_>) -> Result<(), Stop> {
     let ea = area_address(insn, cpu)?;
-    let Some(x) = cpu.xstate.as_deref() else {
-        return Err(Stop::Refuse("no extended state".into()));
-    };
+    let x = state(cpu)?;
     let rfbm = x.xcr0 & edx_eax(cpu);
     let mut image = x.area.clone();
     if insn.mnemonic() == Mnemonic::Xsave {
@@ -319,9 +318,7 @@ fn xsave(insn: &Instruction, cpu: &mut Cpu<'_>) -> Result<(), Stop> {
 /// values where XSTATE_BV says so.
 fn xrstor(insn: &Instruction, cpu: &mut Cpu<'_>) -> Result<(), Stop> {
     let ea = area_address(insn, cpu)?;
-    let Some(x) = cpu.xstate.as_deref() else {
-        return Err(Stop::Refuse("no extended state".into()));
-    };
+    let x = state(cpu)?;
     let rfbm = x.xcr0 & edx_eax(cpu);
     let mut mem = vec![0u8; AREA];
     cpu.read(ea, &mut mem[..EXTENDED])?;
@@ -341,9 +338,7 @@ fn xrstor(insn: &Instruction, cpu: &mut Cpu<'_>) -> Result<(), Stop> {
         return Err(gp());
     }
     // Nothing can fault from here on.
-    let Some(x) = cpu.xstate.as_deref_mut() else {
-        return Err(Stop::Refuse("no extended state".into()));
-    };
+    let x = cpu.xstate.as_deref_mut().ok_or_else(no_state)?;
     let mut next = x.area.clone();
     let load = |next: &mut Box<[u8; AREA]>, r: std::ops::Range<usize>, from_memory: bool| {
         if from_memory {
