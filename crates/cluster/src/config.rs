@@ -7,6 +7,8 @@
 //! cmdline = "locktorture.shutdown_secs=20"  # appended to the VMM's defaults
 //! secret_file = "/etc/dvmm/secret"  # or: secret = "..." (at least 16 characters)
 //! connect_timeout_secs = 60         # how long a node waits for the others
+//! acpi = true                       # ACPI tables (power-off through ACPI); false: MP table only
+//! numa = true                       # one NUMA node per dvmm node (SRAT/SLIT; needs acpi)
 //!
 //! [[node]]                          # node 0: boot and I/O node
 //! addr = "10.0.0.1:7100"
@@ -91,8 +93,16 @@ struct RawConfig {
     connect_timeout_secs: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     dsm_hold_us: Option<u64>,
+    #[serde(default = "yes")]
+    acpi: bool,
+    #[serde(default = "yes")]
+    numa: bool,
     #[serde(default)]
     node: Vec<RawNode>,
+}
+
+fn yes() -> bool {
+    true
 }
 
 #[derive(Debug, Deserialize, Serialize)]
@@ -133,6 +143,11 @@ pub struct ClusterConfig {
     /// How long a node keeps a page it just received before giving it away
     /// (`dsm_hold_us`; see [`dsm::DsmOptions::hold`]).
     pub dsm_hold: std::time::Duration,
+    /// Whether the guest gets ACPI tables (`acpi`, default true).
+    pub acpi: bool,
+    /// Whether the guest sees one NUMA node per dvmm node (`numa`, default true; needs
+    /// `acpi`).
+    pub numa: bool,
     /// The nodes, node 0 first.
     pub nodes: Vec<NodeConfig>,
 }
@@ -209,6 +224,8 @@ impl ClusterConfig {
             dsm_hold: raw
                 .dsm_hold_us
                 .map_or(dsm::DEFAULT_HOLD, std::time::Duration::from_micros),
+            acpi: raw.acpi,
+            numa: raw.numa,
             nodes,
         };
         c.validate()?;
@@ -255,6 +272,13 @@ impl ClusterConfig {
                 MAX_DSM_HOLD.as_micros()
             )));
         }
+        if self.numa && !self.acpi && nodes.len() > 1 {
+            return Err(ConfigError::Invalid(
+                "numa = true needs acpi = true (the NUMA topology is in ACPI tables); \
+                 set numa = false for a guest without ACPI"
+                    .into(),
+            ));
+        }
         if self.secret.len() < 16 {
             return Err(ConfigError::Invalid(
                 "the cluster secret must have at least 16 characters".into(),
@@ -277,6 +301,8 @@ impl ClusterConfig {
             secret_file: Some(secret_file.to_path_buf()),
             connect_timeout_secs: Some(self.connect_timeout.as_secs()),
             dsm_hold_us: Some(u64::try_from(self.dsm_hold.as_micros()).unwrap_or(u64::MAX)),
+            acpi: self.acpi,
+            numa: self.numa,
             node: self
                 .nodes
                 .iter()
@@ -326,6 +352,30 @@ impl ClusterConfig {
             .iter()
             .enumerate()
             .flat_map(|(i, n)| std::iter::repeat_n(i as u16, n.vcpus))
+            .collect()
+    }
+
+    /// The guest's NUMA nodes: one per dvmm node, with its vCPUs and the guest-physical
+    /// ranges of its memory share (of which the DSM makes it the home). Empty without
+    /// `numa` or with a single node.
+    pub fn numa_nodes(&self) -> Vec<vmm::boot::acpi::NumaNode> {
+        if !self.numa || self.nodes.len() < 2 {
+            return Vec::new();
+        }
+        let total = self.total_memory();
+        let (mut vcpu, mut offset) = (0usize, 0u64);
+        self.nodes
+            .iter()
+            .map(|n| {
+                let node = vmm::boot::acpi::NumaNode {
+                    vcpus: vcpu..vcpu + n.vcpus,
+                    memory: vmm::memory::gpa_ranges(total, offset..offset + n.memory)
+                        .unwrap_or_default(),
+                };
+                vcpu += n.vcpus;
+                offset += n.memory;
+                node
+            })
             .collect()
     }
 
@@ -421,6 +471,8 @@ mod tests {
             secret: b"0123456789abcdef".to_vec(),
             connect_timeout: std::time::Duration::from_secs(30),
             dsm_hold: dsm::DEFAULT_HOLD,
+            acpi: true,
+            numa: true,
             nodes: nodes
                 .iter()
                 .enumerate()

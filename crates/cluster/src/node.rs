@@ -975,6 +975,8 @@ fn create_vm(
             tsc_khz: None,
         }),
         guest_memory: Some(mem),
+        acpi: cfg.acpi,
+        numa: cfg.numa_nodes(),
     })
     .map_err(|source| {
         node.send_end(Err(format!("node {me}: {source}")));

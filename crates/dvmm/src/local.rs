@@ -39,6 +39,10 @@ pub struct LocalRun {
     pub timeout: u64,
     /// DSM hold time in µs (None: the default).
     pub dsm_hold_us: Option<u64>,
+    /// ACPI tables for the guest.
+    pub acpi: bool,
+    /// One guest NUMA node per node process (with `acpi`).
+    pub numa: bool,
 }
 
 static INTERRUPTED: AtomicBool = AtomicBool::new(false);
@@ -104,6 +108,8 @@ pub fn cluster_config(
         dsm_hold: run
             .dsm_hold_us
             .map_or(cluster::config::DEFAULT_DSM_HOLD, Duration::from_micros),
+        acpi: run.acpi,
+        numa: run.numa,
         nodes: addrs
             .iter()
             .enumerate()
@@ -330,6 +336,8 @@ mod tests {
             netns: false,
             timeout: 0,
             dsm_hold_us: Some(250),
+            acpi: true,
+            numa: true,
         }
     }
 

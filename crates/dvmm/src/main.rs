@@ -99,6 +99,14 @@ struct RunArgs {
     /// before the DSM may take it away again [default: 50].
     #[arg(long)]
     dsm_hold_us: Option<u64>,
+    /// Give the guest no ACPI tables (only the MP table; power-off is then seen on the
+    /// console). See docs/ACPI.md.
+    #[arg(long)]
+    no_acpi: bool,
+    /// With several nodes: show the guest one flat machine instead of one NUMA node per
+    /// node process. See docs/ACPI.md.
+    #[arg(long)]
+    no_numa: bool,
 }
 
 #[derive(clap::Args)]
@@ -137,6 +145,7 @@ fn node(args: NodeArgs) -> Result<(), String> {
     .map_err(|e| e.to_string())?;
     let how = match report.end {
         GuestEnd::PowerOff => "powered off",
+        GuestEnd::AcpiPowerOff => "powered off through ACPI",
         GuestEnd::Reboot => "asked for a reboot",
     };
     if args.id == 0 {
@@ -183,6 +192,8 @@ fn run(args: RunArgs) -> Result<(), String> {
             netns: args.netns,
             timeout: args.timeout,
             dsm_hold_us: args.dsm_hold_us,
+            acpi: !args.no_acpi,
+            numa: !args.no_numa && !args.no_acpi,
         })?;
         if code == 0 {
             return Ok(());
@@ -203,6 +214,8 @@ fn run(args: RunArgs) -> Result<(), String> {
         timeout: (args.timeout > 0).then(|| std::time::Duration::from_secs(args.timeout)),
         placement: None,
         guest_memory: None,
+        acpi: !args.no_acpi,
+        numa: Vec::new(),
     })
     .map_err(|e| e.to_string())?;
     vmm::term::spawn_console_input(vm.handle()).map_err(|e| format!("console input: {e}"))?;
@@ -210,6 +223,7 @@ fn run(args: RunArgs) -> Result<(), String> {
     drop(raw);
     let how = match report.end {
         GuestEnd::PowerOff => "powered off",
+        GuestEnd::AcpiPowerOff => "powered off through ACPI",
         GuestEnd::Reboot => "asked for a reboot",
     };
     eprint_line(&format!(

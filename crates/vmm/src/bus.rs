@@ -34,10 +34,15 @@ pub enum IoBus {
 
 impl LocalBus {
     /// The I/O node's bus: `ioapic` decodes the IOAPIC page, `router` delivers what it
-    /// and the devices raise.
-    pub fn new(console: ConsoleOut, ioapic: Arc<Mutex<IoApic>>, router: Arc<Router>) -> Self {
+    /// and the devices raise; `acpi`: the guest has ACPI tables.
+    pub fn new(
+        console: ConsoleOut,
+        ioapic: Arc<Mutex<IoApic>>,
+        router: Arc<Router>,
+        acpi: bool,
+    ) -> Self {
         LocalBus {
-            devices: Mutex::new(Devices::new(console, router.clone())),
+            devices: Mutex::new(Devices::new(console, router.clone(), acpi)),
             ioapic,
             router,
         }
@@ -161,7 +166,7 @@ mod tests {
         let ioapic = Arc::new(Mutex::new(IoApic::new(2)));
         let router = Arc::new(Router::new(2, ioapic.clone()));
         let (console, _watch) = ConsoleOut::capture();
-        IoBus::Local(LocalBus::new(console, ioapic, router))
+        IoBus::Local(LocalBus::new(console, ioapic, router, false))
     }
 
     #[test]

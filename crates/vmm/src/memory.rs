@@ -46,6 +46,27 @@ pub fn ram_ranges(size: u64) -> Result<Vec<(u64, u64)>, MemoryError> {
     })
 }
 
+/// The guest-physical ranges (start, length) of the bytes `offsets` of guest RAM counted
+/// in RAM order (offset 0 = guest-physical 0; the RAM above 4 GiB follows the RAM below
+/// the hole), for a guest of `size` bytes. This is how a node's memory share (a range of
+/// DSM pages) maps to guest-physical memory.
+pub fn gpa_ranges(
+    size: u64,
+    offsets: std::ops::Range<u64>,
+) -> Result<Vec<(u64, u64)>, MemoryError> {
+    let mut out = Vec::new();
+    let mut offset = 0u64;
+    for (start, len) in ram_ranges(size)? {
+        let lo = offsets.start.max(offset);
+        let hi = offsets.end.min(offset + len);
+        if lo < hi {
+            out.push((start + (lo - offset), hi - lo));
+        }
+        offset += len;
+    }
+    Ok(out)
+}
+
 /// Creates the host mapping for guest RAM (anonymous, private, not yet touched).
 pub fn create_guest_memory(size: u64) -> Result<GuestMemoryMmap, MemoryError> {
     let ranges: Vec<(GuestAddress, usize)> = ram_ranges(size)?
@@ -155,6 +176,17 @@ mod tests {
             ]
         );
         assert!(ram_ranges(1 << 20).is_err());
+        // A share that spans the hole is split around it.
+        let g = 1u64 << 30;
+        assert_eq!(gpa_ranges(4 * g, 0..2 * g).unwrap(), vec![(0, 2 * g)]);
+        assert_eq!(
+            gpa_ranges(4 * g, 2 * g..4 * g).unwrap(),
+            vec![(2 * g, g), (HIGH_RAM_START, g)]
+        );
+        assert_eq!(
+            gpa_ranges(4 * g, 3 * g..4 * g).unwrap(),
+            vec![(HIGH_RAM_START, g)]
+        );
         assert!(ram_ranges((512 << 20) + 4096).is_err());
     }
 }

@@ -167,9 +167,9 @@ pub fn dispatch<H: ExitHandler>(exit: VcpuExit<'_>, h: &mut H, stats: &VcpuStats
         VcpuExit::IoOut(port, data) => {
             stats.exit(ExitKind::IoOut);
             match h.pio_write(port, data) {
-                PortEvent::None => Next::Continue,
+                PortEvent::None | PortEvent::PowerOffAnnounced => Next::Continue,
                 PortEvent::Reset => Next::Reset,
-                PortEvent::PowerOff => Next::PowerOff,
+                PortEvent::PowerOff | PortEvent::AcpiPowerOff => Next::PowerOff,
             }
         }
         VcpuExit::MmioRead(addr, data) => {

@@ -11,6 +11,7 @@ use irqchip::{Interrupt, InterruptMessage, IoApic};
 use kvm_ioctls::{Kvm, VmFd};
 use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 
+use crate::boot::acpi::{AcpiSpec, NumaNode};
 use crate::boot::bzimage::{UnpackBzImage, Unpacker};
 use crate::boot::{self, mptable, BootSpec};
 use crate::bus::{IoBus, LocalBus};
@@ -52,7 +53,16 @@ pub struct VmConfig {
     /// Guest RAM prepared by the caller (e.g. mapped over the DSM region); None: the VM
     /// maps private anonymous memory itself.
     pub guest_memory: Option<GuestMemoryMmap>,
+    /// Give the guest ACPI tables (power-off through ACPI); else only the MP table.
+    pub acpi: bool,
+    /// The guest's NUMA nodes (SRAT/SLIT, with `acpi`); empty or one node: none.
+    pub numa: Vec<NumaNode>,
 }
+
+/// How long the VMM waits, after the guest kernel printed its power-off line on a
+/// machine with ACPI, for the ACPI power-off before it ends the run anyway (a kernel
+/// without ACPI, or booted with `acpi=off`, halts instead).
+pub const POWER_OFF_FALLBACK: Duration = Duration::from_secs(2);
 
 /// What a node needs to reach the rest of the cluster. Implemented by the node layer
 /// over the transport; the VM calls it from vCPU threads.
@@ -102,8 +112,12 @@ pub struct Placement {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 pub enum GuestEnd {
-    /// Powered off (ACPI-less Linux halts every CPU with interrupts disabled).
+    /// Powered off without ACPI: the kernel's power-off line on the console (ACPI-less
+    /// Linux then halts every CPU with interrupts disabled), or every vCPU halted for
+    /// good (single node).
     PowerOff,
+    /// Powered off through ACPI (S5 in the sleep control register).
+    AcpiPowerOff,
     /// Asked for a reboot (i8042 reset), which ends the run.
     Reboot,
 }
@@ -227,6 +241,9 @@ struct Shared {
     shadow: Option<Arc<ShadowSync>>,
     /// Guest RAM, for the instructions the VMM emulates.
     mem: GuestMemoryMmap,
+    /// When the console fallback ends the run if no ACPI power-off came
+    /// ([`POWER_OFF_FALLBACK`] after the kernel's power-off line).
+    power_off_fallback: Mutex<Option<Instant>>,
 }
 
 /// Records the outcome of a run unless one is already there: the first definitive
@@ -242,6 +259,28 @@ fn settle<T>(slot: &mut Option<T>, make: impl FnOnce() -> T) -> bool {
 impl Shared {
     fn finish(&self, r: Result<GuestEnd, VmError>) {
         self.finish_inner(r, true)
+    }
+
+    /// What a port write's event means for the run, on the I/O node: an ACPI power-off
+    /// ends it (the vCPU then stops as for any power-off); the power-off line of a
+    /// guest that has ACPI arms the console fallback and the vCPU goes on.
+    fn port_event(&self, ev: PortEvent) -> PortEvent {
+        match ev {
+            PortEvent::AcpiPowerOff => {
+                self.finish(Ok(GuestEnd::AcpiPowerOff));
+                PortEvent::PowerOff
+            }
+            PortEvent::PowerOffAnnounced => {
+                let mut f = crate::lock(&self.power_off_fallback);
+                if f.is_none() {
+                    *f = Some(Instant::now() + POWER_OFF_FALLBACK);
+                    drop(f);
+                    self.outcome_cv.notify_all();
+                }
+                PortEvent::None
+            }
+            other => other,
+        }
     }
 
     fn finish_inner(&self, r: Result<GuestEnd, VmError>, tell_others: bool) {
@@ -279,7 +318,12 @@ impl VcpuEnv for Shared {
         self.bus.pio_read(vcpu, port, data)
     }
     fn pio_write(&self, vcpu: usize, port: u16, data: &[u8]) -> PortEvent {
-        self.bus.pio_write(vcpu, port, data)
+        let ev = self.bus.pio_write(vcpu, port, data);
+        if self.bus.is_local() {
+            self.port_event(ev)
+        } else {
+            ev
+        }
     }
     fn mmio_read(&self, vcpu: usize, addr: u64, data: &mut [u8]) {
         self.bus.mmio_read(vcpu, addr, data)
@@ -483,11 +527,11 @@ impl VmHandle {
     }
     /// A device access forwarded from another node (I/O node only).
     pub fn io(&self, vcpu: usize, access: IoAccess, data: &mut [u8]) -> PortEvent {
-        let ev = self.0.bus.access(vcpu, access, data);
+        let ev = self.0.port_event(self.0.bus.access(vcpu, access, data));
         match ev {
             PortEvent::Reset => self.0.finish(Ok(GuestEnd::Reboot)),
             PortEvent::PowerOff => self.0.finish(Ok(GuestEnd::PowerOff)),
-            PortEvent::None => {}
+            PortEvent::None | PortEvent::AcpiPowerOff | PortEvent::PowerOffAnnounced => {}
         }
         ev
     }
@@ -611,7 +655,7 @@ impl Vm {
         }
         let console = cfg.console.watch();
         let bus = match (ioapic, &link) {
-            (Some(io), _) => IoBus::Local(LocalBus::new(cfg.console, io, router.clone())),
+            (Some(io), _) => IoBus::Local(LocalBus::new(cfg.console, io, router.clone(), cfg.acpi)),
             (None, Some(l)) => IoBus::Remote(l.clone()),
             (None, None) => return Err(VmError::NoIoNode),
         };
@@ -636,6 +680,7 @@ impl Vm {
             shadow: (cfg.host.traps_syscall_msrs() && cfg.placement.is_some())
                 .then(|| Arc::new(ShadowSync::default())),
             mem: mem.clone(),
+            power_off_fallback: Mutex::new(None),
         });
 
         let tsc_base = cfg.placement.as_ref().and_then(|p| p.tsc_base);
@@ -688,6 +733,10 @@ impl Vm {
                     cmdline: &full_cmdline,
                     vcpus: cfg.vcpus,
                     unpacker: Unpacker::choose(cfg.unpack_bzimage, cfg.host),
+                    acpi: cfg.acpi.then_some(AcpiSpec {
+                        vcpus: cfg.vcpus,
+                        numa: &cfg.numa,
+                    }),
                 },
             )?)
         } else {
@@ -780,6 +829,27 @@ impl Vm {
             let deadline = timeout.map(|t| Instant::now() + t);
             let mut o = crate::lock(&shared.outcome);
             while o.is_none() {
+                let fallback = *crate::lock(&shared.power_off_fallback);
+                if fallback.is_some_and(|f| Instant::now() >= f) {
+                    tracing::warn!(
+                        "the guest printed its power-off line but did not power off \
+                         through ACPI within {:?}: ending the run (a kernel without ACPI \
+                         support, or booted with acpi=off)",
+                        POWER_OFF_FALLBACK
+                    );
+                    drop(o);
+                    shared.finish(Ok(GuestEnd::PowerOff));
+                    o = crate::lock(&shared.outcome);
+                    continue;
+                }
+                if let Some(f) = fallback.filter(|f| deadline.is_none_or(|d| *f < d)) {
+                    o = shared
+                        .outcome_cv
+                        .wait_timeout(o, f.saturating_duration_since(Instant::now()))
+                        .unwrap_or_else(|p| p.into_inner())
+                        .0;
+                    continue;
+                }
                 match deadline {
                     None => o = shared.outcome_cv.wait(o).unwrap_or_else(|p| p.into_inner()),
                     Some(d) => {

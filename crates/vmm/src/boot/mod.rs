@@ -11,6 +11,7 @@
 //! | 0x9000     | PML4, then PDPT (0xa000), PDs (0xb000) |
 //! | 0x20000    | kernel command line                    |
 //! | 0x9fc00    | MP table                               |
+//! | 0xe0000    | ACPI: RSDP, then the tables (`acpi`)   |
 //! | 0x100000   | kernel (ELF at its physical addresses) |
 //! | top of RAM | initrd                                 |
 //!
@@ -21,6 +22,7 @@
 //! entry, where the kernel's own decompressor runs. [`bzimage::Unpacker::choose`]
 //! decides which.
 
+pub mod acpi;
 pub mod bzimage;
 pub mod mptable;
 pub mod params;
@@ -134,6 +136,9 @@ pub enum BootError {
     /// MP table.
     #[error(transparent)]
     MpTable(#[from] mptable::MpTableError),
+    /// ACPI tables.
+    #[error(transparent)]
+    Acpi(#[from] acpi::AcpiError),
 }
 
 fn never_hint(e: &BzImageError) -> &'static str {
@@ -166,6 +171,9 @@ pub struct BootSpec<'a> {
     pub vcpus: usize,
     /// Who unpacks a bzImage ([`Unpacker::choose`]).
     pub unpacker: Unpacker,
+    /// The ACPI tables to write (None: an ACPI-less machine, described by the MP table
+    /// only). The MP table is written either way, for kernels booted with `acpi=off`.
+    pub acpi: Option<acpi::AcpiSpec<'a>>,
 }
 
 /// A kernel in guest memory.
@@ -178,7 +186,7 @@ struct LoadedKernel {
 }
 
 /// Loads the kernel, initrd and command line and writes the zero page, e820 map, MP
-/// table, GDT and page tables. Returns where the boot vCPU starts.
+/// table, ACPI tables, GDT and page tables. Returns where the boot vCPU starts.
 pub fn load(mem: &GuestMemoryMmap, spec: &BootSpec<'_>) -> Result<BootInfo, BootError> {
     let LoadedKernel {
         entry,
@@ -213,12 +221,17 @@ pub fn load(mem: &GuestMemoryMmap, spec: &BootSpec<'_>) -> Result<BootInfo, Boot
     };
 
     let ram = mem_ranges(mem);
+    let rsdp = match &spec.acpi {
+        Some(a) => Some(acpi::write(mem, a)?),
+        None => None,
+    };
     let zp = params::ZeroPage {
         setup_header,
         cmdline_addr: CMDLINE_START,
         cmdline_len,
         initrd,
         ram: &ram,
+        rsdp,
     };
     params::write_zero_page(mem, GuestAddress(ZERO_PAGE_START), &zp)?;
     mptable::write(mem, spec.vcpus)?;
@@ -435,6 +448,7 @@ mod tests {
             cmdline,
             vcpus: 1,
             unpacker,
+            acpi: None,
         }
     }
 

@@ -27,6 +27,8 @@ pub struct ZeroPage<'a> {
     pub initrd: Option<(u64, u64)>,
     /// RAM ranges (start, length).
     pub ram: &'a [(u64, u64)],
+    /// Where the ACPI RSDP is (boot protocol 2.14 `acpi_rsdp_addr`), if there is one.
+    pub rsdp: Option<u64>,
 }
 
 /// The e820 map for the given RAM ranges: low RAM stops at the MP table, the BIOS area
@@ -62,6 +64,9 @@ pub fn build(zp: &ZeroPage<'_>) -> Result<boot_params, BootError> {
     if let Some((addr, size)) = zp.initrd {
         p.hdr.ramdisk_image = addr as u32;
         p.hdr.ramdisk_size = size as u32;
+    }
+    if let Some(rsdp) = zp.rsdp {
+        p.acpi_rsdp_addr = rsdp;
     }
     let map = e820_map(zp.ram);
     if map.len() > p.e820_table.len() {
@@ -113,6 +118,7 @@ mod tests {
             cmdline_len: 17,
             initrd: Some((0x0f00_0000, 12345)),
             ram: &ram,
+            rsdp: Some(0xe_0000),
         };
         let p = build(&zp).unwrap();
         assert_eq!({ p.hdr.boot_flag }, 0xaa55);
@@ -122,5 +128,6 @@ mod tests {
         assert_eq!({ p.hdr.ramdisk_image }, 0x0f00_0000);
         assert_eq!({ p.hdr.ramdisk_size }, 12345);
         assert_eq!(p.e820_entries, 3);
+        assert_eq!({ p.acpi_rsdp_addr }, 0xe_0000);
     }
 }

@@ -11,6 +11,7 @@ use vm_superio::{Serial, Trigger};
 
 pub use console::{ConsoleOut, ConsoleWatch};
 
+use crate::boot::acpi::{S5_WRITE, SLEEP_CONTROL_PORT, SLEEP_ENABLE};
 use crate::layout::COM1_RANGE;
 pub use crate::layout::{COM1_BASE, COM1_IRQ};
 
@@ -42,8 +43,15 @@ pub enum PortEvent {
     None,
     /// The guest asked for a reset (i8042 command 0xfe, or port 0xcf9).
     Reset,
-    /// The guest kernel announced its power-off on the console (see [`console`]).
+    /// The guest kernel announced its power-off on the console (see [`console`]) on a
+    /// machine without ACPI: the end of the run.
     PowerOff,
+    /// The guest entered S5 through the ACPI sleep control register: the end of the run.
+    AcpiPowerOff,
+    /// The guest kernel announced its power-off on the console on a machine with ACPI:
+    /// the ACPI power-off should follow; the VMM ends the run after a grace period if
+    /// it does not (a kernel without ACPI, or booted with `acpi=off`).
+    PowerOffAnnounced,
 }
 
 /// The legacy devices.
@@ -53,11 +61,14 @@ pub struct Devices {
     pic_imr: [u8; 2],
     cmos_index: u8,
     port_0x61: u8,
+    /// Whether the guest was given ACPI tables (power-off through the sleep registers).
+    acpi: bool,
 }
 
 impl Devices {
     /// Creates the devices; the serial console writes to `console` and interrupts `line`.
-    pub fn new(console: ConsoleOut, line: Arc<dyn IrqLine>) -> Self {
+    /// `acpi`: the guest has ACPI tables, whose sleep registers are here.
+    pub fn new(console: ConsoleOut, line: Arc<dyn IrqLine>, acpi: bool) -> Self {
         Devices {
             watch: console.watch(),
             serial: Serial::new(
@@ -70,6 +81,7 @@ impl Devices {
             pic_imr: [0xff, 0xff],
             cmos_index: 0,
             port_0x61: 0,
+            acpi,
         }
     }
 
@@ -124,7 +136,11 @@ impl Devices {
                 // The trigger is infallible; a full output only drops bytes.
                 let _ = self.serial.write((p - COM1_BASE) as u8, v);
                 if p == COM1_BASE && self.watch.powered_off() {
-                    return PortEvent::PowerOff;
+                    return if self.acpi {
+                        PortEvent::PowerOffAnnounced
+                    } else {
+                        PortEvent::PowerOff
+                    };
                 }
             }
             0x21 => self.pic_imr[0] = v,
@@ -132,6 +148,16 @@ impl Devices {
             0x61 => self.port_0x61 = (self.port_0x61 & 0x10) | (v & !0x10),
             0x64 if v == 0xfe => return PortEvent::Reset,
             0xcf9 if v & 0x04 != 0 => return PortEvent::Reset,
+            SLEEP_CONTROL_PORT if self.acpi && v & SLEEP_ENABLE != 0 => {
+                if v == S5_WRITE {
+                    return PortEvent::AcpiPowerOff;
+                }
+                // Only S5 is declared; a guest asking for another state stays awake.
+                tracing::warn!(
+                    value = v,
+                    "the guest asked for an ACPI sleep state other than S5; ignored"
+                );
+            }
             0x70 => self.cmos_index = v & 0x7f,
             _ => {}
         }
@@ -157,6 +183,7 @@ impl Devices {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::boot::acpi::SLEEP_STATUS_PORT;
     use std::sync::atomic::{AtomicUsize, Ordering};
 
     struct Count(AtomicUsize);
@@ -171,7 +198,7 @@ mod tests {
     fn serial_prints_and_interrupts() {
         let line = Arc::new(Count(AtomicUsize::new(0)));
         let (out, watch) = ConsoleOut::capture();
-        let mut d = Devices::new(out, line.clone());
+        let mut d = Devices::new(out, line.clone(), false);
         // Enable THR-empty interrupt, then write a byte.
         d.pio_write(COM1_BASE + 1, &[0x02]);
         d.pio_write(COM1_BASE, b"A");
@@ -182,8 +209,13 @@ mod tests {
     #[test]
     fn reset_and_unclaimed_ports() {
         let (out, _w) = ConsoleOut::capture();
-        let mut d = Devices::new(out, Arc::new(Count(AtomicUsize::new(0))));
+        let mut d = Devices::new(out, Arc::new(Count(AtomicUsize::new(0))), false);
         assert_eq!(d.pio_write(0x64, &[0xfe]), PortEvent::Reset);
+        // No ACPI: the sleep control register is an unclaimed port.
+        assert_eq!(
+            d.pio_write(SLEEP_CONTROL_PORT, &[S5_WRITE]),
+            PortEvent::None
+        );
         assert_eq!(d.pio_write(0x64, &[0xd1]), PortEvent::None);
         let mut b = [0u8; 2];
         d.pio_read(0x2f8, &mut b);
@@ -192,5 +224,33 @@ mod tests {
         let mut m = [0u8];
         d.pio_read(0x21, &mut m);
         assert_eq!(m[0], 0xfb);
+    }
+
+    #[test]
+    fn acpi_power_off_and_the_console_fallback() {
+        for acpi in [false, true] {
+            let (out, _w) = ConsoleOut::capture();
+            let mut d = Devices::new(out, Arc::new(Count(AtomicUsize::new(0))), acpi);
+            let mut ev = PortEvent::None;
+            for b in b"[ 1.0] reboot: Power down\n" {
+                ev = d.pio_write(COM1_BASE, &[*b]);
+            }
+            if acpi {
+                assert_eq!(ev, PortEvent::PowerOffAnnounced);
+                // WAK_STS cleared, then S1 (ignored), then S5.
+                assert_eq!(d.pio_write(SLEEP_STATUS_PORT, &[0x80]), PortEvent::None);
+                assert_eq!(
+                    d.pio_write(SLEEP_CONTROL_PORT, &[(1 << 2) | SLEEP_ENABLE]),
+                    PortEvent::None
+                );
+                assert_eq!(d.pio_write(SLEEP_CONTROL_PORT, &[5 << 2]), PortEvent::None);
+                assert_eq!(
+                    d.pio_write(SLEEP_CONTROL_PORT, &[S5_WRITE]),
+                    PortEvent::AcpiPowerOff
+                );
+            } else {
+                assert_eq!(ev, PortEvent::PowerOff);
+            }
+        }
     }
 }
