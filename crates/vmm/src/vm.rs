@@ -736,6 +736,7 @@ impl Vm {
                     acpi: cfg.acpi.then_some(AcpiSpec {
                         vcpus: cfg.vcpus,
                         numa: &cfg.numa,
+                        devices: &[],
                     }),
                 },
             )?)

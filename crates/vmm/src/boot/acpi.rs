@@ -22,7 +22,7 @@
 
 use std::ops::Range;
 
-use acpi_tables::aml::{Name, Package};
+use acpi_tables::aml::{Device, Interrupt, Memory32Fixed, Name, Package, ResourceTemplate, Scope};
 use acpi_tables::fadt::{FADTBuilder, Flags, PmProfile};
 use acpi_tables::gas::{AccessSize, AddressSpace, GAS};
 use acpi_tables::madt::{
@@ -84,6 +84,18 @@ pub struct NumaNode {
     pub memory: Vec<(u64, u64)>,
 }
 
+/// A virtio-mmio device window, described in the DSDT as an `LNRO0005` device (the
+/// identifier Linux's virtio-mmio driver binds to).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MmioDevice {
+    /// Guest-physical base of the register window (below 4 GiB).
+    pub base: u64,
+    /// Size of the window.
+    pub size: u64,
+    /// Its interrupt: an IOAPIC input (GSI), edge-triggered, active high.
+    pub gsi: u32,
+}
+
 /// What the tables describe.
 #[derive(Debug, Clone)]
 pub struct AcpiSpec<'a> {
@@ -91,6 +103,8 @@ pub struct AcpiSpec<'a> {
     pub vcpus: usize,
     /// The NUMA nodes; SRAT and SLIT are written only with two or more.
     pub numa: &'a [NumaNode],
+    /// The virtio-mmio devices.
+    pub devices: &'a [MmioDevice],
 }
 
 /// Errors building the tables.
@@ -179,7 +193,7 @@ fn place(blob: &mut Vec<u8>, table: &[u8]) -> u64 {
     addr
 }
 
-fn dsdt() -> Vec<u8> {
+fn dsdt(devices: &[MmioDevice]) -> Vec<u8> {
     let mut aml = Vec::new();
     // \_S5_: the sleep type values of soft-off (SLP_TYPa, SLP_TYPb).
     Name::new(
@@ -187,9 +201,33 @@ fn dsdt() -> Vec<u8> {
         &Package::new(vec![&S5_SLEEP_TYPE, &S5_SLEEP_TYPE]),
     )
     .to_aml_bytes(&mut aml);
+    if !devices.is_empty() {
+        let mut bodies = Vec::new();
+        for (i, d) in devices.iter().enumerate() {
+            let uid = i as u8;
+            let window = Memory32Fixed::new(true, d.base as u32, d.size as u32);
+            let irq = Interrupt::new(true, true, false, false, d.gsi);
+            let crs = ResourceTemplate::new(vec![&window, &irq]);
+            let hid = Name::new("_HID".into(), &"LNRO0005");
+            let uid = Name::new("_UID".into(), &uid);
+            let crs = Name::new("_CRS".into(), &crs);
+            let name = format!("VR{i:02X}");
+            Device::new(name.as_str().into(), vec![&hid, &uid, &crs]).to_aml_bytes(&mut bodies);
+        }
+        Scope::new("\\_SB_".into(), vec![&RawAml(bodies)]).to_aml_bytes(&mut aml);
+    }
     let mut t = Sdt::new(*b"DSDT", 36, 6, OEM_ID, *b"DVMMDSDT", OEM_REVISION);
     t.append_slice(&aml);
     t.as_slice().to_vec()
+}
+
+/// AML already encoded.
+struct RawAml(Vec<u8>);
+
+impl Aml for RawAml {
+    fn to_aml_bytes(&self, sink: &mut dyn AmlSink) {
+        sink.vec(&self.0);
+    }
 }
 
 fn fadt(dsdt: u64) -> Vec<u8> {
@@ -342,9 +380,19 @@ fn check_topology(spec: &AcpiSpec<'_>) -> Result<(), AcpiError> {
 /// Builds the tables.
 pub fn build(spec: &AcpiSpec<'_>) -> Result<Tables, AcpiError> {
     check_topology(spec)?;
+    if let Some(d) = spec
+        .devices
+        .iter()
+        .find(|d| d.base.checked_add(d.size).is_none_or(|end| end > 1 << 32))
+    {
+        return Err(AcpiError::Topology(format!(
+            "device window {:#x}+{:#x} is not below 4 GiB",
+            d.base, d.size
+        )));
+    }
     // The RSDP first (36 bytes), at a 16-byte boundary for the kernel's scan.
     let mut blob = vec![0u8; Rsdp::len().next_multiple_of(16)];
-    let dsdt_addr = place(&mut blob, &dsdt());
+    let dsdt_addr = place(&mut blob, &dsdt(spec.devices));
     let mut xsdt = XSDT::new(OEM_ID, *b"DVMMXSDT", OEM_REVISION);
     xsdt.add_entry(place(&mut blob, &fadt(dsdt_addr)));
     xsdt.add_entry(place(&mut blob, &madt(spec.vcpus)));
@@ -431,6 +479,7 @@ mod tests {
         let t = build(&AcpiSpec {
             vcpus: 3,
             numa: &[],
+            devices: &[],
         })
         .unwrap();
         let names: Vec<_> = tables(&t).into_iter().map(|(n, _)| n).collect();
@@ -442,6 +491,7 @@ mod tests {
         let t = build(&AcpiSpec {
             vcpus: 1,
             numa: &[],
+            devices: &[],
         })
         .unwrap();
         let all = tables(&t);
@@ -469,6 +519,43 @@ mod tests {
             &[0x08, b'_', b'S', b'5', b'_', 0x12, 0x06, 0x02, 0x0a, 5, 0x0a, 5]
         );
         assert_eq!(S5_WRITE, 0x34);
+        // With a device: a Scope(\_SB_) holding Device(VR00) with LNRO0005, its window
+        // and its interrupt.
+        let disk = MmioDevice {
+            base: 0xd000_0000,
+            size: 0x200,
+            gsi: 16,
+        };
+        let t = build(&AcpiSpec {
+            vcpus: 1,
+            numa: &[],
+            devices: &[disk],
+        })
+        .unwrap();
+        let all = tables(&t);
+        let fadt = &all.iter().find(|(n, _)| n == "FACP").unwrap().1;
+        let dsdt = table(&t, u64_at(fadt, 140));
+        assert_eq!(sum(dsdt), 0);
+        let aml = &dsdt[36 + 12..];
+        assert_eq!(aml[0], 0x10, "ScopeOp");
+        let find = |needle: &[u8]| aml.windows(needle.len()).any(|w| w == needle);
+        assert!(find(b"\\_SB_"));
+        assert!(find(b"VR00"));
+        assert!(find(b"LNRO0005\0"));
+        // Memory32Fixed: read-write, base, length.
+        assert!(find(&[0x86, 9, 0, 1, 0, 0, 0, 0xd0, 0, 2, 0, 0]));
+        // Extended interrupt: consumer + edge, one interrupt, GSI 16.
+        assert!(find(&[0x89, 6, 0, 0x03, 1, 16, 0, 0, 0]));
+        let high = MmioDevice {
+            base: 0xffff_ff00,
+            ..disk
+        };
+        assert!(build(&AcpiSpec {
+            vcpus: 1,
+            numa: &[],
+            devices: &[high]
+        })
+        .is_err());
     }
 
     #[test]
@@ -476,6 +563,7 @@ mod tests {
         let t = build(&AcpiSpec {
             vcpus: 4,
             numa: &[],
+            devices: &[],
         })
         .unwrap();
         let all = tables(&t);
@@ -508,6 +596,7 @@ mod tests {
         let t = build(&AcpiSpec {
             vcpus: 4,
             numa: &numa,
+            devices: &[],
         })
         .unwrap();
         let all = tables(&t);
@@ -542,7 +631,8 @@ mod tests {
         numa[1].vcpus = 3..4;
         assert!(build(&AcpiSpec {
             vcpus: 4,
-            numa: &numa
+            numa: &numa,
+            devices: &[],
         })
         .is_err());
         let mut numa = two_nodes();
@@ -550,18 +640,21 @@ mod tests {
         let e = build(&AcpiSpec {
             vcpus: 4,
             numa: &numa,
+            devices: &[],
         })
         .unwrap_err();
         assert!(e.to_string().contains("overlap"), "{e}");
         let numa = two_nodes();
         assert!(build(&AcpiSpec {
             vcpus: 5,
-            numa: &numa
+            numa: &numa,
+            devices: &[],
         })
         .is_err());
         assert!(build(&AcpiSpec {
             vcpus: 0,
-            numa: &[]
+            numa: &[],
+            devices: &[],
         })
         .is_err());
     }
@@ -577,6 +670,7 @@ mod tests {
         let t = build(&AcpiSpec {
             vcpus: 32,
             numa: &numa,
+            devices: &[],
         })
         .unwrap();
         assert_eq!(tables(&t).len(), 4);
