@@ -65,3 +65,5 @@ fi
 # busybox, /init and smptest: guest/initramfs/build.sh has its own cache key, so that a
 # change there does not rebuild the kernel.
 "$here/initramfs/build.sh"
+# The ext4 disk image for --disk (guest/disk/build.sh, its own cache key).
+"$here/disk/build.sh"

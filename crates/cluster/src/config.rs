@@ -9,6 +9,8 @@
 //! connect_timeout_secs = 60         # how long a node waits for the others
 //! acpi = true                       # ACPI tables (power-off through ACPI); false: MP table only
 //! numa = true                       # one NUMA node per dvmm node (SRAT/SLIT; needs acpi)
+//! disk = "disk.img"                 # optional: a virtio disk on node 0 (an image file)
+//! disk_readonly = false             # the guest may not write to it
 //!
 //! [[node]]                          # node 0: boot and I/O node
 //! addr = "10.0.0.1:7100"
@@ -97,6 +99,10 @@ struct RawConfig {
     acpi: bool,
     #[serde(default = "yes")]
     numa: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    disk: Option<PathBuf>,
+    #[serde(default)]
+    disk_readonly: bool,
     #[serde(default)]
     node: Vec<RawNode>,
 }
@@ -148,6 +154,9 @@ pub struct ClusterConfig {
     /// Whether the guest sees one NUMA node per dvmm node (`numa`, default true; needs
     /// `acpi`).
     pub numa: bool,
+    /// The virtio disk's image file (node 0; `disk`) and whether it is read-only
+    /// (`disk_readonly`).
+    pub disk: Option<vmm::vm::DiskSpec>,
     /// The nodes, node 0 first.
     pub nodes: Vec<NodeConfig>,
 }
@@ -226,6 +235,10 @@ impl ClusterConfig {
                 .map_or(dsm::DEFAULT_HOLD, std::time::Duration::from_micros),
             acpi: raw.acpi,
             numa: raw.numa,
+            disk: raw.disk.map(|path| vmm::vm::DiskSpec {
+                path,
+                read_only: raw.disk_readonly,
+            }),
             nodes,
         };
         c.validate()?;
@@ -303,6 +316,8 @@ impl ClusterConfig {
             dsm_hold_us: Some(u64::try_from(self.dsm_hold.as_micros()).unwrap_or(u64::MAX)),
             acpi: self.acpi,
             numa: self.numa,
+            disk: self.disk.as_ref().map(|d| d.path.clone()),
+            disk_readonly: self.disk.as_ref().is_some_and(|d| d.read_only),
             node: self
                 .nodes
                 .iter()
@@ -473,6 +488,7 @@ mod tests {
             dsm_hold: dsm::DEFAULT_HOLD,
             acpi: true,
             numa: true,
+            disk: None,
             nodes: nodes
                 .iter()
                 .enumerate()

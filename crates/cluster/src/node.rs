@@ -977,6 +977,7 @@ fn create_vm(
         guest_memory: Some(mem),
         acpi: cfg.acpi,
         numa: cfg.numa_nodes(),
+        disk: cfg.disk.clone(),
     })
     .map_err(|source| {
         node.send_end(Err(format!("node {me}: {source}")));

@@ -43,6 +43,8 @@ pub struct LocalRun {
     pub acpi: bool,
     /// One guest NUMA node per node process (with `acpi`).
     pub numa: bool,
+    /// The virtio disk (node 0).
+    pub disk: Option<vmm::vm::DiskSpec>,
 }
 
 static INTERRUPTED: AtomicBool = AtomicBool::new(false);
@@ -110,6 +112,7 @@ pub fn cluster_config(
             .map_or(cluster::config::DEFAULT_DSM_HOLD, Duration::from_micros),
         acpi: run.acpi,
         numa: run.numa,
+        disk: run.disk.clone(),
         nodes: addrs
             .iter()
             .enumerate()
@@ -195,9 +198,18 @@ pub fn run(run: &LocalRun) -> Result<i32, String> {
         ),
         None => None,
     };
+    let disk = match &run.disk {
+        Some(d) => Some(vmm::vm::DiskSpec {
+            path: std::fs::canonicalize(&d.path)
+                .map_err(|e| format!("disk image {}: {e}", d.path.display()))?,
+            read_only: d.read_only,
+        }),
+        None => None,
+    };
     let run = LocalRun {
         kernel,
         initrd,
+        disk,
         ..run.clone()
     };
     // SAFETY: installing a handler that only stores to an atomic is async-signal-safe.
@@ -338,6 +350,7 @@ mod tests {
             dsm_hold_us: Some(250),
             acpi: true,
             numa: true,
+            disk: None,
         }
     }
 

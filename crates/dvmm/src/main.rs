@@ -107,6 +107,12 @@ struct RunArgs {
     /// node process. See docs/ACPI.md.
     #[arg(long)]
     no_numa: bool,
+    /// A virtio block device backed by this image file (raw; e.g. ext4). See docs/DISK.md.
+    #[arg(long, value_name = "PATH")]
+    disk: Option<PathBuf>,
+    /// The guest may only read the disk.
+    #[arg(long, requires = "disk")]
+    disk_readonly: bool,
 }
 
 #[derive(clap::Args)]
@@ -170,6 +176,10 @@ fn node(args: NodeArgs) -> Result<(), String> {
 
 fn run(args: RunArgs) -> Result<(), String> {
     let vcpus = args.vcpus.unwrap_or(args.nodes.max(1));
+    let disk = args.disk.clone().map(|path| vmm::vm::DiskSpec {
+        path,
+        read_only: args.disk_readonly,
+    });
     let initrd = (args.initrd.as_os_str() != "none").then_some(args.initrd);
     if let Some(i) = initrd.as_ref().filter(|i| !i.is_file()) {
         return Err(format!(
@@ -194,6 +204,7 @@ fn run(args: RunArgs) -> Result<(), String> {
             dsm_hold_us: args.dsm_hold_us,
             acpi: !args.no_acpi,
             numa: !args.no_numa && !args.no_acpi,
+            disk: disk.clone(),
         })?;
         if code == 0 {
             return Ok(());
@@ -216,6 +227,7 @@ fn run(args: RunArgs) -> Result<(), String> {
         guest_memory: None,
         acpi: !args.no_acpi,
         numa: Vec::new(),
+        disk,
     })
     .map_err(|e| e.to_string())?;
     vmm::term::spawn_console_input(vm.handle()).map_err(|e| format!("console input: {e}"))?;

@@ -19,3 +19,12 @@ pub const COM1_BASE: u16 = 0x3f8;
 pub const COM1_RANGE: std::ops::Range<u16> = COM1_BASE..COM1_BASE + 8;
 /// COM1's ISA IRQ (IOAPIC pin 4).
 pub const COM1_IRQ: usize = 4;
+
+/// The virtio block device's register window (virtio-mmio, in the 32-bit hole).
+pub const VIRTIO_BLK_BASE: u64 = 0xd000_0000;
+/// Size of a virtio-mmio window as the guest is told (registers and config space).
+pub const VIRTIO_MMIO_SIZE: u64 = 0x200;
+/// The virtio block device's window.
+pub const VIRTIO_BLK_RANGE: std::ops::Range<u64> = VIRTIO_BLK_BASE..VIRTIO_BLK_BASE + VIRTIO_MMIO_SIZE;
+/// The virtio block device's interrupt (IOAPIC pin, above the ISA range; edge, active high).
+pub const VIRTIO_BLK_GSI: usize = 16;

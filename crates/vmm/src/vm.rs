@@ -57,6 +57,18 @@ pub struct VmConfig {
     pub acpi: bool,
     /// The guest's NUMA nodes (SRAT/SLIT, with `acpi`); empty or one node: none.
     pub numa: Vec<NumaNode>,
+    /// A virtio block device on the I/O node (needs `acpi`: the guest finds it in the
+    /// DSDT).
+    pub disk: Option<DiskSpec>,
+}
+
+/// The image file of the virtio disk.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DiskSpec {
+    /// Path of the image (a raw disk image, e.g. an ext4 file system).
+    pub path: PathBuf,
+    /// The guest may not write to it (the device says so, and refuses writes).
+    pub read_only: bool,
 }
 
 /// How long the VMM waits, after the guest kernel printed its power-off line on a
