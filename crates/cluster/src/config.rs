@@ -452,6 +452,26 @@ mod tests {
         let always = format!("unpack_bzimage = \"always\"\n{OK}");
         let c = ClusterConfig::parse(&always, Path::new(".")).unwrap();
         assert_eq!(c.unpack_bzimage, UnpackBzImage::Always);
+        // ACPI and NUMA by default, no disk; and as written.
+        assert!(c.acpi && c.numa && c.disk.is_none());
+        let off =
+            format!("acpi = false\nnuma = false\ndisk = \"/d.img\"\ndisk_readonly = true\n{OK}");
+        let c = ClusterConfig::parse(&off, Path::new(".")).unwrap();
+        assert!(!c.acpi && !c.numa);
+        assert_eq!(
+            c.disk,
+            Some(vmm::vm::DiskSpec {
+                path: "/d.img".into(),
+                read_only: true
+            })
+        );
+        let back = ClusterConfig::parse(
+            &c.to_toml(Path::new("s"))
+                .replace("secret_file = \"s\"", "secret = \"0123456789abcdef\""),
+            Path::new("."),
+        )
+        .unwrap();
+        assert_eq!((back.acpi, back.numa, back.disk), (c.acpi, c.numa, c.disk));
     }
 
     #[test]
@@ -467,6 +487,7 @@ mod tests {
             ("secret = \"0123456789abcdef\"\n[[node]]\naddr = \"127.0.0.1:1\"\nvcpus = 1\nmemory = \"512M\"\n[[node]]\naddr = \"127.0.0.1:1\"\nvcpus = 1\nmemory = \"512M\"", "used twice"),
             ("secret = \"0123456789abcdef\"\ndsm_hold_us = 2000000\n[[node]]\naddr = \"127.0.0.1:1\"\nvcpus = 1\nmemory = \"512M\"", "dsm_hold_us"),
             ("secret = \"0123456789abcdef\"\nunpack_bzimage = \"sometimes\"\n[[node]]\naddr = \"127.0.0.1:1\"\nvcpus = 1\nmemory = \"512M\"", "unknown variant"),
+            ("secret = \"0123456789abcdef\"\nacpi = false\n[[node]]\naddr = \"127.0.0.1:1\"\nvcpus = 1\nmemory = \"512M\"\n[[node]]\naddr = \"127.0.0.1:2\"\nvcpus = 1\nmemory = \"512M\"", "numa = true needs acpi"),
             ("not toml at all [", ""),
         ];
         for (text, want) in bad {

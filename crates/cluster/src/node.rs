@@ -1076,6 +1076,45 @@ mod tests {
         assert_eq!(h.home(10_000), 2);
     }
 
+    /// The NUMA nodes the guest is told of (SRAT) are the DSM's homes: every page of
+    /// node i's ranges is at home on node i, also for a share that spans the 32-bit hole.
+    #[test]
+    fn srat_ranges_are_the_dsm_homes() {
+        use vmm::memory::{HIGH_RAM_START, MMIO_HOLE_START};
+        let g = 1u64 << 30;
+        let mut cfg = crate::ClusterConfig::parse(
+            "secret = \"0123456789abcdef\"\n\
+             [[node]]\naddr = \"127.0.0.1:1\"\nvcpus = 1\nmemory = \"1G\"\n\
+             [[node]]\naddr = \"127.0.0.1:2\"\nvcpus = 2\nmemory = \"3G\"\n\
+             [[node]]\naddr = \"127.0.0.1:3\"\nvcpus = 0\nmemory = \"1G\"\n",
+            std::path::Path::new("."),
+        )
+        .unwrap();
+        let homes = ShareHomes::new(cfg.home_bounds());
+        let numa = cfg.numa_nodes();
+        assert_eq!(numa.len(), 3);
+        assert_eq!(numa[1].vcpus, 1..3);
+        assert_eq!(numa[2].vcpus, 3..3);
+        // Node 1's share [1G, 4G) of RAM order: [1G, 3G) below the hole, [4G, 5G) above.
+        assert_eq!(numa[1].memory, vec![(g, 2 * g), (HIGH_RAM_START, g)]);
+        let offset = |gpa: u64| {
+            if gpa >= HIGH_RAM_START {
+                gpa - (HIGH_RAM_START - MMIO_HOLE_START)
+            } else {
+                gpa
+            }
+        };
+        for (i, n) in numa.iter().enumerate() {
+            for &(start, len) in &n.memory {
+                for gpa in [start, start + len / 2, start + len - 4096] {
+                    assert_eq!(homes.home(offset(gpa) / 4096), i as u16, "{gpa:#x}");
+                }
+            }
+        }
+        cfg.numa = false;
+        assert!(cfg.numa_nodes().is_empty());
+    }
+
     #[test]
     fn ready_counts_distinct_peers() {
         let mut r = ReadySet::new(3);

@@ -79,12 +79,17 @@ fn bad_inputs_give_one_line_errors() {
             vec!["run", "--kernel", k, "--disk", "/nonexistent/disk.img"],
             "/nonexistent/disk.img",
         ),
+        (vec!["run", "--kernel", k, "--disk", "/etc"], "/etc"),
         (
-            vec!["run", "--kernel", k, "--disk", "/etc"],
-            "/etc",
-        ),
-        (
-            vec!["run", "--kernel", k, "--nodes", "2", "--disk", "/nonexistent/disk.img"],
+            vec![
+                "run",
+                "--kernel",
+                k,
+                "--nodes",
+                "2",
+                "--disk",
+                "/nonexistent/disk.img",
+            ],
             "/nonexistent/disk.img",
         ),
     ];

@@ -107,7 +107,10 @@ fn numa_nodes_disk_and_acpi_power_off_on_2_nodes() {
         "ACPI: SRAT: Node 1 PXM 1 [mem 0x20000000-0x3fffffff]",
         "Initmem setup node 1 [mem 0x0000000020000000-0x000000003fffffff]",
     ] {
-        assert!(console.contains(needle), "no '{needle}' in the kernel log:\n{t}");
+        assert!(
+            console.contains(needle),
+            "no '{needle}' in the kernel log:\n{t}"
+        );
     }
     // And the running guest sees two nodes with their CPU and memory.
     assert!(console.contains("\n0-1"), "nodes online:\n{t}");

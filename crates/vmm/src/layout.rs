@@ -25,6 +25,7 @@ pub const VIRTIO_BLK_BASE: u64 = 0xd000_0000;
 /// Size of a virtio-mmio window as the guest is told (registers and config space).
 pub const VIRTIO_MMIO_SIZE: u64 = 0x200;
 /// The virtio block device's window.
-pub const VIRTIO_BLK_RANGE: std::ops::Range<u64> = VIRTIO_BLK_BASE..VIRTIO_BLK_BASE + VIRTIO_MMIO_SIZE;
+pub const VIRTIO_BLK_RANGE: std::ops::Range<u64> =
+    VIRTIO_BLK_BASE..VIRTIO_BLK_BASE + VIRTIO_MMIO_SIZE;
 /// The virtio block device's interrupt (IOAPIC pin, above the ISA range; edge, active high).
 pub const VIRTIO_BLK_GSI: usize = 16;
