@@ -10,7 +10,8 @@ use std::time::Instant;
 #[derive(clap::Args)]
 pub struct BenchClusterArgs {
     /// Cluster shapes as NODESxVCPUS (vCPUs per node), comma separated; the first is
-    /// the reference.
+    /// the reference. A shape ending in `flat` runs without the NUMA topology
+    /// (`dvmm run --no-numa`), e.g. `1x2,2x2flat,2x2` to compare.
     #[arg(long, default_value = "1x2,2x1,2x2,4x1", value_delimiter = ',')]
     pub configs: Vec<String>,
     /// Guest memory.
@@ -48,7 +49,13 @@ pub struct DsmTotals {
     pub pages: u64,
     /// Invalidations sent.
     pub invalidations: u64,
+    /// The hottest pages over all nodes (guest-physical address, fault events), most
+    /// first.
+    pub hot: Vec<(u64, u64)>,
 }
+
+/// How many hot pages a run reports.
+const HOT_PAGES: usize = 6;
 
 /// One measured run.
 #[derive(Debug)]
@@ -57,6 +64,8 @@ pub struct ClusterRun {
     pub nodes: usize,
     /// vCPUs in all (the same number on every node).
     pub vcpus: usize,
+    /// Run without the NUMA topology (`--no-numa`).
+    pub flat: bool,
     /// Wall seconds from start to the `smp: Brought up` line.
     pub brought_up_s: Option<f64>,
     /// Wall seconds to the end of the run.
@@ -72,6 +81,18 @@ pub struct ClusterRun {
 }
 
 impl ClusterRun {
+    /// "NxV", with "flat" for a run without NUMA topology.
+    pub fn shape(&self) -> String {
+        let flat = if self.flat { "flat" } else { "" };
+        format!("{}x{}{flat}", self.nodes, self.vcpus / self.nodes.max(1))
+    }
+
+    /// DSM fault events per second of the whole run (boot and locktorture).
+    pub fn faults_per_s(&self) -> Option<f64> {
+        let d = self.dsm.as_ref()?;
+        (self.end_s > 0.0).then(|| d.faults as f64 / self.end_s)
+    }
+
     /// Lock acquisitions per second.
     pub fn ops_per_s(&self) -> Option<f64> {
         match (self.ops, self.torture_s) {
@@ -132,7 +153,43 @@ fn add_dsm_line(t: &mut DsmTotals, line: &str) -> bool {
     t.bytes += number_after(rest, "bytes out=").unwrap_or(0);
     t.pages += number_after(rest, "pages out=").unwrap_or(0);
     t.invalidations += number_after(rest, "inval out=").unwrap_or(0);
+    if let Some((_, hot)) = rest.split_once(" hot ") {
+        for item in hot.split_whitespace() {
+            let Some((addr, n)) = item.split_once(':') else {
+                continue;
+            };
+            let (Ok(addr), Ok(n)) = (
+                u64::from_str_radix(addr.trim_start_matches("0x"), 16),
+                n.parse::<u64>(),
+            ) else {
+                continue;
+            };
+            match t.hot.iter_mut().find(|(a, _)| *a == addr) {
+                Some(e) => e.1 += n,
+                None => t.hot.push((addr, n)),
+            }
+        }
+        t.hot.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
+        t.hot.truncate(HOT_PAGES);
+    }
     true
+}
+
+/// A shape of `--configs`: "NxV", or "NxVflat" for a run without NUMA topology.
+pub fn parse_cluster_shapes(list: &str) -> Result<Vec<(usize, usize, bool)>, String> {
+    let mut out = Vec::new();
+    for s in list.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+        let (shape, flat) = match s.strip_suffix("flat") {
+            Some(sh) => (sh, true),
+            None => (s, false),
+        };
+        let (n, v) = parse_shape(shape)?;
+        out.push((n, v, flat));
+    }
+    if out.is_empty() {
+        return Err("no cluster shape given".into());
+    }
+    Ok(out)
 }
 
 /// The initramfs whose /init only waits: the kernel must not run out of things to do
@@ -140,7 +197,12 @@ fn add_dsm_line(t: &mut DsmTotals, line: &str) -> bool {
 const IDLE_INITRD: &str = "guest/out/idle.cpio";
 
 /// Boots the guest once on `nodes` nodes with `per_node` vCPUs each and measures it.
-fn measure(args: &BenchClusterArgs, nodes: usize, per_node: usize) -> Result<ClusterRun, String> {
+fn measure(
+    args: &BenchClusterArgs,
+    nodes: usize,
+    per_node: usize,
+    flat: bool,
+) -> Result<ClusterRun, String> {
     let vcpus = nodes * per_node;
     let cmdline = format!(
         "locktorture.torture_type={} locktorture.nwriters_stress={} locktorture.shutdown_secs={}",
@@ -162,6 +224,9 @@ fn measure(args: &BenchClusterArgs, nodes: usize, per_node: usize) -> Result<Clu
     ]);
     if args.netns {
         cmd.arg("--netns");
+    }
+    if flat {
+        cmd.arg("--no-numa");
     }
     if let Some(h) = args.dsm_hold_us {
         cmd.args(["--dsm-hold-us", &h.to_string()]);
@@ -202,6 +267,7 @@ fn measure(args: &BenchClusterArgs, nodes: usize, per_node: usize) -> Result<Clu
     Ok(ClusterRun {
         nodes,
         vcpus,
+        flat,
         brought_up_s: brought_up,
         end_s: start.elapsed().as_secs_f64(),
         ops,
@@ -220,7 +286,7 @@ fn opt(v: Option<f64>, digits: usize) -> String {
 
 /// Runs the cluster benchmark.
 pub fn bench(args: BenchClusterArgs) -> Result<(), String> {
-    let shapes = parse_shapes(&args.configs.join(","))?;
+    let shapes = parse_cluster_shapes(&args.configs.join(","))?;
     println!(
         "locktorture {} for {} s per run, {} of guest memory{}; ratios are against {}x{}",
         args.lock,
@@ -235,7 +301,7 @@ pub fn bench(args: BenchClusterArgs) -> Result<(), String> {
         shapes[0].1
     );
     println!(
-        "{:>6} {:>11} {:>7} {:>8} {:>8} {:>6} {:>9} {:>9} {:>9} {:>8} {:>9}",
+        "{:>10} {:>11} {:>7} {:>8} {:>8} {:>6} {:>9} {:>9} {:>9} {:>9} {:>8} {:>9}",
         "shape",
         "brought_up",
         "end",
@@ -243,14 +309,15 @@ pub fn bench(args: BenchClusterArgs) -> Result<(), String> {
         "ops/s",
         "ratio",
         "faults",
+        "faults/s",
         "upgrades",
         "msgs",
         "MiB",
         "inval"
     );
     let mut runs: Vec<ClusterRun> = Vec::new();
-    for &(n, v) in &shapes {
-        let r = measure(&args, n, v)?;
+    for &(n, v, flat) in &shapes {
+        let r = measure(&args, n, v, flat)?;
         let ratio = match (r.ops_per_s(), runs.first().and_then(|f| f.ops_per_s())) {
             (Some(a), Some(b)) if b > 0.0 => Some(a / b),
             (Some(_), None) if runs.is_empty() => Some(1.0),
@@ -258,14 +325,15 @@ pub fn bench(args: BenchClusterArgs) -> Result<(), String> {
         };
         let d = r.dsm.clone();
         println!(
-            "{:>6} {:>10}s {:>6.1}s {:>8} {:>8} {:>6} {:>9} {:>9} {:>9} {:>8} {:>9}{}",
-            format!("{}x{}", r.nodes, r.vcpus / r.nodes),
+            "{:>10} {:>10}s {:>6.1}s {:>8} {:>8} {:>6} {:>9} {:>9} {:>9} {:>9} {:>8} {:>9}{}",
+            r.shape(),
             opt(r.brought_up_s, 1),
             r.end_s,
             r.ops.map_or("-".into(), |o| o.to_string()),
             opt(r.ops_per_s(), 1),
             opt(ratio, 3),
             d.as_ref().map_or("-".into(), |d| d.faults.to_string()),
+            opt(r.faults_per_s(), 0),
             d.as_ref().map_or("-".into(), |d| d.upgrades.to_string()),
             d.as_ref().map_or("-".into(), |d| d.messages.to_string()),
             d.as_ref()
@@ -276,6 +344,15 @@ pub fn bench(args: BenchClusterArgs) -> Result<(), String> {
         );
         runs.push(r);
     }
+    for r in runs.iter().filter(|r| r.dsm.is_some()) {
+        let hot: Vec<String> = r
+            .dsm
+            .iter()
+            .flat_map(|d| d.hot.iter())
+            .map(|(a, n)| format!("{a:#x}:{n}"))
+            .collect();
+        println!("{:>10} hot pages: {}", r.shape(), hot.join(" "));
+    }
     if args.json {
         let floor = runs.first().and_then(|f| f.ops_per_s());
         let items: Vec<serde_json::Value> = runs
@@ -285,6 +362,8 @@ pub fn bench(args: BenchClusterArgs) -> Result<(), String> {
                     "nodes": r.nodes,
                     "vcpus": r.vcpus,
                     "vcpus_per_node": r.vcpus / r.nodes,
+                    "numa": !r.flat && r.nodes > 1,
+                    "faults_per_s": r.faults_per_s(),
                     "brought_up_s": r.brought_up_s,
                     "end_s": r.end_s,
                     "ops": r.ops,
@@ -298,6 +377,7 @@ pub fn bench(args: BenchClusterArgs) -> Result<(), String> {
                         "bytes": d.bytes,
                         "pages": d.pages,
                         "invalidations": d.invalidations,
+                        "hot_pages": d.hot.iter().map(|(a, n)| serde_json::json!([format!("{a:#x}"), n])).collect::<Vec<_>>(),
                     })),
                     "ok": r.ok,
                 })
@@ -327,6 +407,12 @@ mod tests {
         assert!(parse_shape("2x0").is_err());
         assert!(parse_shape("2").is_err());
         assert!(parse_shape("ax2").is_err());
+        assert_eq!(
+            parse_cluster_shapes("1x2, 2x2flat,2x2"),
+            Ok(vec![(1, 2, false), (2, 2, true), (2, 2, false)])
+        );
+        assert!(parse_cluster_shapes("2xflat").is_err());
+        assert!(parse_cluster_shapes(",").is_err());
     }
 
     #[test]
@@ -344,9 +430,10 @@ mod tests {
     fn dsm_lines_add_up() {
         let mut t = DsmTotals::default();
         let l = "dvmm: node 1 stats dsm faults read=10 write=2 upgrade=3 merged=4 zero_fill=0 \
-                 msgs out=100 in=90 bytes out=4096 in=0 pages out=1 in=0 inval out=7 in=1 fwd=0";
+                 msgs out=100 in=90 bytes out=4096 in=0 pages out=1 in=0 inval out=7 in=1 fwd=0 \
+                 read_us p50=30 p99=90 hot 0x1000:5 0x2000:9";
         assert!(add_dsm_line(&mut t, l));
-        assert!(add_dsm_line(&mut t, l));
+        assert!(add_dsm_line(&mut t, &l.replace("0x1000:5", "0x3000:1")));
         assert!(!add_dsm_line(&mut t, "dvmm: node 1 stats irqs_sent=3"));
         assert_eq!(
             t,
@@ -356,7 +443,8 @@ mod tests {
                 messages: 200,
                 bytes: 8192,
                 pages: 2,
-                invalidations: 14
+                invalidations: 14,
+                hot: vec![(0x2000, 18), (0x1000, 5), (0x3000, 1)],
             }
         );
     }
