@@ -988,6 +988,13 @@ mod tests {
     const IOERR: u8 = VIRTIO_BLK_S_IOERR as u8;
 
     #[test]
+    fn device_is_shareable() {
+        fn shareable<T: Send + Sync>() {}
+        shareable::<MmioBlock>();
+        shareable::<DiskImage>();
+    }
+
+    #[test]
     fn registers_read_correctly() {
         let rig = Rig::new(&pattern(IMAGE_LEN), false);
         assert_eq!(rig.r32(0x000), 0x7472_6976);
