@@ -3,6 +3,7 @@
 //! (directly on the I/O node, forwarded from other nodes).
 
 pub mod console;
+pub mod virtio;
 
 use std::sync::Arc;
 
