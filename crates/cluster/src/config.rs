@@ -292,6 +292,12 @@ impl ClusterConfig {
                     .into(),
             ));
         }
+        if self.disk.is_some() && !self.acpi {
+            return Err(ConfigError::Invalid(
+                "a disk needs acpi = true (the guest finds the virtio device in the ACPI tables)"
+                    .into(),
+            ));
+        }
         if self.secret.len() < 16 {
             return Err(ConfigError::Invalid(
                 "the cluster secret must have at least 16 characters".into(),

@@ -108,7 +108,7 @@ struct RunArgs {
     #[arg(long)]
     no_numa: bool,
     /// A virtio block device backed by this image file (raw; e.g. ext4). See docs/DISK.md.
-    #[arg(long, value_name = "PATH")]
+    #[arg(long, value_name = "PATH", conflicts_with = "no_acpi")]
     disk: Option<PathBuf>,
     /// The guest may only read the disk.
     #[arg(long, requires = "disk")]

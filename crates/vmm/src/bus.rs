@@ -12,9 +12,10 @@ use std::sync::{Arc, Mutex};
 
 use irqchip::IoApic;
 
+use crate::devices::virtio::MmioBlock;
 use crate::devices::{ConsoleOut, Devices, PortEvent};
 use crate::irq::Router;
-use crate::layout::{IOAPIC_BASE, IOAPIC_RANGE};
+use crate::layout::{IOAPIC_BASE, IOAPIC_RANGE, VIRTIO_BLK_BASE, VIRTIO_BLK_RANGE};
 use crate::vm::{ClusterLink, IoAccess};
 
 /// The devices and IOAPIC of the I/O node.
@@ -22,6 +23,8 @@ pub struct LocalBus {
     devices: Mutex<Devices>,
     ioapic: Arc<Mutex<IoApic>>,
     router: Arc<Router>,
+    /// The virtio block device, if the guest has a disk.
+    disk: Option<MmioBlock>,
 }
 
 /// Where this node's device accesses go.
@@ -45,7 +48,19 @@ impl LocalBus {
             devices: Mutex::new(Devices::new(console, router.clone(), acpi)),
             ioapic,
             router,
+            disk: None,
         }
+    }
+
+    /// Puts the virtio block device at [`VIRTIO_BLK_BASE`].
+    pub fn with_disk(mut self, disk: MmioBlock) -> Self {
+        self.disk = Some(disk);
+        self
+    }
+
+    /// The virtio block device.
+    pub fn disk(&self) -> Option<&MmioBlock> {
+        self.disk.as_ref()
     }
 
     fn pio_read(&self, port: u16, data: &mut [u8]) {
@@ -62,6 +77,12 @@ impl LocalBus {
             for (i, d) in data.iter_mut().enumerate() {
                 *d = b.get(i).copied().unwrap_or(0);
             }
+        } else if let Some(disk) = self
+            .disk
+            .as_ref()
+            .filter(|_| VIRTIO_BLK_RANGE.contains(&addr))
+        {
+            disk.mmio_read(addr - VIRTIO_BLK_BASE, data);
         } else {
             data.fill(0xff);
         }
@@ -76,6 +97,12 @@ impl LocalBus {
             for m in msgs {
                 self.router.send(&m);
             }
+        } else if let Some(disk) = self
+            .disk
+            .as_ref()
+            .filter(|_| VIRTIO_BLK_RANGE.contains(&addr))
+        {
+            disk.mmio_write(addr - VIRTIO_BLK_BASE, data);
         }
     }
 }
@@ -154,6 +181,14 @@ impl IoBus {
     /// Whether the devices are on this node.
     pub fn is_local(&self) -> bool {
         matches!(self, IoBus::Local(_))
+    }
+
+    /// The virtio block device, on the I/O node.
+    pub fn disk(&self) -> Option<&MmioBlock> {
+        match self {
+            IoBus::Local(b) => b.disk(),
+            IoBus::Remote(_) => None,
+        }
     }
 }
 

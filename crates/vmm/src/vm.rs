@@ -11,15 +11,17 @@ use irqchip::{Interrupt, InterruptMessage, IoApic};
 use kvm_ioctls::{Kvm, VmFd};
 use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 
-use crate::boot::acpi::{AcpiSpec, NumaNode};
+use crate::boot::acpi::{AcpiSpec, MmioDevice, NumaNode};
 use crate::boot::bzimage::{UnpackBzImage, Unpacker};
 use crate::boot::{self, mptable, BootSpec};
 use crate::bus::{IoBus, LocalBus};
 use crate::compat::shadow::ShadowSync;
 use crate::compat::usermode::{UserMode, MSR_STAR};
 use crate::compat::HostKind;
+use crate::devices::virtio::{DiskError, DiskImage, MmioBlock};
 use crate::devices::{ConsoleOut, ConsoleWatch, PortEvent};
 use crate::irq::{IoApicLink, Router, VcpuTarget};
+use crate::layout::{VIRTIO_BLK_BASE, VIRTIO_BLK_GSI, VIRTIO_MMIO_SIZE};
 use crate::memory::{self, MemoryError};
 use crate::timer::LapicTimer;
 use crate::vcpu::{self, Start, VcpuEnd, VcpuEnv, VcpuError, VcpuHandle};
@@ -222,6 +224,12 @@ pub enum VmError {
     /// The user stopped the VM from the console (Ctrl-A x).
     #[error("stopped from the console (Ctrl-A x)")]
     ConsoleQuit,
+    /// The disk image cannot be used.
+    #[error(transparent)]
+    Disk(#[from] DiskError),
+    /// A disk was asked for on a machine without ACPI (the guest finds it in the DSDT).
+    #[error("a disk needs ACPI (the guest finds the virtio device in the ACPI tables): drop --no-acpi / acpi = false")]
+    DiskWithoutAcpi,
 }
 
 /// The result of a run, with the counters.
@@ -667,7 +675,22 @@ impl Vm {
         }
         let console = cfg.console.watch();
         let bus = match (ioapic, &link) {
-            (Some(io), _) => IoBus::Local(LocalBus::new(cfg.console, io, router.clone(), cfg.acpi)),
+            (Some(io), _) => {
+                let bus = LocalBus::new(cfg.console, io, router.clone(), cfg.acpi);
+                match &cfg.disk {
+                    None => IoBus::Local(bus),
+                    Some(d) => {
+                        if !cfg.acpi {
+                            return Err(VmError::DiskWithoutAcpi);
+                        }
+                        let image = DiskImage::open(&d.path, d.read_only)?;
+                        let dev =
+                            MmioBlock::new(image, mem.clone(), router.clone(), VIRTIO_BLK_GSI)
+                                .map_err(VmError::Thread)?;
+                        IoBus::Local(bus.with_disk(dev))
+                    }
+                }
+            }
             (None, Some(l)) => IoBus::Remote(l.clone()),
             (None, None) => return Err(VmError::NoIoNode),
         };
@@ -748,7 +771,15 @@ impl Vm {
                     acpi: cfg.acpi.then_some(AcpiSpec {
                         vcpus: cfg.vcpus,
                         numa: &cfg.numa,
-                        devices: &[],
+                        devices: if cfg.disk.is_some() {
+                            &[MmioDevice {
+                                base: VIRTIO_BLK_BASE,
+                                size: VIRTIO_MMIO_SIZE,
+                                gsi: VIRTIO_BLK_GSI as u32,
+                            }]
+                        } else {
+                            &[]
+                        },
                     }),
                 },
             )?)
