@@ -22,7 +22,9 @@
 
 use std::ops::Range;
 
-use acpi_tables::aml::{Device, Interrupt, Memory32Fixed, Name, Package, ResourceTemplate, Scope};
+use acpi_tables::aml::{
+    Device, EISAName, Interrupt, Memory32Fixed, Name, Package, ResourceTemplate, Scope, IO,
+};
 use acpi_tables::fadt::{FADTBuilder, Flags, PmProfile};
 use acpi_tables::gas::{AccessSize, AddressSpace, GAS};
 use acpi_tables::madt::{
@@ -37,7 +39,7 @@ use acpi_tables::{Aml, AmlSink};
 use vm_memory::{Bytes, GuestAddress, GuestMemory};
 use zerocopy::{Immutable, IntoBytes};
 
-use crate::layout::{IOAPIC_BASE, LAPIC_BASE};
+use crate::layout::{COM1_BASE, COM1_IRQ, IOAPIC_BASE, LAPIC_BASE};
 
 /// Where the RSDP and the tables after it go (the BIOS read-only area, reserved RAM).
 pub const ACPI_START: u64 = 0xe_0000;
@@ -201,8 +203,19 @@ fn dsdt(devices: &[MmioDevice]) -> Vec<u8> {
         &Package::new(vec![&S5_SLEEP_TYPE, &S5_SLEEP_TYPE]),
     )
     .to_aml_bytes(&mut aml);
-    if !devices.is_empty() {
-        let mut bodies = Vec::new();
+    let mut bodies = Vec::new();
+    // COM1. A hardware-reduced platform has no legacy PIC, so Linux maps no ISA
+    // interrupt by itself: the console's IRQ 4 comes from this device (PNP0501).
+    {
+        let ports = IO::new(COM1_BASE, COM1_BASE, 1, 8);
+        let irq = Interrupt::new(true, true, false, false, COM1_IRQ as u32);
+        let crs = ResourceTemplate::new(vec![&ports, &irq]);
+        let hid = Name::new("_HID".into(), &EISAName::new("PNP0501"));
+        let uid = Name::new("_UID".into(), &0u8);
+        let crs = Name::new("_CRS".into(), &crs);
+        Device::new("COM1".into(), vec![&hid, &uid, &crs]).to_aml_bytes(&mut bodies);
+    }
+    {
         for (i, d) in devices.iter().enumerate() {
             let uid = i as u8;
             let window = Memory32Fixed::new(true, d.base as u32, d.size as u32);
@@ -214,8 +227,8 @@ fn dsdt(devices: &[MmioDevice]) -> Vec<u8> {
             let name = format!("VR{i:02X}");
             Device::new(name.as_str().into(), vec![&hid, &uid, &crs]).to_aml_bytes(&mut bodies);
         }
-        Scope::new("\\_SB_".into(), vec![&RawAml(bodies)]).to_aml_bytes(&mut aml);
     }
+    Scope::new("\\_SB_".into(), vec![&RawAml(bodies)]).to_aml_bytes(&mut aml);
     let mut t = Sdt::new(*b"DSDT", 36, 6, OEM_ID, *b"DVMMDSDT", OEM_REVISION);
     t.append_slice(&aml);
     t.as_slice().to_vec()
@@ -515,10 +528,21 @@ mod tests {
         let aml = &dsdt[36..];
         // NameOp "_S5_" PackageOp len 2 elements BytePrefix 5 BytePrefix 5.
         assert_eq!(
-            aml,
+            &aml[..12],
             &[0x08, b'_', b'S', b'5', b'_', 0x12, 0x06, 0x02, 0x0a, 5, 0x0a, 5]
         );
         assert_eq!(S5_WRITE, 0x34);
+        // COM1 in \_SB_ on every machine: its ports and IRQ 4 (edge).
+        let com1 = &aml[12..];
+        assert_eq!(com1[0], 0x10, "ScopeOp");
+        let find = |needle: &[u8]| com1.windows(needle.len()).any(|w| w == needle);
+        assert!(find(b"COM1"));
+        assert!(find(&[0x0c, 0x41, 0xd0, 0x05, 0x01]), "EISA id PNP0501");
+        assert!(
+            find(&[0x47, 1, 0xf8, 3, 0xf8, 3, 1, 8]),
+            "I/O 0x3f8, 8 ports"
+        );
+        assert!(find(&[0x89, 6, 0, 0x03, 1, 4, 0, 0, 0]), "IRQ 4");
         // With a device: a Scope(\_SB_) holding Device(VR00) with LNRO0005, its window
         // and its interrupt.
         let disk = MmioDevice {
