@@ -47,9 +47,12 @@ bench-xsave: build guest
 	@scripts/bench-xsave.sh
 
 # The guest on a 2-node local cluster (one vCPU per node process), at a busybox shell
-# prompt on the console. Leave with `poweroff -f` in the guest, or Ctrl-A x.
+# prompt on the console, with a disk (a copy of guest/out/disk.img made on the first
+# demo and kept: mount -t ext4 /dev/vda /mnt). Leave with `poweroff -f` in the guest,
+# or Ctrl-A x.
 demo: build guest
-	$(DVMM) run --nodes 2 --vcpus 2 --memory 1G --initrd guest/out/initramfs.cpio.gz
+	@[ -f guest/out/demo-disk.img ] || cp guest/out/disk.img guest/out/demo-disk.img
+	$(DVMM) run --nodes 2 --vcpus 2 --memory 1G --initrd guest/out/initramfs.cpio.gz --disk guest/out/demo-disk.img
 
 # The whole suite: lints, unit tests, the DSM model check (small configuration),
 # multi-process DSM tests, and real guest boots under KVM.
