@@ -15,6 +15,14 @@
  *                            ITERS units of work on its own memory (private) or adds
  *                            to counters shared by all (shared):
  *                            PAR mode=.. threads=.. iters=.. secs=.. mops_per_s=.. ran_on=..
+ *   usertest pipe ROUNDS     kernel-heavy: two processes pinned to the first and the last
+ *                            CPU pass one byte back and forth through two pipes, ROUNDS
+ *                            round trips (each: 2 writes, 2 reads, 2 cross-CPU wake-ups)
+ *   usertest spawn N         kernel-heavy: a process on the first CPU creates N children
+ *                            that each move to the last CPU and exec /bin/busybox true
+ *                            (fork, migration, exec, exit, wait)
+ *                            both print a PAR line (mops_per_s: millions of round trips
+ *                            or children per second)
  *
  * Every check prints `USERTEST <name> ... ok` or `USERTEST <name> FAIL ...` and exits
  * 0 or 1. Static, built by guest/initramfs/build.sh. */
@@ -300,6 +308,102 @@ static int par(int threads, long iters, int shared)
 	return 0;
 }
 
+static int pin_to(int cpu)
+{
+	cpu_set_t set;
+	CPU_ZERO(&set);
+	CPU_SET(cpu, &set);
+	return sched_setaffinity(0, sizeof(set), &set);
+}
+
+/* Prints the PAR line of a kernel-heavy variant: `units` done in `ns`. */
+static void kernel_par(const char *mode, long units, uint64_t ns, int a, int b)
+{
+	double secs = (double)ns / 1e9;
+	printf("PAR mode=%s threads=2 iters=%ld secs=%.3f mops_per_s=%.6f ran_on=%d,%d\n", mode, units,
+	       secs, (double)units / secs / 1e6, a, b);
+}
+
+static int par_pipe(long rounds)
+{
+	long ncpu = sysconf(_SC_NPROCESSORS_ONLN);
+	int ab[2], ba[2];
+	if (rounds < 1 || ncpu < 1 || pipe(ab) || pipe(ba)) {
+		printf("PAR FAIL pipe setup\n");
+		return 1;
+	}
+	int last = (int)ncpu - 1;
+	pid_t child = fork();
+	if (child < 0) {
+		printf("PAR FAIL fork\n");
+		return 1;
+	}
+	char c = 0;
+	if (child == 0) {
+		pin_to(last);
+		for (long i = 0; i < rounds; i++) {
+			if (read(ab[0], &c, 1) != 1 || write(ba[1], &c, 1) != 1)
+				_exit(1);
+		}
+		_exit(sched_getcpu() == last ? 0 : 2);
+	}
+	pin_to(0);
+	/* One round first, so that both sides are in place before the clock starts. */
+	if (write(ab[1], &c, 1) != 1 || read(ba[0], &c, 1) != 1) {
+		printf("PAR FAIL pipe\n");
+		return 1;
+	}
+	uint64_t t0 = now_ns();
+	for (long i = 1; i < rounds; i++) {
+		c++;
+		char back = 0;
+		if (write(ab[1], &c, 1) != 1 || read(ba[0], &back, 1) != 1 || back != c) {
+			printf("PAR FAIL pipe round %ld\n", i);
+			return 1;
+		}
+	}
+	uint64_t ns = now_ns() - t0;
+	int status = 0;
+	waitpid(child, &status, 0);
+	if (!WIFEXITED(status) || WEXITSTATUS(status) != 0) {
+		printf("PAR FAIL pipe child status %d\n", status);
+		return 1;
+	}
+	kernel_par("pipe", rounds - 1, ns, sched_getcpu(), last);
+	return 0;
+}
+
+static int par_spawn(long n)
+{
+	long ncpu = sysconf(_SC_NPROCESSORS_ONLN);
+	if (n < 1 || ncpu < 1) {
+		printf("PAR FAIL spawn arguments\n");
+		return 1;
+	}
+	int last = (int)ncpu - 1;
+	pin_to(0);
+	uint64_t t0 = now_ns();
+	for (long i = 0; i < n; i++) {
+		pid_t child = fork();
+		if (child < 0) {
+			printf("PAR FAIL fork\n");
+			return 1;
+		}
+		if (child == 0) {
+			pin_to(last);
+			execl("/bin/busybox", "true", (char *)NULL);
+			_exit(127);
+		}
+		int status = 0;
+		if (waitpid(child, &status, 0) != child || !WIFEXITED(status) || WEXITSTATUS(status) != 0) {
+			printf("PAR FAIL spawn child %ld status %d\n", i, status);
+			return 1;
+		}
+	}
+	kernel_par("spawn", n, now_ns() - t0, sched_getcpu(), last);
+	return 0;
+}
+
 int smptest_main(int argc, char **argv);
 int avxtest_main(int argc, char **argv);
 
@@ -322,6 +426,10 @@ int main(int argc, char **argv)
 		return test_jump(strtoull(argv[2], NULL, 0));
 	if (argc >= 5 && !strcmp(argv[1], "par"))
 		return par(atoi(argv[2]), atol(argv[3]), !strcmp(argv[4], "shared"));
-	fprintf(stderr, "usage: usertest syscalls N | fork N | signals | jump ADDR | par THREADS ITERS private|shared\n");
+	if (argc >= 3 && !strcmp(argv[1], "pipe"))
+		return par_pipe(atol(argv[2]));
+	if (argc >= 3 && !strcmp(argv[1], "spawn"))
+		return par_spawn(atol(argv[2]));
+	fprintf(stderr, "usage: usertest syscalls N | fork N | signals | jump ADDR | par THREADS ITERS private|shared | pipe ROUNDS | spawn N\n");
 	return 2;
 }

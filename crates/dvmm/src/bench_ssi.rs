@@ -3,6 +3,10 @@
 //! and their ratio, the "SSI efficiency" (1.0: spreading the vCPUs over nodes costs
 //! nothing). Two variants: every thread on its own memory (private) and every thread
 //! adding to counters shared by all (shared: the counters' page moves between nodes).
+//! And two kernel-heavy ones between the first and the last CPU (on N nodes: different
+//! nodes): a pipe ping-pong (`pipe`) and process creation (`spawn`: fork, move to the
+//! other CPU, exec, exit, wait). `--compare-flat` also runs the N nodes without the
+//! NUMA topology (`--no-numa`), for the efficiency with and without it.
 
 use std::io::Read;
 
@@ -18,6 +22,15 @@ pub struct BenchSsiArgs {
     /// Additions per thread, shared variant.
     #[arg(long, default_value_t = 2_000_000)]
     pub shared_iters: u64,
+    /// Round trips of the pipe variant.
+    #[arg(long, default_value_t = 2_000)]
+    pub pipe_rounds: u64,
+    /// Children of the spawn variant.
+    #[arg(long, default_value_t = 40)]
+    pub spawns: u64,
+    /// Also run the N nodes without the NUMA topology (`dvmm run --no-numa`).
+    #[arg(long)]
+    pub compare_flat: bool,
     /// Guest memory.
     #[arg(long, default_value = "1G")]
     pub memory: String,
@@ -58,15 +71,22 @@ pub fn parse_par(line: &str) -> Option<Par> {
     })
 }
 
-fn measure(args: &BenchSsiArgs, nodes: usize) -> Result<Vec<Par>, String> {
+/// The variants, in the order the guest runs them.
+const MODES: [&str; 4] = ["private", "shared", "pipe", "spawn"];
+
+fn measure(args: &BenchSsiArgs, nodes: usize, flat: bool) -> Result<Vec<Par>, String> {
     let n = args.vcpus;
     let script = format!(
-        "dvmm.script=usertest+par+{n}+{}+private;usertest+par+{n}+{}+shared;poweroff+-f",
-        args.iters, args.shared_iters
+        "dvmm.script=usertest+par+{n}+{}+private;usertest+par+{n}+{}+shared;\
+         usertest+pipe+{};usertest+spawn+{};poweroff+-f",
+        args.iters, args.shared_iters, args.pipe_rounds, args.spawns
     );
     let mut cmd = crate::child_run::command(nodes, n)?;
     cmd.args(["--memory", &args.memory, "--initrd", &args.initrd])
         .args(["--cmdline", &script, "--timeout", "1800"]);
+    if flat {
+        cmd.arg("--no-numa");
+    }
     let (mut child, err_reader) = crate::child_run::spawn(cmd, true)?;
     let mut out = String::new();
     if let Some(mut o) = child.stdout.take() {
@@ -75,7 +95,7 @@ fn measure(args: &BenchSsiArgs, nodes: usize) -> Result<Vec<Par>, String> {
     let status = child.wait().map_err(|e| e.to_string())?;
     let err = crate::child_run::stderr_of(err_reader);
     let pars: Vec<Par> = out.lines().filter_map(parse_par).collect();
-    if !status.success() || pars.len() != 2 {
+    if !status.success() || pars.len() != MODES.len() {
         let tail: Vec<&str> = out.lines().rev().take(15).collect();
         return Err(format!(
             "the {nodes}-node run failed ({status}):\n{}\n{err}",
@@ -95,18 +115,47 @@ pub fn bench(args: BenchSsiArgs) -> Result<(), String> {
         "usertest par, {n} threads: private {} units x 1,024 updates, shared {} additions per thread",
         args.iters, args.shared_iters
     );
-    let one = measure(&args, 1)?;
-    let many = measure(&args, n)?;
+    println!(
+        "kernel-heavy, first and last CPU: pipe {} round trips, spawn {} children",
+        args.pipe_rounds, args.spawns
+    );
+    let one = measure(&args, 1, false)?;
+    let many = measure(&args, n, false)?;
+    let flat = if args.compare_flat {
+        Some(measure(&args, n, true)?)
+    } else {
+        None
+    };
     let mut json = Vec::new();
-    for (a, b) in one.iter().zip(&many) {
-        let eff = if a.mops > 0.0 { b.mops / a.mops } else { 0.0 };
+    for (i, (a, b)) in one.iter().zip(&many).enumerate() {
+        let eff = |x: &Par| if a.mops > 0.0 { x.mops / a.mops } else { 0.0 };
         println!(
-            "{:<8} 1x{n}: {:>9.2} Mops/s ({:.2} s, ran_on={})   {n}x1: {:>9.2} Mops/s ({:.2} s, ran_on={})   SSI efficiency {:.3}",
-            a.mode, a.mops, a.secs, a.ran_on, b.mops, b.secs, b.ran_on, eff
+            "{:<8} 1x{n}: {:>11.5} Mops/s ({:.2} s, ran_on={})   {n}x1: {:>11.5} Mops/s ({:.2} s, ran_on={})   SSI efficiency {:.3}",
+            a.mode, a.mops, a.secs, a.ran_on, b.mops, b.secs, b.ran_on, eff(b)
         );
+        let f = flat.as_ref().and_then(|f| f.get(i));
+        if let Some(f) = f {
+            println!(
+                "{:<8} {n}x1 without NUMA: {:>11.5} Mops/s ({:.2} s, ran_on={})   SSI efficiency {:.3}   NUMA/flat {:.2}",
+                f.mode,
+                f.mops,
+                f.secs,
+                f.ran_on,
+                eff(f),
+                if f.mops > 0.0 { b.mops / f.mops } else { 0.0 }
+            );
+        }
         json.push(format!(
-            "\"{}\":{{\"one_node_mops\":{:.3},\"n_nodes_mops\":{:.3},\"ssi_efficiency\":{:.4}}}",
-            a.mode, a.mops, b.mops, eff
+            "\"{}\":{{\"one_node_mops\":{:.6},\"n_nodes_mops\":{:.6},\"ssi_efficiency\":{:.4}{}}}",
+            a.mode,
+            a.mops,
+            b.mops,
+            eff(b),
+            f.map_or(String::new(), |f| format!(
+                ",\"n_nodes_flat_mops\":{:.6},\"ssi_efficiency_flat\":{:.4}",
+                f.mops,
+                eff(f)
+            ))
         ));
     }
     if args.json {
