@@ -5,7 +5,7 @@
 CARGO ?= cargo
 DVMM := target/release/dvmm
 
-.PHONY: all deps build guest guest-bzimage distro-kernel demo test test-rust test-heavy test-bzimage test-distro clippy check-dsm bench bench-distro bench-xsave clean
+.PHONY: all deps build guest guest-bzimage distro-kernel demo test test-rust test-heavy test-bzimage test-distro clippy check-dsm bench bench-distro bench-xsave bench-disk clean
 
 all: build
 
@@ -45,6 +45,10 @@ bench-distro: build guest distro-kernel
 # What the emulated XSAVE/XRSTOR costs a guest context switch (software-KVM hosts).
 bench-xsave: build guest
 	@scripts/bench-xsave.sh
+
+# Sequential read and write of the virtio disk from a vCPU on each of 2 nodes.
+bench-disk: build guest
+	@scripts/bench-disk.sh
 
 # The guest on a 2-node local cluster (one vCPU per node process), at a busybox shell
 # prompt on the console, with a disk (a copy of guest/out/disk.img made on the first

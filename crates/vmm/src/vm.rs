@@ -585,12 +585,21 @@ impl VmHandle {
     }
     /// One line of counters per local vCPU.
     pub fn vcpu_stats(&self) -> Vec<String> {
-        self.0
+        let mut lines: Vec<String> = self
+            .0
             .handles
             .iter()
             .filter(|h| self.0.local[h.index])
             .map(|h| format!("vcpu{} {}", h.index, h.stats.summary()))
-            .collect()
+            .collect();
+        if let Some(d) = self.0.bus.disk() {
+            let s = d.stats();
+            lines.push(format!(
+                "disk requests={} read_bytes={} written_bytes={} errors={}",
+                s.requests, s.bytes_read, s.bytes_written, s.errors
+            ));
+        }
+        lines
     }
 }
 
