@@ -23,6 +23,10 @@ pub struct BenchClusterArgs {
     /// Seconds of locktorture before the guest powers off (locktorture.shutdown_secs).
     #[arg(long, default_value_t = 30)]
     pub secs: u64,
+    /// More kernel command line for every run (e.g. other locktorture parameters:
+    /// `locktorture.shuffle_interval=0 locktorture.stutter=0`).
+    #[arg(long, default_value = "")]
+    pub cmdline: String,
     /// Run each shape in network namespaces (`dvmm run --netns`).
     #[arg(long)]
     pub netns: bool,
@@ -205,10 +209,11 @@ fn measure(
 ) -> Result<ClusterRun, String> {
     let vcpus = nodes * per_node;
     let cmdline = format!(
-        "locktorture.torture_type={} locktorture.nwriters_stress={} locktorture.shutdown_secs={}",
+        "locktorture.torture_type={} locktorture.nwriters_stress={} locktorture.shutdown_secs={} {}",
         args.lock,
         2 * vcpus,
-        args.secs
+        args.secs,
+        args.cmdline
     );
     let start = Instant::now();
     let mut cmd = crate::child_run::command(nodes, vcpus)?;
@@ -288,9 +293,14 @@ fn opt(v: Option<f64>, digits: usize) -> String {
 pub fn bench(args: BenchClusterArgs) -> Result<(), String> {
     let shapes = parse_cluster_shapes(&args.configs.join(","))?;
     println!(
-        "locktorture {} for {} s per run, {} of guest memory{}; ratios are against {}x{}",
+        "locktorture {} for {} s per run{}, {} of guest memory{}; ratios are against {}x{}",
         args.lock,
         args.secs,
+        if args.cmdline.is_empty() {
+            String::new()
+        } else {
+            format!(" ({})", args.cmdline)
+        },
         args.memory,
         if args.netns {
             ", nodes in namespaces"
