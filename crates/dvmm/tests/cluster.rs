@@ -126,7 +126,7 @@ fn nodes_started_in_reverse_order_in_namespaces_boot_the_guest() {
     let rx = lines(&mut n0);
     let r = wait_for(
         &rx,
-        "smp: Brought up 1 node, 2 CPUs",
+        "smp: Brought up 2 nodes, 2 CPUs",
         Duration::from_secs(300),
     );
     let _ = n0.kill();

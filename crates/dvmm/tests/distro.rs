@@ -54,7 +54,7 @@ fn boots_to_user_space_on_two_nodes(kernel: &str) {
         tail(&console, 3000)
     );
     assert!(
-        console.contains("smp: Brought up 1 node, 2 CPUs"),
+        console.contains("smp: Brought up 2 nodes, 2 CPUs"),
         "{}",
         tail(&console, 3000)
     );

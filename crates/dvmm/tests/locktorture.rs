@@ -28,9 +28,10 @@ fn locktorture(nodes: usize, lock: &str, netns: bool) {
     let err = text(&out.stderr);
     let all: Vec<&str> = console.lines().collect();
     let tail = all[all.len().saturating_sub(40)..].join("\n");
+    // One NUMA node per node process (the SRAT).
     assert!(
-        console.contains("smp: Brought up 1 node, 4 CPUs"),
-        "4 CPUs not brought up:\n{tail}\n{err}"
+        console.contains(&format!("smp: Brought up {nodes} nodes, 4 CPUs")),
+        "4 CPUs on {nodes} NUMA nodes not brought up:\n{tail}\n{err}"
     );
     assert!(
         console.contains(&format!("{lock}-torture:--- End of test: SUCCESS")),
