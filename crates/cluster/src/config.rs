@@ -460,10 +460,16 @@ mod tests {
         assert_eq!(c.unpack_bzimage, UnpackBzImage::Always);
         // ACPI and NUMA by default, no disk; and as written.
         assert!(c.acpi && c.numa && c.disk.is_none());
-        let off =
-            format!("acpi = false\nnuma = false\ndisk = \"/d.img\"\ndisk_readonly = true\n{OK}");
+        let off = format!("numa = false\ndisk = \"/d.img\"\ndisk_readonly = true\n{OK}");
         let c = ClusterConfig::parse(&off, Path::new(".")).unwrap();
-        assert!(!c.acpi && !c.numa);
+        assert!(c.acpi && !c.numa);
+        let no_acpi = format!("acpi = false\nnuma = false\n{OK}");
+        assert!(!ClusterConfig::parse(&no_acpi, Path::new(".")).unwrap().acpi);
+        let disk_no_acpi = format!("acpi = false\nnuma = false\ndisk = \"/d.img\"\n{OK}");
+        assert!(ClusterConfig::parse(&disk_no_acpi, Path::new("."))
+            .unwrap_err()
+            .to_string()
+            .contains("a disk needs acpi"));
         assert_eq!(
             c.disk,
             Some(vmm::vm::DiskSpec {

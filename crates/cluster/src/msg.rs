@@ -127,7 +127,13 @@ mod tests {
                 data: vec![b'x'; 4],
             });
         }
-        for event in [PortEvent::None, PortEvent::Reset, PortEvent::PowerOff] {
+        for event in [
+            PortEvent::None,
+            PortEvent::Reset,
+            PortEvent::PowerOff,
+            PortEvent::AcpiPowerOff,
+            PortEvent::PowerOffAnnounced,
+        ] {
             v.push(Ctrl::IoResp {
                 vcpu: 7,
                 event,
@@ -137,6 +143,7 @@ mod tests {
         for outcome in [
             Ok(GuestEnd::PowerOff),
             Ok(GuestEnd::Reboot),
+            Ok(GuestEnd::AcpiPowerOff),
             Err("node 2: triple fault".to_string()),
         ] {
             v.push(Ctrl::End { outcome });
@@ -174,7 +181,7 @@ mod tests {
         assert_eq!(&b[..3], &[5, 1, 3]);
         b[2] = 4;
         assert!(Ctrl::decode(&b).is_err());
-        // IoResp { vcpu: 0, event: <variant 3>, .. }.
+        // IoResp { vcpu: 0, event: <variant 5>, .. }.
         let mut b = Ctrl::IoResp {
             vcpu: 0,
             event: PortEvent::PowerOff,
@@ -183,16 +190,16 @@ mod tests {
         .encode()
         .unwrap();
         assert_eq!(&b[..3], &[6, 0, 2]);
-        b[2] = 3;
+        b[2] = 5;
         assert!(Ctrl::decode(&b).is_err());
-        // End { outcome: Ok(<variant 2>) }.
+        // End { outcome: Ok(<variant 3>) }.
         let mut b = Ctrl::End {
             outcome: Ok(GuestEnd::Reboot),
         }
         .encode()
         .unwrap();
         assert_eq!(b, [7, 0, 1]);
-        b[2] = 2;
+        b[2] = 3;
         assert!(Ctrl::decode(&b).is_err());
         // Neither Ok nor Err.
         b[1] = 2;

@@ -130,10 +130,11 @@ pub enum GuestEnd {
     /// Linux then halts every CPU with interrupts disabled), or every vCPU halted for
     /// good (single node).
     PowerOff,
-    /// Powered off through ACPI (S5 in the sleep control register).
-    AcpiPowerOff,
     /// Asked for a reboot (i8042 reset), which ends the run.
     Reboot,
+    /// Powered off through ACPI (S5 in the sleep control register). (Last: the
+    /// variants' indices are their codes between nodes.)
+    AcpiPowerOff,
 }
 
 /// Errors of a VM run.
