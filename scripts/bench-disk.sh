@@ -25,18 +25,18 @@ host() { # $1: read|write -> MB/s of the host's dd on a file next to the image
   echo "$out" | sed -n 's/.*copied, \([0-9.]*\) s.*/\1/p' | awk '{printf "%.1f", 64 * 1.048576 / $1}'
 }
 
-script="dvmm.script=taskset+-c+0+dd+if=/dev/zero+of=/dev/vda+bs=1M+count=64+oflag=direct+conv=fsync"
-script+=";taskset+-c+1+dd+if=/dev/zero+of=/dev/vda+bs=1M+count=64+seek=64+oflag=direct+conv=fsync"
-script+=";taskset+-c+0+dd+if=/dev/vda+of=/dev/null+bs=1M+count=64+iflag=direct"
-script+=";taskset+-c+1+dd+if=/dev/vda+of=/dev/null+bs=1M+count=64+skip=64+iflag=direct"
+script="dvmm.script=taskset+-c+0+time+dd+if=/dev/zero+of=/dev/vda+bs=1M+count=64+oflag=direct+conv=fsync"
+script+=";taskset+-c+1+time+dd+if=/dev/zero+of=/dev/vda+bs=1M+count=64+seek=64+oflag=direct+conv=fsync"
+script+=";taskset+-c+0+time+dd+if=/dev/vda+of=/dev/null+bs=1M+count=64+iflag=direct"
+script+=";taskset+-c+1+time+dd+if=/dev/vda+of=/dev/null+bs=1M+count=64+skip=64+iflag=direct"
 script+=";poweroff+-f"
 "$dvmm" run --nodes 2 --vcpus 2 --memory 1G --kernel guest/out/vmlinux \
   --initrd guest/out/initramfs.cpio.gz --disk "$img" --timeout 1200 \
   --cmdline "$script" >"$dir/out" 2>"$dir/err" || {
   echo "bench-disk: the run failed:" >&2; tail -5 "$dir/err" >&2; exit 1; }
-# busybox dd: "67108864 bytes (64.0MB) copied, 5.1 seconds, 12.5MB/s"
-mapfile -t secs < <(sed -n 's/.* copied, \([0-9.]*\) seconds.*/\1/p' "$dir/out")
-[ "${#secs[@]}" -eq 4 ] || { echo "bench-disk: expected 4 dd results:" >&2; grep -n "copied\|DVMM-GUEST" "$dir/out" >&2; exit 1; }
+# busybox time: "real<TAB>0m 5.12s"
+mapfile -t secs < <(sed -n 's/^real\t\([0-9]*\)m \([0-9.]*\)s.*/\1 \2/p' "$dir/out" | awk '{printf "%.2f\n", $1 * 60 + $2}')
+[ "${#secs[@]}" -eq 4 ] || { echo "bench-disk: expected 4 timed dd runs:" >&2; grep -n "real\|DVMM-GUEST" "$dir/out" >&2; exit 1; }
 hw=$(host write); hr=$(host read)
 i=0
 for what in "write vCPU 0 (node 0)" "write vCPU 1 (node 1)" "read  vCPU 0 (node 0)" "read  vCPU 1 (node 1)"; do
