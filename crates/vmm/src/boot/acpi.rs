@@ -135,11 +135,7 @@ struct InterruptSourceOverride {
     flags: u16,
 }
 
-impl Aml for InterruptSourceOverride {
-    fn to_aml_bytes(&self, sink: &mut dyn AmlSink) {
-        sink.vec(self.as_bytes());
-    }
-}
+acpi_tables::aml_as_bytes!(InterruptSourceOverride);
 
 /// MADT Local APIC NMI (type 4).
 #[repr(C, packed)]
@@ -152,11 +148,7 @@ struct LocalApicNmi {
     lint: u8,
 }
 
-impl Aml for LocalApicNmi {
-    fn to_aml_bytes(&self, sink: &mut dyn AmlSink) {
-        sink.vec(self.as_bytes());
-    }
-}
+acpi_tables::aml_as_bytes!(LocalApicNmi);
 
 /// SRAT Processor Local APIC Affinity (type 0).
 #[repr(C, packed)]
@@ -215,18 +207,16 @@ fn dsdt(devices: &[MmioDevice]) -> Vec<u8> {
         let crs = Name::new("_CRS".into(), &crs);
         Device::new("COM1".into(), vec![&hid, &uid, &crs]).to_aml_bytes(&mut bodies);
     }
-    {
-        for (i, d) in devices.iter().enumerate() {
-            let uid = i as u8;
-            let window = Memory32Fixed::new(true, d.base as u32, d.size as u32);
-            let irq = Interrupt::new(true, true, false, false, d.gsi);
-            let crs = ResourceTemplate::new(vec![&window, &irq]);
-            let hid = Name::new("_HID".into(), &"LNRO0005");
-            let uid = Name::new("_UID".into(), &uid);
-            let crs = Name::new("_CRS".into(), &crs);
-            let name = format!("VR{i:02X}");
-            Device::new(name.as_str().into(), vec![&hid, &uid, &crs]).to_aml_bytes(&mut bodies);
-        }
+    for (i, d) in devices.iter().enumerate() {
+        let uid = i as u8;
+        let window = Memory32Fixed::new(true, d.base as u32, d.size as u32);
+        let irq = Interrupt::new(true, true, false, false, d.gsi);
+        let crs = ResourceTemplate::new(vec![&window, &irq]);
+        let hid = Name::new("_HID".into(), &"LNRO0005");
+        let uid = Name::new("_UID".into(), &uid);
+        let crs = Name::new("_CRS".into(), &crs);
+        let name = format!("VR{i:02X}");
+        Device::new(name.as_str().into(), vec![&hid, &uid, &crs]).to_aml_bytes(&mut bodies);
     }
     Scope::new("\\_SB_".into(), vec![&RawAml(bodies)]).to_aml_bytes(&mut aml);
     let mut t = Sdt::new(*b"DSDT", 36, 6, OEM_ID, *b"DVMMDSDT", OEM_REVISION);
