@@ -65,5 +65,9 @@ fi
 # busybox, /init and smptest: guest/initramfs/build.sh has its own cache key, so that a
 # change there does not rebuild the kernel.
 "$here/initramfs/build.sh"
+# The kernel's symbols, next to it: `dvmm stats` names hot guest pages with them.
+if [ -f "$build/linux-source-6.1/System.map" ] && ! cmp -s "$build/linux-source-6.1/System.map" "$out/System.map"; then
+  cp "$build/linux-source-6.1/System.map" "$out/System.map"
+fi
 # The ext4 disk image for --disk (guest/disk/build.sh, its own cache key).
 "$here/disk/build.sh"

@@ -24,7 +24,7 @@ fi
 
 bb_ver=$(dpkg-query -W -f='${Version}' busybox-static 2>/dev/null || sha256sum $busybox | cut -c1-16)
 cc_ver=$(gcc -dumpfullversion 2>/dev/null || gcc -dumpversion)
-key=$(cat "$here/build.sh" "$here/init" "$here"/*.c | sha256sum | cut -c1-16)-$bb_ver-$cc_ver
+key=$(cat "$here/build.sh" "$here/init" "$here/power-button" "$here"/*.c | sha256sum | cut -c1-16)-$bb_ver-$cc_ver
 mkdir -p "$out"
 if [ -f "$out/initramfs.cpio.gz" ] && [ -f "$out/idle.cpio" ] && [ "$(cat "$out/initramfs.key" 2>/dev/null)" = "$key" ]; then
   echo "guest: initramfs is up to date ($out/initramfs.cpio.gz)"
@@ -52,6 +52,9 @@ rm -f "$root/smptest.o" "$root/avxtest.o"
 ln -s usertest "$root/bin/smptest"
 ln -s usertest "$root/bin/avxtest"
 echo "root:x:0:0:root:/root:/bin/sh" > "$root/etc/passwd"
+# The ACPI power button's action for busybox acpid (started by /init).
+mkdir -p "$root/etc/acpi/PWRF"
+install -m 0755 "$here/power-button" "$root/etc/acpi/PWRF/00000080"
 # The kernel opens /dev/console for /init before anything is mounted (its built-in
 # initramfs has one too; this one is kept for kernels without it).
 mknod -m 600 "$root/dev/console" c 5 1 2>/dev/null || true

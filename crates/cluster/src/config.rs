@@ -1,6 +1,7 @@
 //! The cluster description (TOML).
 //!
 //! ```toml
+//! name = "lab"                      # optional: names the control sockets (default: the file's stem)
 //! kernel = "guest/out/vmlinux"     # read by node 0 only (an ELF vmlinux or a bzImage)
 //! unpack_bzimage = "auto"           # who unpacks a bzImage: auto | always | never
 //! initrd = "guest/out/initramfs.cpio.gz"   # optional
@@ -80,6 +81,8 @@ pub const DEFAULT_CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::fr
 #[serde(deny_unknown_fields)]
 struct RawConfig {
     #[serde(skip_serializing_if = "Option::is_none")]
+    name: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     kernel: Option<PathBuf>,
     #[serde(skip_serializing_if = "Option::is_none")]
     initrd: Option<PathBuf>,
@@ -133,6 +136,9 @@ pub struct NodeConfig {
 /// A validated cluster description.
 #[derive(Debug, Clone)]
 pub struct ClusterConfig {
+    /// The cluster's name (`name`; default: the description file's stem): names its
+    /// nodes' control sockets ([`crate::control`]).
+    pub name: String,
     /// Kernel image (node 0).
     pub kernel: PathBuf,
     /// Initrd (node 0).
@@ -172,13 +178,21 @@ impl ClusterConfig {
             source,
         })?;
         let base = path.parent().unwrap_or(Path::new("."));
-        Self::parse(&text, base).map_err(|e| match e {
+        let mut c = Self::parse(&text, base).map_err(|e| match e {
             ConfigError::Parse { msg, .. } => ConfigError::Parse {
                 path: path.to_path_buf(),
                 msg,
             },
             other => other,
-        })
+        })?;
+        if c.name.is_empty() {
+            c.name = path
+                .file_stem()
+                .map(|s| s.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            c.validate()?;
+        }
+        Ok(c)
     }
 
     /// Parses the text of a description; relative `secret_file` paths are taken from
@@ -222,6 +236,7 @@ impl ClusterConfig {
             }
         };
         let c = ClusterConfig {
+            name: raw.name.unwrap_or_default(),
             kernel: raw.kernel.unwrap_or_else(|| PathBuf::from(DEFAULT_KERNEL)),
             initrd: raw.initrd,
             unpack_bzimage: raw.unpack_bzimage,
@@ -248,6 +263,7 @@ impl ClusterConfig {
     /// Checks a description: the one set of rules for a parsed file (`dvmm node`) and
     /// for a description built in code (`dvmm run`).
     pub fn validate(&self) -> Result<(), ConfigError> {
+        crate::control::check_name(&self.name).map_err(ConfigError::Invalid)?;
         let nodes = &self.nodes;
         if nodes.is_empty() {
             return Err(ConfigError::Invalid("no [[node]] entries".into()));
@@ -312,6 +328,7 @@ impl ClusterConfig {
     /// secret in `secret_file` (not written here; see [`ClusterConfig::save`]).
     pub fn to_toml(&self, secret_file: &Path) -> String {
         let raw = RawConfig {
+            name: (!self.name.is_empty()).then(|| self.name.clone()),
             kernel: Some(self.kernel.clone()),
             initrd: self.initrd.clone(),
             unpack_bzimage: self.unpack_bzimage,
@@ -512,6 +529,7 @@ mod tests {
 
     fn built(nodes: &[(usize, u64)]) -> ClusterConfig {
         ClusterConfig {
+            name: "t".into(),
             kernel: "/k".into(),
             initrd: None,
             unpack_bzimage: UnpackBzImage::Never,

@@ -66,6 +66,9 @@ pub enum Ctrl {
         /// The outcome.
         outcome: Result<GuestEnd, String>,
     },
+    /// Someone asked the sender to stop the guest (SIGTERM, `dvmm stop`): node 0 asks
+    /// the guest to power off. Last: the variant indices are the codes on the wire.
+    StopRequest,
 }
 
 /// Why a frame is not a control message.
@@ -148,6 +151,7 @@ mod tests {
         ] {
             v.push(Ctrl::End { outcome });
         }
+        v.push(Ctrl::StopRequest);
         v
     }
 
@@ -163,8 +167,9 @@ mod tests {
     fn garbage_is_refused() {
         assert!(Ctrl::decode(&[]).is_err());
         assert!(Ctrl::decode(&[0xff, 0xff, 0xff]).is_err());
-        // Variant indices past the last one (End = 7).
-        assert!(Ctrl::decode(&[8]).is_err());
+        // Variant indices past the last one (StopRequest = 8).
+        assert_eq!(Ctrl::decode(&[8]).unwrap(), Ctrl::StopRequest);
+        assert!(Ctrl::decode(&[9]).is_err());
         assert!(Ctrl::decode(&[200]).is_err());
     }
 

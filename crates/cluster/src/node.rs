@@ -1,7 +1,7 @@
 //! One node process: joins the mesh, maps guest RAM under the DSM, creates its part of
 //! the VM and serves the other nodes' interrupts, EOIs and device accesses.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{mpsc, Arc, Condvar, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -15,6 +15,7 @@ use vmm::term::eprint_line;
 use vmm::{ClusterLink, GuestEnd, IoAccess, Placement, Vm, VmConfig, VmHandle};
 
 use crate::config::ClusterConfig;
+use crate::control::{self, ControlServer, HotPage, LinkSnapshot, NodeSnapshot};
 use crate::msg::{Ctrl, CTRL_CHANNEL};
 
 /// Errors of a node.
@@ -217,6 +218,18 @@ impl Phase {
     fn stopping(self) -> bool {
         self >= Phase::Ending
     }
+
+    /// Its name in `dvmm stats`.
+    fn name(self) -> &'static str {
+        match self {
+            Phase::Connecting => "connecting",
+            Phase::WaitingStart => "waiting-start",
+            Phase::VmCreated => "starting",
+            Phase::Running => "running",
+            Phase::Ending => "ending",
+            Phase::Ended => "ended",
+        }
+    }
 }
 
 /// The state of a node's run, all under one lock ([`Node::life`]). Generic over the VM
@@ -343,6 +356,10 @@ struct Node {
     /// that a device that blocks (a full console pipe, a device reading guest memory
     /// through the DSM) never holds up the transport reader that DSM frames need.
     io_jobs: mpsc::Sender<IoJob>,
+    /// A stop was asked for (the power button is pressed once).
+    stop_asked: AtomicBool,
+    /// How long the guest has to power off after the power button.
+    stop_timeout: Duration,
 }
 
 /// A device access forwarded from `from`'s vCPU `vcpu`.
@@ -366,6 +383,8 @@ impl Node {
             cv: Condvar::new(),
             stats: LinkStats::default(),
             io_jobs,
+            stop_asked: AtomicBool::new(false),
+            stop_timeout: DEFAULT_STOP_TIMEOUT,
         }
     }
 
@@ -592,6 +611,16 @@ impl Node {
                 st.resp = Some((event, data));
                 s.cv.notify_all();
             }
+            Ctrl::StopRequest => {
+                if self.me != 0 {
+                    self.refuse(from, &m, "stop requests go to node 0");
+                    return;
+                }
+                match self.request_stop() {
+                    Ok(what) => tracing::info!(from, "stop requested by node {from}: {what}"),
+                    Err(e) => tracing::warn!(from, "stop requested by node {from}: {e}"),
+                }
+            }
             Ctrl::End { outcome } => {
                 // The sender told every node: nobody needs to hear it again from here.
                 let vm = self.life().remote_end(self.me);
@@ -608,6 +637,93 @@ impl Node {
                     }
                 }
             }
+        }
+    }
+
+    /// Asks the guest to power off (SIGTERM, `dvmm stop`): node 0 presses the ACPI power
+    /// button and gives the guest [`Node::stop_timeout`] to power off, then stops the
+    /// run with an error; without ACPI it stops the run at once. Another node passes
+    /// the request to node 0. Returns what was done.
+    fn request_stop(&self) -> Result<String, String> {
+        if self.me != 0 {
+            if self.sender.get().is_none() {
+                return Err("not connected to node 0 yet".into());
+            }
+            self.send(0, &Ctrl::StopRequest);
+            return Ok("passed the request to node 0".into());
+        }
+        let Some(vm) = self.vm() else {
+            let why = "stopped on request before the guest started".to_string();
+            self.fail(why.clone());
+            return Ok(why);
+        };
+        if self.stop_asked.swap(true, Ordering::SeqCst) {
+            return Ok("the power button was pressed already; waiting for the guest".into());
+        }
+        match vm.power_button() {
+            Ok(()) => {
+                let timeout = self.stop_timeout;
+                eprint_line(&format!(
+                    "dvmm: stop requested: pressed the guest's power button (it has {} s to \
+                     power off)",
+                    timeout.as_secs()
+                ));
+                let vm2 = vm.clone();
+                let _ = std::thread::Builder::new()
+                    .name("stop-timeout".into())
+                    .spawn(move || {
+                        std::thread::sleep(timeout);
+                        vm2.fail(format!(
+                            "the guest did not power off within {} s of the power button: \
+                             stopped",
+                            timeout.as_secs()
+                        ));
+                    });
+                Ok("pressed the guest's power button".into())
+            }
+            Err(e) => {
+                let why = format!("stopped on request without the guest's power-off ({e})");
+                vm.fail(why.clone());
+                Ok(why)
+            }
+        }
+    }
+
+    /// The node's counters now (`dvmm stats`).
+    fn snapshot(&self, cluster: &str, started: Instant) -> NodeSnapshot {
+        let vm = self.vm();
+        let dsm = self.dsm.get().map(|d| d.stats());
+        let s = &self.stats;
+        NodeSnapshot {
+            cluster: cluster.to_string(),
+            node: self.me,
+            nodes: self.nodes,
+            pid: std::process::id(),
+            uptime_us: started.elapsed().as_micros() as u64,
+            phase: self.phase().name().to_string(),
+            vcpus: vm.as_ref().map(|v| v.vcpu_snapshots()).unwrap_or_default(),
+            link: LinkSnapshot {
+                irqs_sent: s.irqs_sent.load(Ordering::Relaxed),
+                irqs_received: s.irqs_received.load(Ordering::Relaxed),
+                io_forwarded: s.io_forwarded.load(Ordering::Relaxed),
+                io_served: s.io_served.load(Ordering::Relaxed),
+                shadow_flushes: vm.as_ref().map_or(0, |v| v.shadow_flushes()),
+            },
+            hot_pages: dsm
+                .as_ref()
+                .map(|d| {
+                    d.hot_pages
+                        .iter()
+                        .map(|&(page, faults)| HotPage {
+                            gpa: page * 4096,
+                            faults,
+                            what: vm.as_ref().and_then(|v| v.name_address(page * 4096)),
+                        })
+                        .collect()
+                })
+                .unwrap_or_default(),
+            dsm,
+            devices: vm.as_ref().map(|v| v.device_counters()).unwrap_or_default(),
         }
     }
 
@@ -774,6 +890,9 @@ impl ClusterLink for Link {
     }
 }
 
+/// How long the guest has to power off after a stop request unless told otherwise.
+pub const DEFAULT_STOP_TIMEOUT: Duration = Duration::from_secs(60);
+
 /// Options of a node run that are not in the cluster description.
 #[derive(Debug, Default)]
 pub struct NodeOptions {
@@ -782,6 +901,12 @@ pub struct NodeOptions {
     /// An already bound listening socket for this node's address (e.g. handed down by
     /// `dvmm run`, which bound it to a free port); `None`: the node binds its address.
     pub listener: Option<std::net::TcpListener>,
+    /// Set (e.g. by a SIGTERM handler) to ask the guest to power off; looked at every
+    /// 100 ms.
+    pub stop_signal: Option<&'static AtomicBool>,
+    /// How long the guest has to power off after a stop request (None: the default,
+    /// [`DEFAULT_STOP_TIMEOUT`]).
+    pub stop_timeout: Option<Duration>,
 }
 
 /// What a node reports at the end of a run.
@@ -819,8 +944,9 @@ pub fn run_node(
     me: u16,
     mut opts: NodeOptions,
 ) -> Result<NodeReport, NodeError> {
-    let node = new_node(cfg, me)?;
+    let node = new_node(cfg, me, opts.stop_timeout.unwrap_or(DEFAULT_STOP_TIMEOUT))?;
     let _stop = StopOnDrop(node.clone());
+    let _control = start_control(cfg, &node, opts.stop_signal.take())?;
     let mesh = connect_mesh(cfg, &node, opts.listener.take())?;
     let d = start_dsm(cfg, &node, mesh.sender())?;
     let (vm, tsc_base) = create_vm(cfg, &node, &d, opts)?;
@@ -830,8 +956,46 @@ pub fn run_node(
     end_run(&node, &mesh, &d, &handle, result)
 }
 
+/// Listens on the node's control socket ([`control`]): `stats` and `stop` requests,
+/// and the stop signal looked at on the same thread.
+fn start_control(
+    cfg: &ClusterConfig,
+    node: &Arc<Node>,
+    stop_signal: Option<&'static AtomicBool>,
+) -> Result<ControlServer, NodeError> {
+    let started = Instant::now();
+    let (n, name) = (node.clone(), cfg.name.clone());
+    let handler: control::Handler = Arc::new(move |req: &str| match req {
+        "stats" => serde_json::to_string(&n.snapshot(&name, started))
+            .unwrap_or_else(|e| control::error_reply(&e.to_string())),
+        "stop" => match n.request_stop() {
+            Ok(what) => control::ok_reply(&what),
+            Err(e) => control::error_reply(&e),
+        },
+        other => control::error_reply(&format!(
+            "unknown request '{}' (stats, stop)",
+            other.chars().take(40).collect::<String>()
+        )),
+    });
+    let n = node.clone();
+    let tick = Box::new(move || {
+        if stop_signal.is_some_and(|s| s.swap(false, Ordering::SeqCst))
+        {
+            if let Err(e) = n.request_stop() {
+                eprint_line(&format!("dvmm: node {}: stop: {e}", n.me));
+            }
+        }
+    });
+    ControlServer::start(&control::socket_path(&cfg.name, node.me), handler, tick)
+        .map_err(NodeError::Config)
+}
+
 /// Checks the node's place in the cluster and starts its io-server thread.
-fn new_node(cfg: &ClusterConfig, me: u16) -> Result<Arc<Node>, NodeError> {
+fn new_node(
+    cfg: &ClusterConfig,
+    me: u16,
+    stop_timeout: Duration,
+) -> Result<Arc<Node>, NodeError> {
     let nodes = cfg.nodes.len() as u16;
     if me >= nodes {
         return Err(NodeError::Config(format!(
@@ -848,7 +1012,9 @@ fn new_node(cfg: &ClusterConfig, me: u16) -> Result<Arc<Node>, NodeError> {
             vcpu_nodes.len()
         )));
     }
-    let node = Arc::new(Node::new(me, vcpu_nodes, nodes, io_tx));
+    let mut node = Node::new(me, vcpu_nodes, nodes, io_tx);
+    node.stop_timeout = stop_timeout;
+    let node = Arc::new(node);
     let n = node.clone();
     // Detached: it ends within 100 ms of the node stopping, which [`StopOnDrop`] ensures
     // on every return of `run_node` (or at once here if the caller never gets the node).

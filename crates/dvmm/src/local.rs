@@ -10,7 +10,7 @@
 use std::net::{SocketAddr, TcpListener};
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 use testlab::launch::{Cluster, Lines};
 use testlab::netns::NetnsLab;
@@ -45,12 +45,18 @@ pub struct LocalRun {
     pub numa: bool,
     /// The virtio disk (node 0).
     pub disk: Option<vmm::vm::DiskSpec>,
+    /// Seconds the guest has to power off after a stop request.
+    pub stop_timeout: u64,
+    /// Serve every node's counters here (Prometheus text format).
+    pub metrics: Option<SocketAddr>,
 }
 
-static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+/// SIGTERM and SIGINT received so far: the first asks the guest to power off, the second
+/// stops every node at once.
+static SIGNALS: AtomicUsize = AtomicUsize::new(0);
 
 extern "C" fn on_signal(_: libc::c_int) {
-    INTERRUPTED.store(true, Ordering::SeqCst);
+    SIGNALS.fetch_add(1, Ordering::SeqCst);
 }
 
 struct TempDir(PathBuf);
@@ -63,6 +69,12 @@ impl Drop for TempDir {
 
 fn secret() -> Vec<u8> {
     testlab::launch::random_secret().into_bytes()
+}
+
+/// The name of the cluster `dvmm run` starts (its control sockets' directory):
+/// `run-<pid of dvmm run>`.
+pub fn local_name() -> String {
+    format!("run-{}", std::process::id())
 }
 
 /// Splits `total` into `n` parts, the first ones one larger.
@@ -101,6 +113,7 @@ pub fn cluster_config(
     let per = (run.memory / n as u64) / unit * unit;
     let vcpus = spread(run.vcpus, n);
     cluster::ClusterConfig {
+        name: local_name(),
         kernel: run.kernel.clone(),
         unpack_bzimage: run.unpack_bzimage,
         initrd: run.initrd.clone(),
@@ -259,6 +272,8 @@ pub fn run(run: &LocalRun) -> Result<i32, String> {
             .arg(k.to_string())
             .arg("--timeout")
             .arg(run.timeout.to_string())
+            .arg("--stop-timeout")
+            .arg(run.stop_timeout.to_string())
             // Node 0 holds the console: the terminal (or pipe) is its input and output.
             .stdin(if k == 0 {
                 Stdio::inherit()
@@ -283,18 +298,56 @@ pub fn run(run: &LocalRun) -> Result<i32, String> {
             return Err(format!("cannot start node {k}: {e}"));
         }
     }
-    Ok(supervise(&mut cluster))
+    // Every node's counters, gathered from their control sockets at each scrape.
+    let _metrics = match run.metrics {
+        Some(addr) => match crate::metrics::MetricsServer::start(
+            addr,
+            crate::metrics::Source::Cluster(local_name()),
+        ) {
+            Ok(m) => Some(m),
+            Err(e) => {
+                cluster.kill_all();
+                return Err(e);
+            }
+        },
+        None => None,
+    };
+    Ok(supervise(&mut cluster, Duration::from_secs(run.stop_timeout)))
 }
 
 /// How long the other nodes get to stop after the first node process ended.
 const STOP_GRACE: Duration = Duration::from_secs(8);
 
-fn supervise(cluster: &mut Cluster) -> i32 {
+fn supervise(cluster: &mut Cluster, stop_timeout: Duration) -> i32 {
+    // When the first SIGTERM/SIGINT was passed on to node 0.
+    let mut stop_asked: Option<std::time::Instant> = None;
     while cluster.poll() > 0 {
-        if INTERRUPTED.load(Ordering::SeqCst) {
-            eprintln!("dvmm: interrupted: stopping every node");
+        let signals = SIGNALS.load(Ordering::SeqCst);
+        if signals >= 2 {
+            eprintln!("dvmm: interrupted again: stopping every node now");
             cluster.kill_all();
             return 130;
+        }
+        if signals == 1 && stop_asked.is_none() {
+            // Node 0 presses the guest's power button and, if the guest does not power
+            // off in time, stops the cluster itself; this is the last resort.
+            eprintln!(
+                "dvmm: stop requested: asking the guest to power off (up to {} s; \
+                 interrupt again to stop at once)",
+                stop_timeout.as_secs()
+            );
+            stop_asked = Some(std::time::Instant::now());
+            if let Some(n) = cluster.nodes.first().filter(|n| n.status.is_none()) {
+                if let Ok(pid) = i32::try_from(n.child.id()) {
+                    // SAFETY: kill(2) on our own child's pid; no memory is involved.
+                    unsafe { libc::kill(pid, libc::SIGTERM) };
+                }
+            }
+        }
+        if stop_asked.is_some_and(|t| t.elapsed() > stop_timeout + STOP_GRACE * 2) {
+            eprintln!("dvmm: the cluster did not stop in time: killing every node");
+            cluster.kill_all();
+            return 1;
         }
         // Every node hears of the first one's end over the mesh (at once on a closed
         // connection, within the 3 s heartbeat timeout on a silent link) and stops;
@@ -351,6 +404,8 @@ mod tests {
             acpi: true,
             numa: true,
             disk: None,
+            stop_timeout: 60,
+            metrics: None,
         }
     }
 

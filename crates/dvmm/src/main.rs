@@ -12,6 +12,8 @@ mod bench_ssi;
 mod child_run;
 mod dsm_cmd;
 mod local;
+mod metrics;
+mod ops;
 use vmm::boot::bzimage::UnpackBzImage;
 use vmm::compat::HostKind;
 use vmm::devices::ConsoleOut;
@@ -41,6 +43,10 @@ enum Command {
     Run(RunArgs),
     /// Run one node of a cluster described in a TOML file.
     Node(NodeArgs),
+    /// Print the counters of a running cluster's nodes (once, or every second).
+    Stats(ops::StatsArgs),
+    /// Ask a running cluster's guest to power off, and wait until the cluster is gone.
+    Stop(ops::StopArgs),
     /// Benchmarks that print numbers (and a floor measured in the same run).
     #[command(subcommand)]
     Bench(BenchCommand),
@@ -113,6 +119,24 @@ struct RunArgs {
     /// The guest may only read the disk.
     #[arg(long, requires = "disk")]
     disk_readonly: bool,
+    /// On SIGTERM, SIGINT or `dvmm stop`: how long the guest has to power off after its
+    /// power button is pressed, in seconds. See docs/OPERATIONS.md.
+    #[arg(long, default_value_t = DEFAULT_STOP_TIMEOUT_S, value_name = "SECS")]
+    stop_timeout: u64,
+    /// Serve the nodes' counters in the Prometheus text format at this address
+    /// (e.g. 127.0.0.1:9464; path /metrics). See docs/OPERATIONS.md.
+    #[arg(long, value_name = "ADDR")]
+    metrics: Option<std::net::SocketAddr>,
+}
+
+/// The default of `--stop-timeout`.
+const DEFAULT_STOP_TIMEOUT_S: u64 = cluster::node::DEFAULT_STOP_TIMEOUT.as_secs();
+
+/// Set by SIGTERM / SIGINT in `dvmm node`: ask the guest to power off.
+static NODE_STOP: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+extern "C" fn on_node_signal(_: libc::c_int) {
+    NODE_STOP.store(true, std::sync::atomic::Ordering::SeqCst);
 }
 
 #[derive(clap::Args)]
@@ -130,6 +154,14 @@ struct NodeArgs {
     /// `dvmm run`).
     #[arg(long, hide = true)]
     listen_fd: Option<i32>,
+    /// On SIGTERM, SIGINT or `dvmm stop`: how long the guest has to power off after its
+    /// power button is pressed, in seconds (node 0 decides).
+    #[arg(long, default_value_t = DEFAULT_STOP_TIMEOUT_S, value_name = "SECS")]
+    stop_timeout: u64,
+    /// Serve this node's counters in the Prometheus text format at this address
+    /// (path /metrics).
+    #[arg(long, value_name = "ADDR")]
+    metrics: Option<std::net::SocketAddr>,
 }
 
 fn node(args: NodeArgs) -> Result<(), String> {
@@ -138,6 +170,24 @@ fn node(args: NodeArgs) -> Result<(), String> {
         .listen_fd
         .map(|fd| local::inherited_listener(fd, &cfg, args.id))
         .transpose()?;
+    // The metrics endpoint first: an address in use is refused before the node joins.
+    let _metrics = args
+        .metrics
+        .map(|addr| {
+            metrics::MetricsServer::start(
+                addr,
+                metrics::Source::Node {
+                    cluster: cfg.name.clone(),
+                    id: args.id,
+                },
+            )
+        })
+        .transpose()?;
+    // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
+    unsafe {
+        libc::signal(libc::SIGTERM, on_node_signal as *const () as libc::sighandler_t);
+        libc::signal(libc::SIGINT, on_node_signal as *const () as libc::sighandler_t);
+    }
     // Node 0 has the console: raw keyboard input while it runs (restored on return).
     let _raw = (args.id == 0).then(|| RawTerminal::enter(0)).flatten();
     let report = cluster::run_node(
@@ -146,6 +196,8 @@ fn node(args: NodeArgs) -> Result<(), String> {
         cluster::NodeOptions {
             timeout: (args.timeout > 0).then(|| std::time::Duration::from_secs(args.timeout)),
             listener,
+            stop_signal: Some(&NODE_STOP),
+            stop_timeout: Some(std::time::Duration::from_secs(args.stop_timeout)),
         },
     )
     .map_err(|e| e.to_string())?;
@@ -205,6 +257,8 @@ fn run(args: RunArgs) -> Result<(), String> {
             acpi: !args.no_acpi,
             numa: !args.no_numa && !args.no_acpi,
             disk: disk.clone(),
+            stop_timeout: args.stop_timeout,
+            metrics: args.metrics,
         })?;
         if code == 0 {
             return Ok(());
@@ -260,6 +314,8 @@ fn main() -> ExitCode {
     let r = match cli.command {
         Command::Run(a) => run(a),
         Command::Node(a) => node(a),
+        Command::Stats(a) => ops::stats(a),
+        Command::Stop(a) => ops::stop(a),
         Command::Bench(BenchCommand::Dsm(a)) => dsm_cmd::bench(a),
         Command::Bench(BenchCommand::Boot(a)) => bench_boot::bench(a),
         Command::Bench(BenchCommand::Cluster(a)) => bench_cluster::bench(a),

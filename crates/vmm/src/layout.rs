@@ -29,3 +29,7 @@ pub const VIRTIO_BLK_RANGE: std::ops::Range<u64> =
     VIRTIO_BLK_BASE..VIRTIO_BLK_BASE + VIRTIO_MMIO_SIZE;
 /// The virtio block device's interrupt (IOAPIC pin, above the ISA range; edge, active high).
 pub const VIRTIO_BLK_GSI: usize = 16;
+
+/// The ACPI power button's interrupt: the IOAPIC pin of the DSDT's Generic Event Device
+/// (edge, active high), pulsed by `dvmm stop` / SIGTERM.
+pub const POWER_BUTTON_GSI: usize = 18;

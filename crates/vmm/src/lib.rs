@@ -29,6 +29,7 @@ pub mod layout;
 pub mod memory;
 pub mod paging;
 pub mod stats;
+pub mod symbols;
 pub mod term;
 mod timer;
 pub mod vcpu;

@@ -27,7 +27,7 @@ use crate::compat::xstate;
 use crate::compat::INTERNAL_ERROR_EMULATION;
 use crate::devices::PortEvent;
 use crate::irq::VcpuTarget;
-use crate::stats::{ExitKind, VcpuStats};
+use crate::stats::{ExitKind, VcpuState, VcpuStats};
 
 mod ioctls {
     #![allow(missing_docs)]
@@ -161,12 +161,17 @@ pub fn dispatch<H: ExitHandler>(exit: VcpuExit<'_>, h: &mut H, stats: &VcpuStats
     match exit {
         VcpuExit::IoIn(port, data) => {
             stats.exit(ExitKind::IoIn);
+            stats.set_state(VcpuState::Device);
             h.pio_read(port, data);
+            stats.set_state(VcpuState::Vmm);
             Next::Continue
         }
         VcpuExit::IoOut(port, data) => {
             stats.exit(ExitKind::IoOut);
-            match h.pio_write(port, data) {
+            stats.set_state(VcpuState::Device);
+            let ev = h.pio_write(port, data);
+            stats.set_state(VcpuState::Vmm);
+            match ev {
                 PortEvent::None | PortEvent::PowerOffAnnounced => Next::Continue,
                 PortEvent::Reset => Next::Reset,
                 PortEvent::PowerOff | PortEvent::AcpiPowerOff => Next::PowerOff,
@@ -174,12 +179,16 @@ pub fn dispatch<H: ExitHandler>(exit: VcpuExit<'_>, h: &mut H, stats: &VcpuStats
         }
         VcpuExit::MmioRead(addr, data) => {
             stats.exit(ExitKind::MmioRead);
+            stats.set_state(VcpuState::Device);
             h.mmio_read(addr, data);
+            stats.set_state(VcpuState::Vmm);
             Next::Continue
         }
         VcpuExit::MmioWrite(addr, data) => {
             stats.exit(ExitKind::MmioWrite);
+            stats.set_state(VcpuState::Device);
             h.mmio_write(addr, data);
+            stats.set_state(VcpuState::Vmm);
             Next::Continue
         }
         VcpuExit::Hlt => {
@@ -505,6 +514,7 @@ pub fn run(
     handle.register(&mut vcpu);
     let r = run_inner(&mut vcpu, handle, env, start);
     handle.unregister();
+    handle.stats.set_state(VcpuState::Stopped);
     r
 }
 
@@ -537,6 +547,7 @@ fn run_inner(
         }
         match state {
             RunState::WaitForInit | RunState::WaitForSipi => {
+                handle.stats.set_state(VcpuState::Waiting);
                 let mut l = handle.lapic();
                 loop {
                     if env.stopping() {
@@ -651,7 +662,10 @@ fn enter_guest(
         tsc,
         msr_writes: Vec::new(),
     };
-    let next = match vcpu.run() {
+    handle.stats.set_state(VcpuState::Guest);
+    let ran = vcpu.run();
+    handle.stats.set_state(VcpuState::Vmm);
+    let next = match ran {
         Ok(exit) => dispatch(exit, &mut ctx, &handle.stats),
         Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
             handle.stats.exit(ExitKind::Intr);
@@ -730,6 +744,12 @@ fn tsc_clock(vcpu: &VcpuFd, env: &dyn VcpuEnv) -> Result<TscClock, kvm_ioctls::E
 
 /// HLT: wait until something can wake the vCPU.
 fn halt(vcpu: &mut VcpuFd, handle: &VcpuHandle, env: &dyn VcpuEnv) {
+    handle.stats.set_state(VcpuState::Halted);
+    halt_inner(vcpu, handle, env);
+    handle.stats.set_state(VcpuState::Vmm);
+}
+
+fn halt_inner(vcpu: &mut VcpuFd, handle: &VcpuHandle, env: &dyn VcpuEnv) {
     let if_flag = vcpu.get_kvm_run().if_flag != 0;
     let mut dead = false;
     let mut l = handle.lapic();

@@ -19,9 +19,9 @@ use crate::compat::shadow::ShadowSync;
 use crate::compat::usermode::{UserMode, MSR_STAR};
 use crate::compat::HostKind;
 use crate::devices::virtio::{DiskError, DiskImage, MmioBlock};
-use crate::devices::{ConsoleOut, ConsoleWatch, PortEvent};
+use crate::devices::{ConsoleOut, ConsoleWatch, IrqLine, PortEvent};
 use crate::irq::{IoApicLink, Router, VcpuTarget};
-use crate::layout::{VIRTIO_BLK_BASE, VIRTIO_BLK_GSI, VIRTIO_MMIO_SIZE};
+use crate::layout::{POWER_BUTTON_GSI, VIRTIO_BLK_BASE, VIRTIO_BLK_GSI, VIRTIO_MMIO_SIZE};
 use crate::memory::{self, MemoryError};
 use crate::timer::LapicTimer;
 use crate::vcpu::{self, Start, VcpuEnd, VcpuEnv, VcpuError, VcpuHandle};
@@ -265,6 +265,10 @@ struct Shared {
     /// When the console fallback ends the run if no ACPI power-off came
     /// ([`POWER_OFF_FALLBACK`] after the kernel's power-off line).
     power_off_fallback: Mutex<Option<Instant>>,
+    /// The guest has ACPI tables (and so a power button).
+    acpi: bool,
+    /// The kernel's symbols, to name hot pages (when its System.map is at hand).
+    symbols: Option<crate::symbols::KernelSymbols>,
 }
 
 /// Records the outcome of a run unless one is already there: the first definitive
@@ -584,6 +588,52 @@ impl VmHandle {
             .as_ref()
             .map_or(0, |s| s.flushes.load(Ordering::Relaxed))
     }
+    /// The counters of this node's vCPUs now.
+    pub fn vcpu_snapshots(&self) -> Vec<crate::stats::VcpuSnapshot> {
+        self.0
+            .handles
+            .iter()
+            .filter(|h| self.0.local[h.index])
+            .map(|h| h.stats.snapshot(h.index))
+            .collect()
+    }
+    /// The counters of the devices on this node (the I/O node's disk).
+    pub fn device_counters(&self) -> Vec<crate::stats::DeviceCounters> {
+        let mut v = Vec::new();
+        if let Some(d) = self.0.bus.disk() {
+            let s = d.stats();
+            v.push(crate::stats::DeviceCounters {
+                device: "disk".into(),
+                counters: vec![
+                    ("requests".into(), s.requests),
+                    ("read_bytes".into(), s.bytes_read),
+                    ("written_bytes".into(), s.bytes_written),
+                    ("errors".into(), s.errors),
+                ],
+            });
+        }
+        v
+    }
+    /// What the guest kernel keeps at guest-physical `gpa`, when the VMM can tell (see
+    /// [`crate::symbols`]).
+    pub fn name_address(&self, gpa: u64) -> Option<String> {
+        self.0.symbols.as_ref()?.name(&self.0.mem, gpa)
+    }
+    /// Presses the guest's ACPI power button (an edge on [`POWER_BUTTON_GSI`], which the
+    /// DSDT's Generic Event Device turns into a power-button notification). Only on the
+    /// I/O node of a guest with ACPI tables; otherwise an error saying why.
+    pub fn power_button(&self) -> Result<(), String> {
+        if !self.0.acpi {
+            return Err("the guest has no ACPI tables (--no-acpi): it has no power button".into());
+        }
+        match &self.0.bus {
+            IoBus::Local(_) => {
+                self.0.router.pulse(POWER_BUTTON_GSI);
+                Ok(())
+            }
+            IoBus::Remote(_) => Err("the power button is on node 0".into()),
+        }
+    }
     /// One line of counters per local vCPU.
     pub fn vcpu_stats(&self) -> Vec<String> {
         let mut lines: Vec<String> = self
@@ -726,6 +776,8 @@ impl Vm {
                 .then(|| Arc::new(ShadowSync::default())),
             mem: mem.clone(),
             power_off_fallback: Mutex::new(None),
+            acpi: cfg.acpi,
+            symbols: crate::symbols::KernelSymbols::for_kernel(&cfg.kernel, cfg.vcpus),
         });
 
         let tsc_base = cfg.placement.as_ref().and_then(|p| p.tsc_base);

@@ -7,6 +7,11 @@
 //!   ([`SLEEP_CONTROL_PORT`]): the guest writes `SLP_EN | SLP_TYP` there with the
 //!   `SLP_TYP` of the DSDT's `\_S5_` object, and the VMM ends the run ([`Devices`]).
 //!   Reset is the PC's port 0xcf9 (value 6), which the VMM already handles.
+//! * **DSDT**: `\_S5_`, COM1, each virtio-mmio device, and the power button: a
+//!   Generic Event Device (`ACPI0013`) on [`POWER_BUTTON_GSI`] whose `_EVT` method
+//!   notifies the power button device (`PNP0C0C`) — the hardware-reduced way to have
+//!   one. `dvmm stop` and SIGTERM pulse that interrupt; the guest's button driver
+//!   reports KEY_POWER and its user space powers off.
 //! * **MADT**: every vCPU's local APIC (APIC id = vCPU index), the IOAPIC (id after
 //!   the vCPUs, GSI base 0), ISA IRQ 0 routed to GSI 2 as on PCs, and LINT1 as NMI.
 //! * **SRAT/SLIT**: one proximity domain per dvmm node ([`NumaNode`]): its vCPUs' APIC
@@ -23,7 +28,8 @@
 use std::ops::Range;
 
 use acpi_tables::aml::{
-    Device, EISAName, Interrupt, Memory32Fixed, Name, Package, ResourceTemplate, Scope, IO,
+    Device, EISAName, Interrupt, Memory32Fixed, Method, Name, Notify, Package, Path,
+    ResourceTemplate, Scope, IO,
 };
 use acpi_tables::fadt::{FADTBuilder, Flags, PmProfile};
 use acpi_tables::gas::{AccessSize, AddressSpace, GAS};
@@ -39,7 +45,7 @@ use acpi_tables::{Aml, AmlSink};
 use vm_memory::{Bytes, GuestAddress, GuestMemory};
 use zerocopy::{Immutable, IntoBytes};
 
-use crate::layout::{COM1_BASE, COM1_IRQ, IOAPIC_BASE, LAPIC_BASE};
+use crate::layout::{COM1_BASE, COM1_IRQ, IOAPIC_BASE, LAPIC_BASE, POWER_BUTTON_GSI};
 
 /// Where the RSDP and the tables after it go (the BIOS read-only area, reserved RAM).
 pub const ACPI_START: u64 = 0xe_0000;
@@ -206,6 +212,23 @@ fn dsdt(devices: &[MmioDevice]) -> Vec<u8> {
         let uid = Name::new("_UID".into(), &0u8);
         let crs = Name::new("_CRS".into(), &crs);
         Device::new("COM1".into(), vec![&hid, &uid, &crs]).to_aml_bytes(&mut bodies);
+    }
+    // The power button, behind a Generic Event Device: the GED's interrupt runs its
+    // `_EVT` method, which sends the button's "pressed" notification (0x80).
+    {
+        let hid = Name::new("_HID".into(), &EISAName::new("PNP0C0C"));
+        let uid = Name::new("_UID".into(), &0u8);
+        Device::new("PWRB".into(), vec![&hid, &uid]).to_aml_bytes(&mut bodies);
+        let irq = Interrupt::new(true, true, false, false, POWER_BUTTON_GSI as u32);
+        let crs = ResourceTemplate::new(vec![&irq]);
+        let hid = Name::new("_HID".into(), &"ACPI0013");
+        let uid = Name::new("_UID".into(), &0u8);
+        let crs = Name::new("_CRS".into(), &crs);
+        let button = Path::new("\\_SB_.PWRB");
+        let pressed = 0x80u8;
+        let notify = Notify::new(&button, &pressed);
+        let evt = Method::new("_EVT".into(), 1, true, vec![&notify]);
+        Device::new("GED0".into(), vec![&hid, &uid, &crs, &evt]).to_aml_bytes(&mut bodies);
     }
     for (i, d) in devices.iter().enumerate() {
         let uid = i as u8;
@@ -533,6 +556,14 @@ mod tests {
             "I/O 0x3f8, 8 ports"
         );
         assert!(find(&[0x89, 6, 0, 0x03, 1, 4, 0, 0, 0]), "IRQ 4");
+        // The power button and its Generic Event Device on GSI 18.
+        assert!(find(b"PWRB"));
+        assert!(find(&[0x0c, 0x41, 0xd0, 0x0c, 0x0c]), "EISA id PNP0C0C");
+        assert!(find(b"ACPI0013\0"));
+        assert!(find(b"_EVT"));
+        assert!(find(&[0x89, 6, 0, 0x03, 1, 18, 0, 0, 0]), "GSI 18");
+        // Notify(\_SB_.PWRB, 0x80): NotifyOp, the path, a byte constant.
+        assert!(find(&[0x86, b'\\', 0x2e, b'_', b'S', b'B', b'_', b'P', b'W', b'R', b'B', 0x0a, 0x80]));
         // With a device: a Scope(\_SB_) holding Device(VR00) with LNRO0005, its window
         // and its interrupt.
         let disk = MmioDevice {
