@@ -254,8 +254,7 @@ pub fn ok_reply(msg: &str) -> String {
 
 /// Sends `request` to the socket at `path` and returns the reply line.
 pub fn request(path: &Path, request: &str) -> Result<String, String> {
-    let mut conn =
-        UnixStream::connect(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let mut conn = UnixStream::connect(path).map_err(|e| format!("{}: {e}", path.display()))?;
     conn.set_read_timeout(Some(IO_TIMEOUT))
         .and_then(|()| conn.set_write_timeout(Some(IO_TIMEOUT)))
         .and_then(|()| conn.write_all(format!("{request}\n").as_bytes()))
@@ -265,7 +264,10 @@ pub fn request(path: &Path, request: &str) -> Result<String, String> {
         .read_line(&mut reply)
         .map_err(|e| format!("{}: no answer: {e}", path.display()))?;
     if reply.is_empty() {
-        return Err(format!("{}: the node closed without answering", path.display()));
+        return Err(format!(
+            "{}: the node closed without answering",
+            path.display()
+        ));
     }
     Ok(reply)
 }
@@ -296,7 +298,11 @@ pub fn find_cluster(name: Option<&str>) -> Result<(String, Vec<(u16, PathBuf)>),
             .flatten()
             .filter_map(|e| {
                 let file = e.file_name().to_string_lossy().into_owned();
-                let id = file.strip_prefix("node")?.strip_suffix(".sock")?.parse().ok()?;
+                let id = file
+                    .strip_prefix("node")?
+                    .strip_suffix(".sock")?
+                    .parse()
+                    .ok()?;
                 Some((id, e.path()))
             })
             .filter(|(_, p)| UnixStream::connect(p).is_ok())

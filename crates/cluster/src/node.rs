@@ -979,8 +979,7 @@ fn start_control(
     });
     let n = node.clone();
     let tick = Box::new(move || {
-        if stop_signal.is_some_and(|s| s.swap(false, Ordering::SeqCst))
-        {
+        if stop_signal.is_some_and(|s| s.swap(false, Ordering::SeqCst)) {
             if let Err(e) = n.request_stop() {
                 eprint_line(&format!("dvmm: node {}: stop: {e}", n.me));
             }
@@ -991,11 +990,7 @@ fn start_control(
 }
 
 /// Checks the node's place in the cluster and starts its io-server thread.
-fn new_node(
-    cfg: &ClusterConfig,
-    me: u16,
-    stop_timeout: Duration,
-) -> Result<Arc<Node>, NodeError> {
+fn new_node(cfg: &ClusterConfig, me: u16, stop_timeout: Duration) -> Result<Arc<Node>, NodeError> {
     let nodes = cfg.nodes.len() as u16;
     if me >= nodes {
         return Err(NodeError::Config(format!(

@@ -225,6 +225,17 @@ pub fn run(run: &LocalRun) -> Result<i32, String> {
         disk,
         ..run.clone()
     };
+    // Every node's counters, gathered from their control sockets at each scrape; an
+    // address in use is refused before anything starts.
+    let _metrics = run
+        .metrics
+        .map(|addr| {
+            crate::metrics::MetricsServer::start(
+                addr,
+                crate::metrics::Source::Cluster(local_name()),
+            )
+        })
+        .transpose()?;
     // SAFETY: installing a handler that only stores to an atomic is async-signal-safe.
     unsafe {
         libc::signal(libc::SIGINT, on_signal as *const () as libc::sighandler_t);
@@ -298,21 +309,10 @@ pub fn run(run: &LocalRun) -> Result<i32, String> {
             return Err(format!("cannot start node {k}: {e}"));
         }
     }
-    // Every node's counters, gathered from their control sockets at each scrape.
-    let _metrics = match run.metrics {
-        Some(addr) => match crate::metrics::MetricsServer::start(
-            addr,
-            crate::metrics::Source::Cluster(local_name()),
-        ) {
-            Ok(m) => Some(m),
-            Err(e) => {
-                cluster.kill_all();
-                return Err(e);
-            }
-        },
-        None => None,
-    };
-    Ok(supervise(&mut cluster, Duration::from_secs(run.stop_timeout)))
+    Ok(supervise(
+        &mut cluster,
+        Duration::from_secs(run.stop_timeout),
+    ))
 }
 
 /// How long the other nodes get to stop after the first node process ended.

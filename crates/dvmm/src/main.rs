@@ -185,8 +185,14 @@ fn node(args: NodeArgs) -> Result<(), String> {
         .transpose()?;
     // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
     unsafe {
-        libc::signal(libc::SIGTERM, on_node_signal as *const () as libc::sighandler_t);
-        libc::signal(libc::SIGINT, on_node_signal as *const () as libc::sighandler_t);
+        libc::signal(
+            libc::SIGTERM,
+            on_node_signal as *const () as libc::sighandler_t,
+        );
+        libc::signal(
+            libc::SIGINT,
+            on_node_signal as *const () as libc::sighandler_t,
+        );
     }
     // Node 0 has the console: raw keyboard input while it runs (restored on return).
     let _raw = (args.id == 0).then(|| RawTerminal::enter(0)).flatten();

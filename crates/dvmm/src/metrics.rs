@@ -61,21 +61,60 @@ struct Scrape {
 /// Counters: (name without `_total`, help).
 const COUNTERS: &[(&str, &str)] = &[
     ("dvmm_vcpu_exits", "vCPU exits by kind"),
-    ("dvmm_vcpu_interrupts_injected", "Interrupts injected into a vCPU"),
+    (
+        "dvmm_vcpu_interrupts_injected",
+        "Interrupts injected into a vCPU",
+    ),
     ("dvmm_vcpu_ipis_sent", "IPIs sent by a vCPU"),
-    ("dvmm_link_irqs", "Interrupts between nodes, by direction (sent, received)"),
-    ("dvmm_link_io", "Device accesses forwarded to node 0 (forwarded) or served for other nodes (served)"),
-    ("dvmm_shadow_flushes", "Shadow page-table flushes (software-KVM hosts)"),
-    ("dvmm_dsm_faults", "DSM fault events by kind (read, write, upgrade, merged, spurious, zero_fill)"),
-    ("dvmm_dsm_messages", "DSM messages by direction (sent, received)"),
+    (
+        "dvmm_link_irqs",
+        "Interrupts between nodes, by direction (sent, received)",
+    ),
+    (
+        "dvmm_link_io",
+        "Device accesses forwarded to node 0 (forwarded) or served for other nodes (served)",
+    ),
+    (
+        "dvmm_shadow_flushes",
+        "Shadow page-table flushes (software-KVM hosts)",
+    ),
+    (
+        "dvmm_dsm_faults",
+        "DSM fault events by kind (read, write, upgrade, merged, spurious, zero_fill)",
+    ),
+    (
+        "dvmm_dsm_messages",
+        "DSM messages by direction (sent, received)",
+    ),
     ("dvmm_dsm_bytes", "DSM bytes by direction (sent, received)"),
-    ("dvmm_dsm_pages", "Guest pages carried by the DSM, by direction (sent, received)"),
-    ("dvmm_dsm_invalidations", "DSM invalidations by direction (sent, received)"),
-    ("dvmm_dsm_forwards", "DSM requests forwarded by this node's directory"),
-    ("dvmm_dsm_requests_served", "DSM requests served by this node's directory"),
-    ("dvmm_dsm_prefetches", "Pages requested ahead of a fault (read-ahead, write-ahead)"),
-    ("dvmm_dsm_errors", "DSM frames refused, by kind (bad_frame, protocol)"),
-    ("dvmm_device_events", "Device counters by device and counter (disk: requests, read_bytes, written_bytes, errors)"),
+    (
+        "dvmm_dsm_pages",
+        "Guest pages carried by the DSM, by direction (sent, received)",
+    ),
+    (
+        "dvmm_dsm_invalidations",
+        "DSM invalidations by direction (sent, received)",
+    ),
+    (
+        "dvmm_dsm_forwards",
+        "DSM requests forwarded by this node's directory",
+    ),
+    (
+        "dvmm_dsm_requests_served",
+        "DSM requests served by this node's directory",
+    ),
+    (
+        "dvmm_dsm_prefetches",
+        "Pages requested ahead of a fault (read-ahead, write-ahead)",
+    ),
+    (
+        "dvmm_dsm_errors",
+        "DSM frames refused, by kind (bad_frame, protocol)",
+    ),
+    (
+        "dvmm_device_events",
+        "Device counters by device and counter (disk: requests, read_bytes, written_bytes, errors)",
+    ),
 ];
 /// Counters in seconds.
 const SECONDS: &[(&str, &str)] = &[(
@@ -85,9 +124,15 @@ const SECONDS: &[(&str, &str)] = &[(
 /// Gauges.
 const GAUGES: &[(&str, &str)] = &[
     ("dvmm_node_up", "1 for a node that answered this scrape"),
-    ("dvmm_node_uptime_seconds", "Seconds since the node process started"),
+    (
+        "dvmm_node_uptime_seconds",
+        "Seconds since the node process started",
+    ),
     ("dvmm_vcpu_state", "1 for the state a vCPU is in now"),
-    ("dvmm_dsm_hot_page_faults", "Fault events on the DSM's hottest pages (label gpa)"),
+    (
+        "dvmm_dsm_hot_page_faults",
+        "Fault events on the DSM's hottest pages (label gpa)",
+    ),
 ];
 
 impl Scrape {
@@ -148,13 +193,25 @@ impl Scrape {
             l
         };
         self.gauge("dvmm_node_up", &base, 1);
-        self.gauge("dvmm_node_uptime_seconds", &base, (s.uptime_us / 1_000_000) as i64);
+        self.gauge(
+            "dvmm_node_uptime_seconds",
+            &base,
+            (s.uptime_us / 1_000_000) as i64,
+        );
         for v in &s.vcpus {
             let id = v.vcpu.to_string();
             for (kind, n) in &v.exits {
-                self.count("dvmm_vcpu_exits", &with(&[("vcpu", &id), ("kind", kind)]), *n);
+                self.count(
+                    "dvmm_vcpu_exits",
+                    &with(&[("vcpu", &id), ("kind", kind)]),
+                    *n,
+                );
             }
-            self.count("dvmm_vcpu_interrupts_injected", &with(&[("vcpu", &id)]), v.injected);
+            self.count(
+                "dvmm_vcpu_interrupts_injected",
+                &with(&[("vcpu", &id)]),
+                v.injected,
+            );
             self.count("dvmm_vcpu_ipis_sent", &with(&[("vcpu", &id)]), v.ipis_sent);
             for (state, us) in &v.state_us {
                 let l = with(&[("vcpu", &id), ("state", state)]);
@@ -165,10 +222,26 @@ impl Scrape {
             }
         }
         let l = &s.link;
-        self.count("dvmm_link_irqs", &with(&[("direction", "sent")]), l.irqs_sent);
-        self.count("dvmm_link_irqs", &with(&[("direction", "received")]), l.irqs_received);
-        self.count("dvmm_link_io", &with(&[("direction", "forwarded")]), l.io_forwarded);
-        self.count("dvmm_link_io", &with(&[("direction", "served")]), l.io_served);
+        self.count(
+            "dvmm_link_irqs",
+            &with(&[("direction", "sent")]),
+            l.irqs_sent,
+        );
+        self.count(
+            "dvmm_link_irqs",
+            &with(&[("direction", "received")]),
+            l.irqs_received,
+        );
+        self.count(
+            "dvmm_link_io",
+            &with(&[("direction", "forwarded")]),
+            l.io_forwarded,
+        );
+        self.count(
+            "dvmm_link_io",
+            &with(&[("direction", "served")]),
+            l.io_served,
+        );
         self.count("dvmm_shadow_flushes", &base, l.shadow_flushes);
         if let Some(d) = &s.dsm {
             for (kind, n) in [
@@ -201,7 +274,11 @@ impl Scrape {
                 &base,
                 d.prefetches + d.write_prefetches,
             );
-            self.count("dvmm_dsm_errors", &with(&[("kind", "bad_frame")]), d.bad_frames);
+            self.count(
+                "dvmm_dsm_errors",
+                &with(&[("kind", "bad_frame")]),
+                d.bad_frames,
+            );
             self.count(
                 "dvmm_dsm_errors",
                 &with(&[("kind", "protocol")]),
@@ -367,7 +444,10 @@ mod tests {
             r
         };
         let r = get("/metrics");
-        assert!(r.starts_with("HTTP/1.1 200") || r.starts_with("HTTP/1.0 200"), "{r}");
+        assert!(
+            r.starts_with("HTTP/1.1 200") || r.starts_with("HTTP/1.0 200"),
+            "{r}"
+        );
         assert!(r.contains("# EOF"), "{r}");
         assert!(get("/").contains(" 404 "));
         drop(server);

@@ -47,7 +47,10 @@ impl VcpuState {
         }
     }
     fn from_u8(v: u8) -> VcpuState {
-        Self::ALL.get(usize::from(v)).copied().unwrap_or(VcpuState::Vmm)
+        Self::ALL
+            .get(usize::from(v))
+            .copied()
+            .unwrap_or(VcpuState::Vmm)
     }
 }
 

@@ -132,7 +132,10 @@ impl KernelSymbols {
         if virt + 0x1000 <= first || virt > last {
             return None;
         }
-        Some(format!("kernel: {}", covering(&self.image, virt, virt + 0x1000)))
+        Some(format!(
+            "kernel: {}",
+            covering(&self.image, virt, virt + 0x1000)
+        ))
     }
 
     /// The per-CPU areas' guest-physical starts, read once the kernel has set them
@@ -222,10 +225,7 @@ garbage line
             s.name(&mem, 0x200_0000).unwrap(),
             "kernel: jiffies_64, jiffies_lock, a (+2 more)"
         );
-        assert_eq!(
-            s.name(&mem, 0x100_0000).unwrap(),
-            "kernel: startup_64"
-        );
+        assert_eq!(s.name(&mem, 0x100_0000).unwrap(), "kernel: startup_64");
         // Before the kernel sets the per-CPU offsets, per-CPU pages have no name.
         assert_eq!(s.name(&mem, 0x300_0000 + 0x1f000), None);
         // The kernel sets them: cpu0 at phys 0x3000000, cpu1 at 0x3200000.

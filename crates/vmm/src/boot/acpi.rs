@@ -563,7 +563,9 @@ mod tests {
         assert!(find(b"_EVT"));
         assert!(find(&[0x89, 6, 0, 0x03, 1, 18, 0, 0, 0]), "GSI 18");
         // Notify(\_SB_.PWRB, 0x80): NotifyOp, the path, a byte constant.
-        assert!(find(&[0x86, b'\\', 0x2e, b'_', b'S', b'B', b'_', b'P', b'W', b'R', b'B', 0x0a, 0x80]));
+        assert!(find(&[
+            0x86, b'\\', 0x2e, b'_', b'S', b'B', b'_', b'P', b'W', b'R', b'B', 0x0a, 0x80
+        ]));
         // With a device: a Scope(\_SB_) holding Device(VR00) with LNRO0005, its window
         // and its interrupt.
         let disk = MmioDevice {
