@@ -356,8 +356,6 @@ struct Node {
     /// that a device that blocks (a full console pipe, a device reading guest memory
     /// through the DSM) never holds up the transport reader that DSM frames need.
     io_jobs: mpsc::Sender<IoJob>,
-    /// A stop was asked for (the power button is pressed once).
-    stop_asked: AtomicBool,
     /// How long the guest has to power off after the power button.
     stop_timeout: Duration,
 }
@@ -383,7 +381,6 @@ impl Node {
             cv: Condvar::new(),
             stats: LinkStats::default(),
             io_jobs,
-            stop_asked: AtomicBool::new(false),
             stop_timeout: DEFAULT_STOP_TIMEOUT,
         }
     }
@@ -657,36 +654,7 @@ impl Node {
             self.fail(why.clone());
             return Ok(why);
         };
-        if self.stop_asked.swap(true, Ordering::SeqCst) {
-            return Ok("the power button was pressed already; waiting for the guest".into());
-        }
-        match vm.power_button() {
-            Ok(()) => {
-                let timeout = self.stop_timeout;
-                eprint_line(&format!(
-                    "dvmm: stop requested: pressed the guest's power button (it has {} s to \
-                     power off)",
-                    timeout.as_secs()
-                ));
-                let vm2 = vm.clone();
-                let _ = std::thread::Builder::new()
-                    .name("stop-timeout".into())
-                    .spawn(move || {
-                        std::thread::sleep(timeout);
-                        vm2.fail(format!(
-                            "the guest did not power off within {} s of the power button: \
-                             stopped",
-                            timeout.as_secs()
-                        ));
-                    });
-                Ok("pressed the guest's power button".into())
-            }
-            Err(e) => {
-                let why = format!("stopped on request without the guest's power-off ({e})");
-                vm.fail(why.clone());
-                Ok(why)
-            }
-        }
+        vm.request_power_off(self.stop_timeout)
     }
 
     /// The node's counters now (`dvmm stats`).

@@ -272,6 +272,12 @@ fn run(args: RunArgs) -> Result<(), String> {
         drop(raw);
         std::process::exit(code);
     }
+    let _metrics = args
+        .metrics
+        .map(|addr| {
+            metrics::MetricsServer::start(addr, metrics::Source::Cluster(local::local_name()))
+        })
+        .transpose()?;
     let (console, _watch) = ConsoleOut::new(Box::new(std::io::stdout()));
     let vm = vmm::Vm::create(VmConfig {
         vcpus,
@@ -291,6 +297,23 @@ fn run(args: RunArgs) -> Result<(), String> {
     })
     .map_err(|e| e.to_string())?;
     vmm::term::spawn_console_input(vm.handle()).map_err(|e| format!("console input: {e}"))?;
+    // `dvmm stats`, `dvmm stop` and SIGTERM/SIGINT, as for a node of a cluster.
+    let _control = ops::serve_single(
+        &vm.handle(),
+        std::time::Duration::from_secs(args.stop_timeout),
+        &NODE_STOP,
+    )?;
+    // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
+    unsafe {
+        libc::signal(
+            libc::SIGTERM,
+            on_node_signal as *const () as libc::sighandler_t,
+        );
+        libc::signal(
+            libc::SIGINT,
+            on_node_signal as *const () as libc::sighandler_t,
+        );
+    }
     let report = vm.run().map_err(|e| e.to_string())?;
     drop(raw);
     let how = match report.end {

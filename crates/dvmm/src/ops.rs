@@ -2,6 +2,7 @@
 //! through its nodes' control sockets (`cluster::control`). See docs/OPERATIONS.md.
 
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use cluster::control::{self, NodeSnapshot};
@@ -197,6 +198,50 @@ pub fn table(name: &str, prev: &[NodeSnapshot], now: &[NodeSnapshot], errors: &[
         out.push_str(&format!("{e}\n"));
     }
     out
+}
+
+/// The control socket of a one-node `dvmm run` (the VM runs in the `dvmm` process
+/// itself): the same requests as a cluster node's, with no DSM or link counters.
+/// `stop_signal` (SIGTERM/SIGINT) is looked at every 100 ms.
+pub fn serve_single(
+    vm: &vmm::VmHandle,
+    stop_timeout: Duration,
+    stop_signal: &'static std::sync::atomic::AtomicBool,
+) -> Result<control::ControlServer, String> {
+    let name = crate::local::local_name();
+    let started = Instant::now();
+    let (h, cluster) = (vm.clone(), name.clone());
+    let handler: control::Handler = Arc::new(move |req: &str| match req {
+        "stats" => serde_json::to_string(&NodeSnapshot {
+            cluster: cluster.clone(),
+            node: 0,
+            nodes: 1,
+            pid: std::process::id(),
+            uptime_us: started.elapsed().as_micros() as u64,
+            phase: "running".into(),
+            vcpus: h.vcpu_snapshots(),
+            devices: h.device_counters(),
+            ..Default::default()
+        })
+        .unwrap_or_else(|e| control::error_reply(&e.to_string())),
+        "stop" => match h.request_power_off(stop_timeout) {
+            Ok(what) => control::ok_reply(&what),
+            Err(e) => control::error_reply(&e),
+        },
+        other => control::error_reply(&format!(
+            "unknown request '{}' (stats, stop)",
+            other.chars().take(40).collect::<String>()
+        )),
+    });
+    let h = vm.clone();
+    let tick = Box::new(move || {
+        if stop_signal.swap(false, std::sync::atomic::Ordering::SeqCst) {
+            if let Err(e) = h.request_power_off(stop_timeout) {
+                vmm::term::eprint_line(&format!("dvmm: stop: {e}"));
+            }
+        }
+    });
+    control::ControlServer::start(&control::socket_path(&name, 0), handler, tick)
 }
 
 pub fn stop(args: StopArgs) -> Result<(), String> {

@@ -228,6 +228,12 @@ pub enum VmError {
     /// The disk image cannot be used.
     #[error(transparent)]
     Disk(#[from] DiskError),
+    /// A stop was requested and the guest did not power off in time.
+    #[error("the guest did not power off within {0} s of the power button: stopped")]
+    StopTimeout(u64),
+    /// A stop was requested of a guest without ACPI (no power button to press).
+    #[error("stopped on request without the guest's power-off (it has no ACPI power button)")]
+    StoppedWithoutAcpi,
     /// A disk was asked for on a machine without ACPI (the guest finds it in the DSDT).
     #[error("a disk needs ACPI (the guest finds the virtio device in the ACPI tables): drop --no-acpi / acpi = false")]
     DiskWithoutAcpi,
@@ -269,6 +275,8 @@ struct Shared {
     acpi: bool,
     /// The kernel's symbols, to name hot pages (when its System.map is at hand).
     symbols: Option<crate::symbols::KernelSymbols>,
+    /// A power-off was asked for from outside ([`VmHandle::request_power_off`]).
+    power_off_asked: AtomicBool,
 }
 
 /// Records the outcome of a run unless one is already there: the first definitive
@@ -619,6 +627,41 @@ impl VmHandle {
     pub fn name_address(&self, gpa: u64) -> Option<String> {
         self.0.symbols.as_ref()?.name(&self.0.mem, gpa)
     }
+    /// Asks the guest to power off (SIGTERM, `dvmm stop`; I/O node only): presses the
+    /// ACPI power button once and gives the guest `timeout` to power off, after which
+    /// the run ends with an error; a guest without ACPI is stopped at once (an error
+    /// too). Returns what was done, for the one who asked.
+    pub fn request_power_off(&self, timeout: Duration) -> Result<String, String> {
+        if self.0.power_off_asked.swap(true, Ordering::SeqCst) {
+            return Ok("the power button was pressed already; waiting for the guest".into());
+        }
+        match self.power_button() {
+            Ok(()) => {
+                crate::term::eprint_line(&format!(
+                    "dvmm: stop requested: pressed the guest's power button (it has {} s to \
+                     power off)",
+                    timeout.as_secs()
+                ));
+                let h = self.clone();
+                std::thread::Builder::new()
+                    .name("stop-timeout".into())
+                    .spawn(move || {
+                        let deadline = Instant::now() + timeout;
+                        while Instant::now() < deadline && !h.0.stopping() {
+                            std::thread::sleep(Duration::from_millis(100));
+                        }
+                        h.0.finish(Err(VmError::StopTimeout(timeout.as_secs())));
+                    })
+                    .map_err(|e| format!("cannot start the stop timer: {e}"))?;
+                Ok("pressed the guest's power button".into())
+            }
+            Err(e) if self.0.acpi => Err(e),
+            Err(e) => {
+                self.0.finish(Err(VmError::StoppedWithoutAcpi));
+                Ok(format!("stopped at once ({e})"))
+            }
+        }
+    }
     /// Presses the guest's ACPI power button (an edge on [`POWER_BUTTON_GSI`], which the
     /// DSDT's Generic Event Device turns into a power-button notification). Only on the
     /// I/O node of a guest with ACPI tables; otherwise an error saying why.
@@ -778,6 +821,7 @@ impl Vm {
             power_off_fallback: Mutex::new(None),
             acpi: cfg.acpi,
             symbols: crate::symbols::KernelSymbols::for_kernel(&cfg.kernel, cfg.vcpus),
+            power_off_asked: AtomicBool::new(false),
         });
 
         let tsc_base = cfg.placement.as_ref().and_then(|p| p.tsc_base);
