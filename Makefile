@@ -5,7 +5,7 @@
 CARGO ?= cargo
 DVMM := target/release/dvmm
 
-.PHONY: all deps build guest guest-bzimage distro-kernel demo test test-rust test-heavy test-bzimage test-distro clippy check-dsm bench bench-distro bench-xsave bench-disk clean
+.PHONY: all deps build guest guest-bzimage distro-kernel demo test test-rust test-heavy test-bzimage test-distro clippy check-dsm bench bench-distro bench-xsave bench-disk bench-idle clean
 
 all: build
 
@@ -45,6 +45,11 @@ bench-distro: build guest distro-kernel
 # What the emulated XSAVE/XRSTOR costs a guest context switch (software-KVM hosts).
 bench-xsave: build guest
 	@scripts/bench-xsave.sh
+
+# The DSM traffic of an idle 2-node guest, and with one CPU busy in user mode, with and
+# without the NUMA topology (read live from the nodes' control sockets).
+bench-idle: build guest
+	$(DVMM) bench idle
 
 # Sequential read and write of the virtio disk from a vCPU on each of 2 nodes.
 bench-disk: build guest

@@ -23,6 +23,9 @@
  *                            (fork, migration, exec, exit, wait)
  *                            both print a PAR line (mops_per_s: millions of round trips
  *                            or children per second)
+ *   usertest spin SECS       one thread computes in user mode for SECS seconds, without
+ *                            system calls (the clock is read every ~million additions):
+ *                            USERTEST spin secs=.. cpu=.. ok
  *
  * Every check prints `USERTEST <name> ... ok` or `USERTEST <name> FAIL ...` and exits
  * 0 or 1. Static, built by guest/initramfs/build.sh. */
@@ -404,6 +407,19 @@ static int par_spawn(long n)
 	return 0;
 }
 
+/* User-mode work only, for SECS seconds (`dvmm bench idle`: the DSM traffic of a
+ * guest with one CPU busy in user mode). */
+static int spin(long secs)
+{
+	uint64_t end = now_ns() + (uint64_t)secs * 1000000000ull;
+	volatile uint64_t x = 0;
+	while (now_ns() < end)
+		for (uint64_t i = 0; i < 1000000; i++)
+			x += i;
+	printf("USERTEST spin secs=%ld cpu=%d ok\n", secs, sched_getcpu());
+	return 0;
+}
+
 int smptest_main(int argc, char **argv);
 int avxtest_main(int argc, char **argv);
 
@@ -430,6 +446,8 @@ int main(int argc, char **argv)
 		return par_pipe(atol(argv[2]));
 	if (argc >= 3 && !strcmp(argv[1], "spawn"))
 		return par_spawn(atol(argv[2]));
-	fprintf(stderr, "usage: usertest syscalls N | fork N | signals | jump ADDR | par THREADS ITERS private|shared | pipe ROUNDS | spawn N\n");
+	if (argc >= 3 && !strcmp(argv[1], "spin"))
+		return spin(atol(argv[2]));
+	fprintf(stderr, "usage: usertest syscalls N | fork N | signals | jump ADDR | par THREADS ITERS private|shared | pipe ROUNDS | spawn N | spin SECS\n");
 	return 2;
 }

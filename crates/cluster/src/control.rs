@@ -369,6 +369,48 @@ mod tests {
         assert!(socket_path("", 0).ends_with("cluster/node0.sock"));
     }
 
+    /// Finding clusters in a run dir of its own: none, one, two (a name is needed),
+    /// stale sockets skipped. The only test here that sets `DVMM_RUN_DIR`.
+    #[test]
+    fn finds_running_clusters() {
+        let dir = std::env::temp_dir().join(format!("dvmm-find-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::env::set_var("DVMM_RUN_DIR", &dir);
+        let e = find_cluster(None).unwrap_err();
+        assert!(e.contains("no cluster is running"), "{e}");
+        let handler: Handler = Arc::new(|_: &str| ok_reply("x"));
+        let a0 =
+            ControlServer::start(&socket_path("a", 0), handler.clone(), Box::new(|| {})).unwrap();
+        let a1 =
+            ControlServer::start(&socket_path("a", 1), handler.clone(), Box::new(|| {})).unwrap();
+        // A stale socket of a killed node: listed by nobody.
+        std::fs::create_dir_all(cluster_dir("dead")).unwrap();
+        drop(UnixListener::bind(socket_path("dead", 0)).unwrap());
+        let (name, nodes) = find_cluster(None).unwrap();
+        assert_eq!(name, "a");
+        assert_eq!(
+            nodes.iter().map(|(i, _)| *i).collect::<Vec<_>>(),
+            vec![0, 1]
+        );
+        let b0 = ControlServer::start(&socket_path("b", 0), handler, Box::new(|| {})).unwrap();
+        let e = find_cluster(None).unwrap_err();
+        assert!(
+            e.contains("2 clusters are running (a, b)") && e.contains("--cluster"),
+            "{e}"
+        );
+        assert_eq!(find_cluster(Some("b")).unwrap().1.len(), 1);
+        let e = find_cluster(Some("dead")).unwrap_err();
+        assert!(e.contains("no running cluster named 'dead'"), "{e}");
+        assert!(find_cluster(Some("../x")).is_err());
+        drop((a0, a1, b0));
+        assert!(
+            !cluster_dir("a").exists(),
+            "the last node removes the cluster's directory"
+        );
+        std::env::remove_var("DVMM_RUN_DIR");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
     /// A real socket: requests answered, a second server on the same path refused, a
     /// stale socket replaced, the socket removed on drop; requests are bounded.
     #[test]

@@ -8,6 +8,7 @@ use clap::{Parser, Subcommand};
 
 mod bench_boot;
 mod bench_cluster;
+mod bench_idle;
 mod bench_ssi;
 mod child_run;
 mod dsm_cmd;
@@ -66,6 +67,9 @@ enum BenchCommand {
     /// A parallel user-space workload on 1 node x N vCPUs and N nodes x 1 vCPU: the
     /// ratio is the SSI efficiency.
     Ssi(bench_ssi::BenchSsiArgs),
+    /// The DSM traffic of an idle 2-node guest (and of one CPU busy in user mode), with
+    /// and without the NUMA topology, read live from the nodes.
+    Idle(bench_idle::BenchIdleArgs),
 }
 
 #[derive(clap::Args)]
@@ -349,6 +353,7 @@ fn main() -> ExitCode {
         Command::Bench(BenchCommand::Boot(a)) => bench_boot::bench(a),
         Command::Bench(BenchCommand::Cluster(a)) => bench_cluster::bench(a),
         Command::Bench(BenchCommand::Ssi(a)) => bench_ssi::bench(a),
+        Command::Bench(BenchCommand::Idle(a)) => bench_idle::bench(a),
         Command::DsmNode(a) => dsm_cmd::node(a),
     };
     match r {
