@@ -18,7 +18,7 @@ use crate::bus::{IoBus, LocalBus};
 use crate::compat::shadow::ShadowSync;
 use crate::compat::usermode::{UserMode, MSR_STAR};
 use crate::compat::HostKind;
-use crate::devices::virtio::{DiskError, DiskImage, MmioBlock};
+use crate::devices::virtio::{Block, DiskError, DiskImage, MmioBlock};
 use crate::devices::{ConsoleOut, ConsoleWatch, IrqLine, PortEvent};
 use crate::irq::{IoApicLink, Router, VcpuTarget};
 use crate::layout::{POWER_BUTTON_GSI, VIRTIO_BLK_BASE, VIRTIO_BLK_GSI, VIRTIO_MMIO_SIZE};
@@ -787,9 +787,13 @@ impl Vm {
                             return Err(VmError::DiskWithoutAcpi);
                         }
                         let image = DiskImage::open(&d.path, d.read_only)?;
-                        let dev =
-                            MmioBlock::new(image, mem.clone(), router.clone(), VIRTIO_BLK_GSI)
-                                .map_err(VmError::Thread)?;
+                        let dev = MmioBlock::new(
+                            Block::new(image),
+                            mem.clone(),
+                            router.clone(),
+                            VIRTIO_BLK_GSI,
+                        )
+                        .map_err(VmError::Thread)?;
                         IoBus::Local(bus.with_disk(dev))
                     }
                 }

@@ -1,5 +1,6 @@
-//! The block device behind the transport: the disk image, the device's features and
-//! configuration space, and the execution of one request (one descriptor chain).
+//! The block device behind the transport ([`Block`], a [`VirtioDevice`]): the disk image,
+//! the device's features and configuration space, its worker (one queue, served chain by
+//! chain) and the execution of one request (one descriptor chain).
 //!
 //! A request is a header (type, reserved, sector: 16 bytes the device reads), data
 //! (read by the device for `T_OUT`, written by it for `T_IN` and `T_GET_ID`) and a status
@@ -17,6 +18,7 @@ use std::fs::{File, OpenOptions};
 use std::io::{self, Seek, SeekFrom};
 use std::os::unix::fs::{FileExt, FileTypeExt};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use virtio_bindings::virtio_blk::{
     virtio_blk_config, VIRTIO_BLK_F_BLK_SIZE, VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_RO,
@@ -25,8 +27,12 @@ use virtio_bindings::virtio_blk::{
     VIRTIO_BLK_T_OUT,
 };
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
+use virtio_bindings::virtio_ids::VIRTIO_ID_BLOCK;
 use virtio_queue::desc::split::Descriptor;
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+
+use super::mmio::{VirtioDevice, VirtioMmio, Worker, QUEUE_SIZE_MAX};
+use super::stream::Stream;
 
 /// The sector size of the virtio block protocol (and the block size the device reports).
 pub const SECTOR_SIZE: u64 = 512;
@@ -198,6 +204,140 @@ pub struct BlockStats {
     pub errors: u64,
 }
 
+/// The counters of a block device.
+#[derive(Debug, Default)]
+struct Counters {
+    requests: AtomicU64,
+    bytes_read: AtomicU64,
+    bytes_written: AtomicU64,
+    errors: AtomicU64,
+}
+
+/// The virtio block device (device ID 2) on a disk image, behind a [`VirtioMmio`]
+/// transport ([`MmioBlock`]): one request queue; the worker thread does the file I/O.
+pub struct Block {
+    disk: DiskImage,
+    features: u64,
+    config: [u8; CONFIG_LEN],
+    counters: Counters,
+    /// A host I/O failure was warned about.
+    warned_io: AtomicBool,
+}
+
+/// The virtio block device on its virtio-mmio transport.
+pub type MmioBlock = VirtioMmio<Block>;
+
+/// The size of the block device's queue (`QueueNumMax`).
+const QUEUE_SIZE: u16 = QUEUE_SIZE_MAX;
+
+impl Block {
+    /// The device for `disk`.
+    pub fn new(disk: DiskImage) -> Block {
+        Block {
+            features: device_features(&disk),
+            config: config_space(&disk, QUEUE_SIZE),
+            disk,
+            counters: Counters::default(),
+            warned_io: AtomicBool::new(false),
+        }
+    }
+
+    /// The disk image behind the device.
+    pub fn disk(&self) -> &DiskImage {
+        &self.disk
+    }
+
+    /// The device's counters: requests, bytes read, bytes written, errors.
+    pub fn stats(&self) -> BlockStats {
+        let c = &self.counters;
+        BlockStats {
+            requests: c.requests.load(Ordering::Relaxed),
+            bytes_read: c.bytes_read.load(Ordering::Relaxed),
+            bytes_written: c.bytes_written.load(Ordering::Relaxed),
+            errors: c.errors.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Counts a request.
+    fn count(&self, done: &Completion) {
+        let c = &self.counters;
+        c.requests.fetch_add(1, Ordering::Relaxed);
+        c.bytes_read.fetch_add(done.bytes_read, Ordering::Relaxed);
+        c.bytes_written
+            .fetch_add(done.bytes_written, Ordering::Relaxed);
+        if done.failed() {
+            c.errors.fetch_add(1, Ordering::Relaxed);
+        }
+        if let Some(kind) = done.host_error {
+            if !self.warned_io.swap(true, Ordering::Relaxed) {
+                tracing::warn!(
+                    "virtio-blk: I/O on disk image {} failed: {kind}",
+                    self.disk.path().display()
+                );
+            }
+        }
+    }
+}
+
+impl VirtioDevice for Block {
+    const NAME: &'static str = "virtio-blk";
+    const DEVICE_ID: u32 = VIRTIO_ID_BLOCK;
+
+    fn features(&self) -> u64 {
+        self.features
+    }
+
+    fn config(&self) -> &[u8] {
+        &self.config
+    }
+
+    fn queue_max_sizes(&self) -> &[u16] {
+        &[QUEUE_SIZE]
+    }
+
+    /// Serves the request queue: each chain is executed, its status byte written, and
+    /// the chain returned.
+    fn run(&self, worker: &mut Worker<'_, Self>) {
+        let mut buf = vec![0u8; CHUNK];
+        loop {
+            let events = worker.wait(None);
+            if events.stop {
+                return;
+            }
+            if !events.kicked(0) {
+                continue;
+            }
+            worker.drain(0, |w, chain| {
+                let head = chain.head_index();
+                let done = {
+                    let live = || w.live(0);
+                    execute(&self.disk, w.mem(), chain, &mut buf, &live)
+                };
+                self.count(&done);
+                w.complete(0, head, |mem| {
+                    if let Some(at) = done.status_at {
+                        // Checked to be in guest memory when the chain was parsed.
+                        mem.write_obj(done.status, at).map_err(|e| e.to_string())?;
+                    }
+                    Ok(done.used_len)
+                })
+            });
+        }
+    }
+}
+
+impl VirtioMmio<Block> {
+    /// The device's counters: requests, bytes read, bytes written, errors.
+    pub fn stats(&self) -> BlockStats {
+        self.device().stats()
+    }
+
+    /// The disk image behind the device.
+    pub fn disk(&self) -> &DiskImage {
+        self.device().disk()
+    }
+}
+
 /// The largest number of data segments in one request the device announces (`seg_max`):
 /// a request must fit in the queue with its header and status descriptors.
 pub(crate) fn seg_max(queue_size: u16) -> u32 {
@@ -244,73 +384,6 @@ pub(crate) fn config_space(disk: &DiskImage, queue_size: u16) -> [u8; CONFIG_LEN
         &(SECTOR_SIZE as u32).to_le_bytes(),
     );
     config
-}
-
-/// A run of guest buffers seen as one byte stream (the readable or the writable part of a
-/// chain). Every buffer was checked to lie in guest memory.
-#[derive(Default)]
-struct Stream {
-    bufs: Vec<(GuestAddress, u32)>,
-    len: u64,
-}
-
-impl Stream {
-    fn push(&mut self, addr: GuestAddress, len: u32) {
-        if len > 0 {
-            self.bufs.push((addr, len));
-            self.len += u64::from(len);
-        }
-    }
-
-    /// Calls `f(guest address, start in the caller's buffer, length)` for the pieces of
-    /// the stream's bytes `[offset, offset + len)`; false if one call fails or the stream
-    /// is shorter.
-    fn pieces(
-        &self,
-        mut offset: u64,
-        len: usize,
-        mut f: impl FnMut(GuestAddress, usize, usize) -> bool,
-    ) -> bool {
-        let mut done = 0usize;
-        for &(addr, buf_len) in &self.bufs {
-            if done == len {
-                break;
-            }
-            let buf_len = u64::from(buf_len);
-            if offset >= buf_len {
-                offset -= buf_len;
-                continue;
-            }
-            let avail = buf_len - offset;
-            let n = usize::try_from(avail).map_or(len - done, |a| a.min(len - done));
-            let Some(at) = addr.checked_add(offset) else {
-                return false;
-            };
-            if !f(at, done, n) {
-                return false;
-            }
-            done += n;
-            offset = 0;
-        }
-        done == len
-    }
-
-    /// Copies the stream's bytes from `offset` into `dst`.
-    fn read(&self, mem: &GuestMemoryMmap, offset: u64, dst: &mut [u8]) -> bool {
-        let len = dst.len();
-        self.pieces(offset, len, |at, start, n| {
-            dst.get_mut(start..start + n)
-                .is_some_and(|d| mem.read_slice(d, at).is_ok())
-        })
-    }
-
-    /// Copies `src` into the stream's bytes from `offset`.
-    fn write(&self, mem: &GuestMemoryMmap, offset: u64, src: &[u8]) -> bool {
-        self.pieces(offset, src.len(), |at, start, n| {
-            src.get(start..start + n)
-                .is_some_and(|s| mem.write_slice(s, at).is_ok())
-        })
-    }
 }
 
 /// How one request ended: what the worker writes back to the guest.
@@ -679,24 +752,5 @@ pub(crate) mod tests {
         let ro = DiskImage::open(&f.path, true).unwrap();
         assert_ne!(device_features(&ro) & (1 << VIRTIO_BLK_F_RO), 0);
         assert_ne!(device_features(&ro) & (1 << VIRTIO_F_VERSION_1), 0);
-    }
-
-    #[test]
-    fn stream_pieces_cross_buffers() {
-        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x10000)]).unwrap();
-        let mut s = Stream::default();
-        s.push(GuestAddress(0x1000), 3);
-        s.push(GuestAddress(0x2000), 0);
-        s.push(GuestAddress(0x3000), 5);
-        assert_eq!(s.len, 8);
-        assert!(s.write(&mem, 1, &[1, 2, 3, 4]));
-        let mut out = [0u8; 8];
-        assert!(s.read(&mem, 0, &mut out));
-        assert_eq!(out, [0, 1, 2, 3, 4, 0, 0, 0]);
-        assert_eq!(mem.read_obj::<u8>(GuestAddress(0x3001)).unwrap(), 4);
-        // Past the end of the stream.
-        assert!(!s.write(&mem, 6, &[9, 9, 9]));
-        let mut big = [0u8; 9];
-        assert!(!s.read(&mem, 0, &mut big));
     }
 }

@@ -1,22 +1,30 @@
-//! The virtio-mmio transport (version 2) of the block device, and its worker thread.
+//! The virtio-mmio transport (version 2) the virtio devices share, and the worker thread
+//! that serves each device's queues.
 //!
-//! [`MmioBlock`] is one MMIO window of [`MMIO_WINDOW`] bytes: the registers from 0, the
-//! configuration space of the block device from 0x100. Register accesses (vCPU threads,
-//! accesses forwarded from other nodes) only change registers under a mutex and never
-//! wait for the disk: a `QueueNotify` wakes the worker thread ("virtio-blk"), which pops
-//! the descriptor chains, does the file I/O, writes the status byte, returns the chain in
-//! the used ring, sets bit 0 of `InterruptStatus` and pulses the interrupt line.
+//! [`VirtioMmio`] is one MMIO window of [`MMIO_WINDOW`] bytes for one [`VirtioDevice`]:
+//! the registers from 0, the device's configuration space from 0x100. The register logic
+//! (feature negotiation, status, queue setup, notifications, interrupt status, reset) is
+//! here, once; a device only says what it is (id, features, configuration space, its
+//! queues' largest sizes) and how its worker serves the queues ([`VirtioDevice::run`]).
 //!
-//! The worker keeps its own copy of the queue (built from the registers when the queue
-//! went live), so the registers' lock is never held during the I/O or while the worker
-//! reads descriptors. A reset (or `QueueReady` 0) stops the queue: it bumps a generation
-//! number the worker checks before each piece of data it moves into guest memory and
-//! before it returns a chain, and waits (only) for a return already under way, a few
+//! Register accesses (vCPU threads, accesses forwarded from other nodes) only change
+//! registers under a mutex and never wait for the device's I/O: a `QueueNotify` sets the
+//! queue's bit in a kick mask and wakes the worker thread (an eventfd), which pops the
+//! descriptor chains, does the I/O, returns the chains in the used ring, sets bit 0 of
+//! `InterruptStatus` and pulses the interrupt line. The worker can wait on one more file
+//! descriptor with the eventfd (the network device's TAP).
+//!
+//! The worker keeps its own copy of each queue (built from the registers when the queue
+//! went live: the device's activation), so the registers' lock is never held during the
+//! I/O or while the worker reads descriptors. A reset (or `QueueReady` 0) stops the queue:
+//! it bumps the queue's generation number, which the worker checks before it writes into
+//! a chain and returns it, and waits (only) for a return already under way, a few
 //! guest-memory writes, so that once the reset is done the device no longer touches the
 //! rings.
 
 use std::io;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::os::fd::{AsRawFd, BorrowedFd};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::thread::JoinHandle;
 
@@ -24,7 +32,6 @@ use virtio_bindings::virtio_config::{
     VIRTIO_CONFIG_S_ACKNOWLEDGE, VIRTIO_CONFIG_S_DRIVER, VIRTIO_CONFIG_S_DRIVER_OK,
     VIRTIO_CONFIG_S_FEATURES_OK, VIRTIO_CONFIG_S_NEEDS_RESET, VIRTIO_F_VERSION_1,
 };
-use virtio_bindings::virtio_ids::VIRTIO_ID_BLOCK;
 use virtio_bindings::virtio_mmio::{
     VIRTIO_MMIO_CONFIG, VIRTIO_MMIO_CONFIG_GENERATION, VIRTIO_MMIO_DEVICE_FEATURES,
     VIRTIO_MMIO_DEVICE_FEATURES_SEL, VIRTIO_MMIO_DEVICE_ID, VIRTIO_MMIO_DRIVER_FEATURES,
@@ -35,18 +42,22 @@ use virtio_bindings::virtio_mmio::{
     VIRTIO_MMIO_QUEUE_READY, VIRTIO_MMIO_QUEUE_SEL, VIRTIO_MMIO_QUEUE_USED_HIGH,
     VIRTIO_MMIO_QUEUE_USED_LOW, VIRTIO_MMIO_STATUS, VIRTIO_MMIO_VENDOR_ID, VIRTIO_MMIO_VERSION,
 };
-use virtio_queue::{Queue, QueueState, QueueT};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueState, QueueT};
+use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use super::block::{self, BlockStats, Completion, DiskImage, CONFIG_LEN};
 use crate::devices::IrqLine;
 use crate::lock;
 
 /// The size of one virtio-mmio device window: registers, then the configuration space.
 pub const MMIO_WINDOW: u64 = 0x200;
 
-/// The largest queue the device accepts (`QueueNumMax`).
+/// The largest queue size a device may announce (`QueueNumMax`); the block and network
+/// devices announce it for each of their queues.
 pub const QUEUE_SIZE_MAX: u16 = 256;
+
+/// The most queues one device may have (the kick mask is a `u32`).
+pub const MAX_QUEUES: usize = 32;
 
 /// `MagicValue`: "virt".
 pub const MAGIC_VALUE: u32 = 0x7472_6976;
@@ -62,10 +73,41 @@ const CONFIG_OFFSET: u64 = VIRTIO_MMIO_CONFIG as u64;
 
 /// The worker interrupts the driver at the latest after this many returned chains, even
 /// when more are waiting (and always when the queue runs empty).
-const SIGNAL_BATCH: u32 = 32;
+pub const SIGNAL_BATCH: u32 = 32;
 
-/// Problems the device warns about, once per device each (the guest controls how often
-/// they happen).
+/// What the transport needs of a virtio device: what it is, and the body of its worker
+/// thread.
+///
+/// The device's life cycle, as the transport drives it: created with the transport (its
+/// worker thread starts and waits); *activated* queue by queue when the driver sets
+/// `DRIVER_OK` with the queue ready (the worker's [`Worker::wait`] then reports the queue
+/// kicked and [`Worker::pop`] serves it from a fresh copy); *reset* when the driver
+/// writes `Status` 0 or `QueueReady` 0 (the queue's generation changes: the worker's
+/// [`Worker::complete`] and [`Worker::signal`] refuse the old queue, and the next
+/// [`Worker::wait`] drops the worker's copy); ended by [`VirtioMmio::shutdown`].
+pub trait VirtioDevice: Send + Sync + Sized + 'static {
+    /// Names the device in messages and its worker thread (e.g. "virtio-blk").
+    const NAME: &'static str;
+    /// The virtio device ID (`DeviceID`: 1 network, 2 block).
+    const DEVICE_ID: u32;
+    /// The feature bits the device offers (`VIRTIO_F_VERSION_1` among them: the transport
+    /// accepts only drivers that take it).
+    fn features(&self) -> u64;
+    /// The configuration space (read-only; it never changes, `ConfigGeneration` is 0).
+    fn config(&self) -> &[u8];
+    /// The largest size of each queue (at most [`QUEUE_SIZE_MAX`]); their number is the
+    /// number of queues (1 to [`MAX_QUEUES`]).
+    fn queue_max_sizes(&self) -> &[u16];
+    /// The worker thread: serves the queues through `worker` until [`Worker::wait`]
+    /// reports the end.
+    fn run(&self, worker: &mut Worker<'_, Self>);
+}
+
+/// A descriptor chain popped by the worker.
+pub type Chain<'a> = DescriptorChain<&'a GuestMemoryMmap>;
+
+/// Problems the transport warns about, once per device each (the guest controls how
+/// often they happen).
 #[derive(Debug, Clone, Copy)]
 enum Problem {
     QueueSize,
@@ -75,36 +117,41 @@ enum Problem {
     StatusOrder,
     AccessSize,
     UsedRing,
-    HostIo,
+    Poll,
 }
 
-/// The registers of the queue, as the driver wrote them.
+/// The registers of one queue, as the driver wrote them.
 #[derive(Debug, Clone, Copy)]
 struct QueueRegs {
+    /// The queue's largest size (`QueueNumMax`).
+    max: u16,
     num: u32,
     ready: bool,
     desc: u64,
     avail: u64,
     used: u64,
+    /// Bumped whenever the queue starts or stops: the worker's copy of the queue, and any
+    /// request it is serving, belong to one generation. Kept across resets.
+    generation: u64,
 }
 
-impl Default for QueueRegs {
-    fn default() -> Self {
+impl QueueRegs {
+    fn new(max: u16) -> Self {
         QueueRegs {
-            num: u32::from(QUEUE_SIZE_MAX),
+            max,
+            num: u32::from(max),
             ready: false,
             desc: 0,
             avail: 0,
             used: 0,
+            generation: 0,
         }
     }
-}
 
-impl QueueRegs {
     /// The queue as virtio-queue sees it (before the worker used any of it).
     fn state(&self) -> QueueState {
         QueueState {
-            max_size: QUEUE_SIZE_MAX,
+            max_size: self.max,
             next_avail: 0,
             next_used: 0,
             event_idx_enabled: false,
@@ -127,21 +174,19 @@ fn set_half(v: &mut u64, high: bool, half: u32) {
 }
 
 /// The device's registers, and the state the worker and the register side share.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct Regs {
     status: u32,
     device_features_sel: u32,
     driver_features_sel: u32,
     driver_features: u64,
     queue_sel: u32,
-    queue: QueueRegs,
+    queues: Vec<QueueRegs>,
     interrupt_status: u32,
-    /// Bumped whenever the queue starts or stops: the worker's copy of the queue, and any
-    /// request it is serving, belong to one generation.
-    generation: u64,
-    /// The driver notified the queue since the worker last looked.
-    kick: bool,
-    /// The worker is returning a chain (status byte, used ring) of the current generation.
+    /// The queues (bits) the driver notified, or that went live, since the worker last
+    /// looked.
+    kick: u32,
+    /// The worker is returning a chain (data, used ring) of a current generation.
     completing: bool,
     /// The worker is to end.
     stop: bool,
@@ -150,9 +195,39 @@ struct Regs {
 }
 
 impl Regs {
-    /// Whether the worker serves the queue.
-    fn live(&self) -> bool {
-        self.status & VIRTIO_CONFIG_S_DRIVER_OK != 0 && self.queue.ready
+    fn new(max_sizes: &[u16]) -> Self {
+        Regs {
+            status: 0,
+            device_features_sel: 0,
+            driver_features_sel: 0,
+            driver_features: 0,
+            queue_sel: 0,
+            queues: max_sizes.iter().map(|&m| QueueRegs::new(m)).collect(),
+            interrupt_status: 0,
+            kick: 0,
+            completing: false,
+            stop: false,
+            warned: 0,
+        }
+    }
+
+    /// Whether the worker serves queue `i`.
+    fn live(&self, i: usize) -> bool {
+        self.status & VIRTIO_CONFIG_S_DRIVER_OK != 0 && self.queues.get(i).is_some_and(|q| q.ready)
+    }
+
+    /// The live queues, as bits.
+    fn live_mask(&self) -> u32 {
+        (0..self.queues.len())
+            .filter(|&i| self.live(i))
+            .fold(0, |m, i| m | 1 << i)
+    }
+
+    /// The index of the selected queue, if the device has it.
+    fn selected(&self) -> Option<usize> {
+        usize::try_from(self.queue_sel)
+            .ok()
+            .filter(|&i| i < self.queues.len())
     }
 
     /// True the first time `problem` happens on this device.
@@ -164,73 +239,72 @@ impl Regs {
     }
 }
 
-/// The device's counters.
-#[derive(Debug, Default)]
-struct Counters {
-    requests: AtomicU64,
-    bytes_read: AtomicU64,
-    bytes_written: AtomicU64,
-    errors: AtomicU64,
-}
-
 /// What the register side and the worker share.
-struct Shared {
+struct Shared<D> {
     regs: Mutex<Regs>,
-    /// The worker waits here for a notification (or the end).
-    work: Condvar,
+    /// Written whenever the worker has something to look at (a kick, a queue starting or
+    /// stopping, the end); the worker waits on it.
+    wake: EventFd,
     /// A reset waits here for the worker to finish returning a chain.
     idle: Condvar,
-    disk: DiskImage,
     mem: GuestMemoryMmap,
     irq: Arc<dyn IrqLine>,
     pin: usize,
-    features: u64,
-    config: [u8; CONFIG_LEN],
-    counters: Counters,
-    /// Set by [`MmioBlock::shutdown`]: the worker finishes what is queued, then ends.
+    /// Set by [`VirtioMmio::shutdown`]: the worker finishes what is queued, then ends.
     stopping: AtomicBool,
+    device: D,
 }
 
-/// One virtio-mmio block device window (0x200 bytes: registers + config space) whose
-/// requests a worker thread serves.
-pub struct MmioBlock {
-    shared: Arc<Shared>,
+/// One virtio-mmio device window (0x200 bytes: registers + configuration space) whose
+/// queues a worker thread serves.
+pub struct VirtioMmio<D: VirtioDevice> {
+    shared: Arc<Shared<D>>,
     worker: Mutex<Option<JoinHandle<()>>>,
 }
 
-impl MmioBlock {
-    /// Creates the device for `disk` in guest memory `mem`, interrupting through `irq` on
-    /// IOAPIC pin `pin` (edge), and starts its worker thread ("virtio-blk").
+impl<D: VirtioDevice> VirtioMmio<D> {
+    /// Creates the transport for `device` in guest memory `mem`, interrupting through
+    /// `irq` on IOAPIC pin `pin` (edge), and starts the device's worker thread (named
+    /// after the device).
     ///
     /// Guest memory accesses may block (on a cluster, pages may come from another node);
     /// only the worker makes them, never [`mmio_read`](Self::mmio_read) or
     /// [`mmio_write`](Self::mmio_write).
     pub fn new(
-        disk: DiskImage,
+        device: D,
         mem: GuestMemoryMmap,
         irq: Arc<dyn IrqLine>,
         pin: usize,
-    ) -> io::Result<MmioBlock> {
+    ) -> io::Result<Self> {
+        let sizes = device.queue_max_sizes();
+        let sizes_ok = (1..=MAX_QUEUES).contains(&sizes.len())
+            && sizes.iter().all(|s| (1..=QUEUE_SIZE_MAX).contains(s));
+        if !sizes_ok {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("{}: invalid queue sizes {sizes:?}", D::NAME),
+            ));
+        }
         let shared = Arc::new(Shared {
-            regs: Mutex::new(Regs::default()),
-            work: Condvar::new(),
+            regs: Mutex::new(Regs::new(sizes)),
+            wake: EventFd::new(EFD_NONBLOCK)?,
             idle: Condvar::new(),
-            features: block::device_features(&disk),
-            config: block::config_space(&disk, QUEUE_SIZE_MAX),
-            disk,
             mem,
             irq,
             pin,
-            counters: Counters::default(),
             stopping: AtomicBool::new(false),
+            device,
         });
         let worker = {
             let shared = Arc::clone(&shared);
             std::thread::Builder::new()
-                .name("virtio-blk".into())
-                .spawn(move || shared.run())?
+                .name(D::NAME.into())
+                .spawn(move || {
+                    let mut worker = Worker::new(&shared);
+                    shared.device.run(&mut worker);
+                })?
         };
-        Ok(MmioBlock {
+        Ok(VirtioMmio {
             shared,
             worker: Mutex::new(Some(worker)),
         })
@@ -259,7 +333,8 @@ impl MmioBlock {
         if !offset.is_multiple_of(4) || !(data.len() == 4 || data.len() == 8) {
             if regs.first(Problem::AccessSize) {
                 tracing::warn!(
-                    "virtio-blk: {}-byte register write at {offset:#x} ignored (registers take aligned 32-bit writes)",
+                    "{}: {}-byte register write at {offset:#x} ignored (registers take aligned 32-bit writes)",
+                    D::NAME,
                     data.len()
                 );
             }
@@ -271,48 +346,40 @@ impl MmioBlock {
         }
     }
 
-    /// Stops the worker (also done on drop) and waits for it to end: the requests the
-    /// driver made available before are finished first (at most one ring's worth more).
-    /// The registers keep answering; notifications no longer do anything.
+    /// Stops the worker (also done on drop) and waits for it to end: the chains the driver
+    /// made available and notified before are served first (at most one ring's worth
+    /// more). The registers keep answering; notifications no longer do anything.
     pub fn shutdown(&self) {
         self.shared.stopping.store(true, Ordering::SeqCst);
         lock(&self.shared.regs).stop = true;
-        self.shared.work.notify_all();
+        self.shared.wake();
         let worker = lock(&self.worker).take();
         if let Some(worker) = worker {
             if worker.join().is_err() {
-                tracing::warn!(
-                    "virtio-blk: the worker thread of {} panicked",
-                    self.shared.disk.path().display()
-                );
+                tracing::warn!("{}: the worker thread panicked", D::NAME);
             }
         }
     }
 
-    /// The device's counters: requests, bytes read, bytes written, errors.
-    pub fn stats(&self) -> BlockStats {
-        let c = &self.shared.counters;
-        BlockStats {
-            requests: c.requests.load(Ordering::Relaxed),
-            bytes_read: c.bytes_read.load(Ordering::Relaxed),
-            bytes_written: c.bytes_written.load(Ordering::Relaxed),
-            errors: c.errors.load(Ordering::Relaxed),
-        }
-    }
-
-    /// The disk image behind the device.
-    pub fn disk(&self) -> &DiskImage {
-        &self.shared.disk
+    /// The device behind the transport.
+    pub fn device(&self) -> &D {
+        &self.shared.device
     }
 }
 
-impl Drop for MmioBlock {
+impl<D: VirtioDevice> Drop for VirtioMmio<D> {
     fn drop(&mut self) {
         self.shutdown();
     }
 }
 
-impl Shared {
+impl<D: VirtioDevice> Shared<D> {
+    /// Tells the worker to look at the registers.
+    fn wake(&self) {
+        // Fails only if the counter would overflow: the worker has a wake-up pending then.
+        let _ = self.wake.write(1);
+    }
+
     /// The byte at `at` in the window.
     fn byte_at(&self, regs: &Regs, at: u64) -> u8 {
         if at < CONFIG_OFFSET {
@@ -321,7 +388,7 @@ impl Shared {
         } else {
             usize::try_from(at - CONFIG_OFFSET)
                 .ok()
-                .and_then(|i| self.config.get(i))
+                .and_then(|i| self.device.config().get(i))
                 .copied()
                 .unwrap_or(0)
         }
@@ -332,30 +399,30 @@ impl Shared {
         let Ok(offset) = u32::try_from(offset) else {
             return 0;
         };
-        let queue0 = regs.queue_sel == 0;
-        let q = &regs.queue;
+        let q = regs.selected().map(|i| regs.queues[i]);
         let half = |v: u64, high: bool| if high { (v >> 32) as u32 } else { v as u32 };
+        let features = self.device.features();
         match offset {
             VIRTIO_MMIO_MAGIC_VALUE => MAGIC_VALUE,
             VIRTIO_MMIO_VERSION => VERSION,
-            VIRTIO_MMIO_DEVICE_ID => VIRTIO_ID_BLOCK,
+            VIRTIO_MMIO_DEVICE_ID => D::DEVICE_ID,
             VIRTIO_MMIO_VENDOR_ID => VENDOR_ID,
             VIRTIO_MMIO_DEVICE_FEATURES => match regs.device_features_sel {
-                0 => self.features as u32,
-                1 => (self.features >> 32) as u32,
+                0 => features as u32,
+                1 => (features >> 32) as u32,
                 _ => 0,
             },
-            VIRTIO_MMIO_QUEUE_NUM_MAX if queue0 => u32::from(QUEUE_SIZE_MAX),
-            VIRTIO_MMIO_QUEUE_NUM if queue0 => q.num,
-            VIRTIO_MMIO_QUEUE_READY if queue0 => u32::from(q.ready),
+            VIRTIO_MMIO_QUEUE_NUM_MAX => q.map_or(0, |q| u32::from(q.max)),
+            VIRTIO_MMIO_QUEUE_NUM => q.map_or(0, |q| q.num),
+            VIRTIO_MMIO_QUEUE_READY => q.map_or(0, |q| u32::from(q.ready)),
             VIRTIO_MMIO_INTERRUPT_STATUS => regs.interrupt_status,
             VIRTIO_MMIO_STATUS => regs.status,
-            VIRTIO_MMIO_QUEUE_DESC_LOW if queue0 => half(q.desc, false),
-            VIRTIO_MMIO_QUEUE_DESC_HIGH if queue0 => half(q.desc, true),
-            VIRTIO_MMIO_QUEUE_AVAIL_LOW if queue0 => half(q.avail, false),
-            VIRTIO_MMIO_QUEUE_AVAIL_HIGH if queue0 => half(q.avail, true),
-            VIRTIO_MMIO_QUEUE_USED_LOW if queue0 => half(q.used, false),
-            VIRTIO_MMIO_QUEUE_USED_HIGH if queue0 => half(q.used, true),
+            VIRTIO_MMIO_QUEUE_DESC_LOW => q.map_or(0, |q| half(q.desc, false)),
+            VIRTIO_MMIO_QUEUE_DESC_HIGH => q.map_or(0, |q| half(q.desc, true)),
+            VIRTIO_MMIO_QUEUE_AVAIL_LOW => q.map_or(0, |q| half(q.avail, false)),
+            VIRTIO_MMIO_QUEUE_AVAIL_HIGH => q.map_or(0, |q| half(q.avail, true)),
+            VIRTIO_MMIO_QUEUE_USED_LOW => q.map_or(0, |q| half(q.used, false)),
+            VIRTIO_MMIO_QUEUE_USED_HIGH => q.map_or(0, |q| half(q.used, true)),
             // The configuration space never changes.
             VIRTIO_MMIO_CONFIG_GENERATION => 0,
             _ => 0,
@@ -373,64 +440,74 @@ impl Shared {
         let Ok(offset) = u32::try_from(offset) else {
             return regs;
         };
-        // The queue's registers are only for queue 0, and only while it is not ready.
-        let queue_setup = regs.queue_sel == 0 && !regs.queue.ready;
-        match offset {
-            VIRTIO_MMIO_DEVICE_FEATURES_SEL => regs.device_features_sel = value,
+        let sel = regs.selected();
+        // The queue's registers are only for a queue the device has, while it is not
+        // ready.
+        let setup = sel.filter(|&i| !regs.queues[i].ready);
+        match (offset, setup) {
+            (VIRTIO_MMIO_DEVICE_FEATURES_SEL, _) => regs.device_features_sel = value,
             // The driver's features are settled once FEATURES_OK is set.
-            VIRTIO_MMIO_DRIVER_FEATURES if regs.status & VIRTIO_CONFIG_S_FEATURES_OK == 0 => {
+            (VIRTIO_MMIO_DRIVER_FEATURES, _) if regs.status & VIRTIO_CONFIG_S_FEATURES_OK == 0 => {
                 match regs.driver_features_sel {
                     0 => set_half(&mut regs.driver_features, false, value),
                     1 => set_half(&mut regs.driver_features, true, value),
                     _ => {}
                 }
             }
-            VIRTIO_MMIO_DRIVER_FEATURES_SEL => regs.driver_features_sel = value,
-            VIRTIO_MMIO_QUEUE_SEL => regs.queue_sel = value,
-            VIRTIO_MMIO_QUEUE_NUM if queue_setup => regs.queue.num = value,
-            VIRTIO_MMIO_QUEUE_DESC_LOW if queue_setup => {
-                set_half(&mut regs.queue.desc, false, value)
+            (VIRTIO_MMIO_DRIVER_FEATURES_SEL, _) => regs.driver_features_sel = value,
+            (VIRTIO_MMIO_QUEUE_SEL, _) => regs.queue_sel = value,
+            (VIRTIO_MMIO_QUEUE_NUM, Some(i)) => regs.queues[i].num = value,
+            (VIRTIO_MMIO_QUEUE_DESC_LOW, Some(i)) => {
+                set_half(&mut regs.queues[i].desc, false, value)
             }
-            VIRTIO_MMIO_QUEUE_DESC_HIGH if queue_setup => {
-                set_half(&mut regs.queue.desc, true, value)
+            (VIRTIO_MMIO_QUEUE_DESC_HIGH, Some(i)) => {
+                set_half(&mut regs.queues[i].desc, true, value)
             }
-            VIRTIO_MMIO_QUEUE_AVAIL_LOW if queue_setup => {
-                set_half(&mut regs.queue.avail, false, value)
+            (VIRTIO_MMIO_QUEUE_AVAIL_LOW, Some(i)) => {
+                set_half(&mut regs.queues[i].avail, false, value)
             }
-            VIRTIO_MMIO_QUEUE_AVAIL_HIGH if queue_setup => {
-                set_half(&mut regs.queue.avail, true, value)
+            (VIRTIO_MMIO_QUEUE_AVAIL_HIGH, Some(i)) => {
+                set_half(&mut regs.queues[i].avail, true, value)
             }
-            VIRTIO_MMIO_QUEUE_USED_LOW if queue_setup => {
-                set_half(&mut regs.queue.used, false, value)
+            (VIRTIO_MMIO_QUEUE_USED_LOW, Some(i)) => {
+                set_half(&mut regs.queues[i].used, false, value)
             }
-            VIRTIO_MMIO_QUEUE_USED_HIGH if queue_setup => {
-                set_half(&mut regs.queue.used, true, value)
+            (VIRTIO_MMIO_QUEUE_USED_HIGH, Some(i)) => {
+                set_half(&mut regs.queues[i].used, true, value)
             }
-            VIRTIO_MMIO_QUEUE_READY if regs.queue_sel == 0 => {
-                if value != 0 && !regs.queue.ready {
-                    match self.check_queue(&regs.queue) {
+            (VIRTIO_MMIO_QUEUE_READY, _) => {
+                let Some(i) = sel else {
+                    return regs;
+                };
+                if value != 0 && !regs.queues[i].ready {
+                    match self.check_queue(&regs.queues[i]) {
                         Ok(()) => {
-                            regs.queue.ready = true;
-                            self.start(&mut regs);
+                            regs.queues[i].ready = true;
+                            self.start(&mut regs, i);
                         }
                         Err((problem, why)) => {
                             if regs.first(problem) {
-                                tracing::warn!("virtio-blk: {why}: the queue stays disabled");
+                                tracing::warn!(
+                                    "{}: queue {i}: {why}: the queue stays disabled",
+                                    D::NAME
+                                );
                             }
                         }
                     }
-                } else if value == 0 && regs.queue.ready {
-                    regs.queue.ready = false;
-                    regs = self.stop_queue(regs);
+                } else if value == 0 && regs.queues[i].ready {
+                    regs.queues[i].ready = false;
+                    regs = self.stop_queues(regs, 1 << i);
                 }
             }
-            // The value is the queue's index; the device has queue 0 only.
-            VIRTIO_MMIO_QUEUE_NOTIFY if value == 0 && regs.live() => {
-                regs.kick = true;
-                self.work.notify_one();
+            // The value is the queue's index.
+            (VIRTIO_MMIO_QUEUE_NOTIFY, _) => {
+                if let Some(i) = usize::try_from(value).ok().filter(|&i| regs.live(i)) {
+                    regs.kick |= 1 << i;
+                    self.wake();
+                }
             }
-            VIRTIO_MMIO_INTERRUPT_ACK => regs.interrupt_status &= !value,
-            VIRTIO_MMIO_STATUS => regs = self.write_status(regs, value),
+            (VIRTIO_MMIO_INTERRUPT_ACK, _) => regs.interrupt_status &= !value,
+            (VIRTIO_MMIO_STATUS, _) => regs = self.write_status(regs, value),
             _ => {}
         }
         regs
@@ -439,11 +516,12 @@ impl Shared {
     /// Whether the queue the driver set up can be used: `Err` names the problem.
     fn check_queue(&self, q: &QueueRegs) -> Result<(), (Problem, String)> {
         let num = q.num;
-        let size_ok = (1..=u32::from(QUEUE_SIZE_MAX)).contains(&num) && num.is_power_of_two();
+        let max = q.max;
+        let size_ok = (1..=u32::from(max)).contains(&num) && num.is_power_of_two();
         if !size_ok {
             return Err((
                 Problem::QueueSize,
-                format!("queue size {num} is not a power of 2 from 1 to {QUEUE_SIZE_MAX}"),
+                format!("queue size {num} is not a power of 2 from 1 to {max}"),
             ));
         }
         if let Err(e) = Queue::try_from(q.state()) {
@@ -485,7 +563,8 @@ impl Shared {
         if old & !value != 0 {
             if regs.first(Problem::StatusOrder) {
                 tracing::warn!(
-                    "virtio-blk: the driver cleared status bits ({old:#x} to {value:#x}) without a reset: ignored"
+                    "{}: the driver cleared status bits ({old:#x} to {value:#x}) without a reset: ignored",
+                    D::NAME
                 );
             }
             return regs;
@@ -493,19 +572,20 @@ impl Shared {
         // DEVICE_NEEDS_RESET is the device's to set.
         let mut status = value & !VIRTIO_CONFIG_S_NEEDS_RESET;
         let added = status & !old;
+        let offered = self.device.features();
         if added & VIRTIO_CONFIG_S_FEATURES_OK != 0 {
             let introduced = VIRTIO_CONFIG_S_ACKNOWLEDGE | VIRTIO_CONFIG_S_DRIVER;
             let features = regs.driver_features;
             let acceptable = status & introduced == introduced
                 && features & (1u64 << VIRTIO_F_VERSION_1) != 0
-                && features & !self.features == 0;
+                && features & !offered == 0;
             if !acceptable {
                 // The driver reads the status back and sees the features refused.
                 status &= !VIRTIO_CONFIG_S_FEATURES_OK;
                 if regs.first(Problem::Features) {
                     tracing::warn!(
-                        "virtio-blk: the driver's features {features:#x} are refused (offered {:#x}, VERSION_1 required)",
-                        self.features
+                        "{}: the driver's features {features:#x} are refused (offered {offered:#x}, VERSION_1 required)",
+                        D::NAME
                     );
                 }
             }
@@ -513,228 +593,385 @@ impl Shared {
         if added & VIRTIO_CONFIG_S_DRIVER_OK != 0 && status & VIRTIO_CONFIG_S_FEATURES_OK == 0 {
             status &= !VIRTIO_CONFIG_S_DRIVER_OK;
             if regs.first(Problem::StatusOrder) {
-                tracing::warn!("virtio-blk: DRIVER_OK without FEATURES_OK: ignored");
+                tracing::warn!("{}: DRIVER_OK without FEATURES_OK: ignored", D::NAME);
             }
         }
         regs.status = status;
         if status & added & VIRTIO_CONFIG_S_DRIVER_OK != 0 {
-            self.start(&mut regs);
+            for i in 0..regs.queues.len() {
+                self.start(&mut regs, i);
+            }
         }
         regs
     }
 
-    /// The queue may just have gone live: if so, a new generation, and the worker looks
-    /// at the available ring (buffers made available before DRIVER_OK).
-    fn start(&self, regs: &mut Regs) {
-        if regs.live() {
-            regs.generation = regs.generation.wrapping_add(1);
-            regs.kick = true;
-            self.work.notify_one();
+    /// Queue `i` may just have gone live: if so, a new generation, and the worker looks
+    /// at its available ring (buffers made available before DRIVER_OK).
+    fn start(&self, regs: &mut Regs, i: usize) {
+        if regs.live(i) {
+            let q = &mut regs.queues[i];
+            q.generation = q.generation.wrapping_add(1);
+            regs.kick |= 1 << i;
+            self.wake();
         }
     }
 
-    /// Stops the queue: a new generation, then waits for a chain being returned to be
-    /// returned (a few guest-memory writes, no disk I/O). Afterwards the worker no longer
-    /// touches the rings.
-    fn stop_queue<'a>(&'a self, mut regs: MutexGuard<'a, Regs>) -> MutexGuard<'a, Regs> {
-        regs.generation = regs.generation.wrapping_add(1);
-        regs.kick = false;
+    /// Stops the queues `mask` (bits): a new generation each, then waits for a chain being
+    /// returned to be returned (a few guest-memory writes, no device I/O). Afterwards the
+    /// worker no longer touches their rings.
+    fn stop_queues<'a>(
+        &'a self,
+        mut regs: MutexGuard<'a, Regs>,
+        mask: u32,
+    ) -> MutexGuard<'a, Regs> {
+        for (i, q) in regs.queues.iter_mut().enumerate() {
+            if mask & (1 << i) != 0 {
+                q.generation = q.generation.wrapping_add(1);
+            }
+        }
+        regs.kick &= !mask;
+        self.wake();
         while regs.completing {
             regs = self.idle.wait(regs).unwrap_or_else(PoisonError::into_inner);
         }
         regs
     }
 
-    /// A device reset (`Status` 0): the queue stops, and the registers go back to their
+    /// A device reset (`Status` 0): every queue stops, and the registers go back to their
     /// initial values.
     fn reset<'a>(&'a self, regs: MutexGuard<'a, Regs>) -> MutexGuard<'a, Regs> {
-        let mut regs = self.stop_queue(regs);
-        *regs = Regs {
-            generation: regs.generation,
-            stop: regs.stop,
-            warned: regs.warned,
-            ..Regs::default()
-        };
+        let mut regs = self.stop_queues(regs, u32::MAX);
+        let mut fresh = Regs::new(self.device.queue_max_sizes());
+        for (new, old) in fresh.queues.iter_mut().zip(&regs.queues) {
+            new.generation = old.generation;
+        }
+        fresh.stop = regs.stop;
+        fresh.warned = regs.warned;
+        *regs = fresh;
         regs
     }
+}
 
-    /// The worker thread.
-    fn run(&self) {
-        let mut queue: Option<(u64, Queue)> = None;
-        let mut buf = vec![0u8; block::CHUNK];
-        // Once a shutdown is requested, at most one ring's worth of chains more (a guest
-        // that keeps making requests cannot hold the worker up).
-        let mut after_stop = u32::from(QUEUE_SIZE_MAX);
+/// What [`Worker::wait`] reports.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Events {
+    /// The live queues (bits) the driver notified, or that just went live.
+    pub kicked: u32,
+    /// The file descriptor given to [`Worker::wait`] is readable (or in error).
+    pub fd_ready: bool,
+    /// The device is shutting down and nothing notified is left: the worker ends.
+    pub stop: bool,
+}
+
+impl Events {
+    /// Whether queue `i` was notified (or just went live).
+    pub fn kicked(&self, i: usize) -> bool {
+        i < MAX_QUEUES && self.kicked & (1 << i) != 0
+    }
+}
+
+/// The worker thread's side of the transport: waiting for work, the device's live queues,
+/// returning chains and interrupting the driver.
+pub struct Worker<'a, D> {
+    shared: &'a Shared<D>,
+    /// The worker's copy of each live queue, with the generation it belongs to.
+    queues: Vec<Option<(u64, Queue)>>,
+    /// Once a shutdown is requested, at most one ring's worth of chains more (a guest
+    /// that keeps making requests cannot hold the worker up).
+    after_stop: u32,
+}
+
+impl<'a, D: VirtioDevice> Worker<'a, D> {
+    fn new(shared: &'a Shared<D>) -> Self {
+        let n = shared.device.queue_max_sizes().len();
+        Worker {
+            shared,
+            queues: (0..n).map(|_| None).collect(),
+            after_stop: u32::from(QUEUE_SIZE_MAX),
+        }
+    }
+
+    /// Guest memory.
+    pub fn mem(&self) -> &'a GuestMemoryMmap {
+        &self.shared.mem
+    }
+
+    /// Waits until a live queue is notified (or goes live), the device shuts down, or
+    /// `fd` (if given) is readable. Queues that stopped since the last call are dropped
+    /// (see [`has_queue`](Self::has_queue)).
+    pub fn wait(&mut self, fd: Option<BorrowedFd<'_>>) -> Events {
+        let mut fd_ready = false;
         loop {
-            let generation = {
-                let mut regs = lock(&self.regs);
-                loop {
-                    if std::mem::take(&mut regs.kick) && regs.live() && after_stop > 0 {
-                        break;
-                    }
-                    if regs.stop {
-                        return;
-                    }
-                    regs = self.work.wait(regs).unwrap_or_else(PoisonError::into_inner);
+            {
+                let mut regs = lock(&self.shared.regs);
+                self.refresh(&regs);
+                let kicked = std::mem::take(&mut regs.kick) & regs.live_mask();
+                if kicked != 0 && self.after_stop > 0 {
+                    return Events {
+                        kicked,
+                        fd_ready,
+                        stop: false,
+                    };
                 }
-                if queue.as_ref().map(|(g, _)| *g) != Some(regs.generation) {
-                    // Checked when the driver set QueueReady.
-                    queue = Queue::try_from(regs.queue.state())
-                        .ok()
-                        .map(|q| (regs.generation, q));
+                if regs.stop {
+                    return Events {
+                        stop: true,
+                        ..Events::default()
+                    };
                 }
-                regs.generation
-            };
-            if let Some((_, q)) = queue.as_mut() {
-                self.serve(q, generation, &mut buf, &mut after_stop);
+                if fd_ready {
+                    return Events {
+                        fd_ready,
+                        ..Events::default()
+                    };
+                }
+            }
+            fd_ready = self.poll(fd);
+        }
+    }
+
+    /// Brings the worker's copies of the queues in line with the registers.
+    fn refresh(&mut self, regs: &Regs) {
+        for (i, copy) in self.queues.iter_mut().enumerate() {
+            if !regs.live(i) {
+                *copy = None;
+                continue;
+            }
+            let q = &regs.queues[i];
+            if copy.as_ref().map(|(g, _)| *g) != Some(q.generation) {
+                // Checked when the driver set QueueReady.
+                *copy = Queue::try_from(q.state()).ok().map(|c| (q.generation, c));
             }
         }
     }
 
-    /// Serves the chains available in `q` (of generation `generation`) until it runs
-    /// empty, the queue stops, or (after a shutdown request) `after_stop` runs out.
-    fn serve(&self, q: &mut Queue, generation: u64, buf: &mut [u8], after_stop: &mut u32) {
-        let mem = &self.mem;
-        let live = || lock(&self.regs).generation == generation;
+    /// Waits for the wake-up eventfd or `fd`; true if `fd` is ready.
+    fn poll(&self, fd: Option<BorrowedFd<'_>>) -> bool {
+        let mut fds = [
+            libc::pollfd {
+                fd: self.shared.wake.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+            libc::pollfd {
+                // poll ignores a negative descriptor.
+                fd: fd.map_or(-1, |f| f.as_raw_fd()),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+        ];
+        loop {
+            // SAFETY: `fds` is an array of two initialised `pollfd`s that outlives the
+            // call, and its length is passed; poll only writes their `revents`.
+            let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, -1) };
+            if n >= 0 {
+                break;
+            }
+            let e = io::Error::last_os_error();
+            if e.kind() != io::ErrorKind::Interrupted {
+                if lock(&self.shared.regs).first(Problem::Poll) {
+                    tracing::warn!("{}: poll failed: {e}", D::NAME);
+                }
+                // Not spinning on a persistent failure.
+                std::thread::sleep(std::time::Duration::from_millis(10));
+                return false;
+            }
+        }
+        if fds[0].revents != 0 {
+            // Nonblocking: resets the counter (nothing to read is fine).
+            let _ = self.shared.wake.read();
+        }
+        fds[1].revents != 0
+    }
+
+    /// Whether the worker has queue `i` live (as of the last [`wait`](Self::wait)).
+    pub fn has_queue(&self, i: usize) -> bool {
+        self.queues.get(i).is_some_and(Option::is_some)
+    }
+
+    /// Whether queue `i` is still the one the worker serves (it did not stop since).
+    pub fn live(&self, i: usize) -> bool {
+        let Some(generation) = self.generation(i) else {
+            return false;
+        };
+        lock(&self.shared.regs).queues[i].generation == generation
+    }
+
+    fn generation(&self, i: usize) -> Option<u64> {
+        self.queues.get(i)?.as_ref().map(|(g, _)| *g)
+    }
+
+    fn queue(&mut self, i: usize) -> Option<&mut Queue> {
+        self.queues.get_mut(i)?.as_mut().map(|(_, q)| q)
+    }
+
+    /// The next chain the driver made available in queue `i`.
+    pub fn pop(&mut self, i: usize) -> Option<Chain<'a>> {
+        let mem = self.mem();
+        self.queue(i)?.pop_descriptor_chain(mem)
+    }
+
+    /// Puts the chain [`pop`](Self::pop) returned last back (it is popped again next).
+    pub fn unpop(&mut self, i: usize) {
+        if let Some(q) = self.queue(i) {
+            q.go_to_previous_position();
+        }
+    }
+
+    /// Asks the driver to notify queue `i` when it adds chains; true if chains were added
+    /// meanwhile (the driver may not notify for those).
+    pub fn enable_notification(&mut self, i: usize) -> bool {
+        let mem = self.mem();
+        self.queue(i)
+            .is_some_and(|q| q.enable_notification(mem).unwrap_or(false))
+    }
+
+    /// Tells the driver that notifications of queue `i` are not needed (a hint).
+    pub fn disable_notification(&mut self, i: usize) {
+        let mem = self.mem();
+        if let Some(q) = self.queue(i) {
+            // An error here only costs notifications.
+            let _ = q.disable_notification(mem);
+        }
+    }
+
+    /// Returns chain `head` of queue `i` to the driver: `fill` writes what the device
+    /// puts into the chain and gives the used length. False if the queue stopped meanwhile
+    /// (then the chain is left alone and `fill` is not called). A queue stop waits while
+    /// `fill` runs: it must only write guest memory.
+    pub fn complete(
+        &mut self,
+        i: usize,
+        head: u16,
+        fill: impl FnOnce(&GuestMemoryMmap) -> Result<u32, String>,
+    ) -> bool {
+        let Some(generation) = self.generation(i) else {
+            return false;
+        };
+        {
+            let mut regs = lock(&self.shared.regs);
+            if regs.queues[i].generation != generation {
+                return false;
+            }
+            regs.completing = true;
+        }
+        let mem = self.mem();
+        let result = fill(mem).and_then(|len| match self.queue(i) {
+            Some(q) => q.add_used(mem, head, len).map_err(|e| e.to_string()),
+            None => Ok(()),
+        });
+        {
+            let mut regs = lock(&self.shared.regs);
+            regs.completing = false;
+            if let Err(e) = result {
+                if regs.first(Problem::UsedRing) {
+                    tracing::warn!(
+                        "{}: chain {head} cannot be returned to the driver: {e}",
+                        D::NAME
+                    );
+                }
+            }
+        }
+        self.shared.idle.notify_all();
+        true
+    }
+
+    /// Tells the driver about chains returned in queue `i`: `InterruptStatus` bit 0 and
+    /// a pulse (nothing if the queue stopped).
+    pub fn signal(&mut self, i: usize) {
+        let Some(generation) = self.generation(i) else {
+            return;
+        };
+        {
+            let mut regs = lock(&self.shared.regs);
+            if regs.queues[i].generation != generation {
+                return;
+            }
+            regs.interrupt_status |= VIRTIO_MMIO_INT_VRING;
+        }
+        self.shared.irq.pulse(self.shared.pin);
+    }
+
+    /// Serves the chains available in queue `i` until it runs empty, the queue stops, or
+    /// (after a shutdown request) one ring's worth more was served. `serve` handles one
+    /// chain and returns it ([`complete`](Self::complete)); false if the queue stopped.
+    /// The driver is interrupted every [`SIGNAL_BATCH`] chains and at the end.
+    pub fn drain(&mut self, i: usize, mut serve: impl FnMut(&mut Self, Chain<'a>) -> bool) {
         let mut unsignalled = 0u32;
         'serve: loop {
-            // No notifications while the worker is at it anyway; errors here only cost
-            // notifications.
-            let _ = q.disable_notification(mem);
+            // No notifications while the worker is at it anyway.
+            self.disable_notification(i);
             let mut popped = false;
-            while let Some(chain) = q.pop_descriptor_chain(mem) {
+            while let Some(chain) = self.pop(i) {
                 popped = true;
-                let head = chain.head_index();
-                let done = block::execute(&self.disk, mem, chain, buf, &live);
-                self.count(&done);
-                if !self.complete(q, generation, head, &done) {
+                if !serve(self, chain) {
                     break 'serve;
                 }
                 unsignalled += 1;
                 if unsignalled >= SIGNAL_BATCH {
-                    self.signal(generation);
+                    self.signal(i);
                     unsignalled = 0;
                 }
-                if self.stopping.load(Ordering::Relaxed) {
-                    *after_stop = after_stop.saturating_sub(1);
-                    if *after_stop == 0 {
+                if self.shared.stopping.load(Ordering::Relaxed) {
+                    self.after_stop = self.after_stop.saturating_sub(1);
+                    if self.after_stop == 0 {
                         break 'serve;
                     }
                 }
             }
             // More chains since the last look? (Nothing popped although the ring says so:
             // a ring the driver broke; its next notification tries again.)
-            match q.enable_notification(mem) {
-                Ok(true) if popped => {}
-                _ => break,
+            let more = self.enable_notification(i);
+            if !(more && popped) {
+                break;
             }
         }
         if unsignalled > 0 {
-            self.signal(generation);
-        }
-    }
-
-    /// Returns the chain `head` with its status: false if the queue stopped meanwhile
-    /// (the chain is then left alone).
-    fn complete(&self, q: &mut Queue, generation: u64, head: u16, done: &Completion) -> bool {
-        {
-            let mut regs = lock(&self.regs);
-            if regs.generation != generation {
-                return false;
-            }
-            regs.completing = true;
-        }
-        let mut result = Ok(());
-        if let Some(at) = done.status_at {
-            // Checked to be in guest memory when the chain was parsed.
-            result = self
-                .mem
-                .write_obj(done.status, at)
-                .map_err(|e| e.to_string());
-        }
-        if result.is_ok() {
-            result = q
-                .add_used(&self.mem, head, done.used_len)
-                .map_err(|e| e.to_string());
-        }
-        {
-            let mut regs = lock(&self.regs);
-            regs.completing = false;
-            if let Err(e) = result {
-                if regs.first(Problem::UsedRing) {
-                    tracing::warn!(
-                        "virtio-blk: chain {head} cannot be returned to the driver: {e}"
-                    );
-                }
-            }
-        }
-        self.idle.notify_all();
-        true
-    }
-
-    /// Tells the driver about returned chains: `InterruptStatus` bit 0 and a pulse.
-    fn signal(&self, generation: u64) {
-        {
-            let mut regs = lock(&self.regs);
-            if regs.generation != generation {
-                return;
-            }
-            regs.interrupt_status |= VIRTIO_MMIO_INT_VRING;
-        }
-        self.irq.pulse(self.pin);
-    }
-
-    /// Counts a request.
-    fn count(&self, done: &Completion) {
-        let c = &self.counters;
-        c.requests.fetch_add(1, Ordering::Relaxed);
-        c.bytes_read.fetch_add(done.bytes_read, Ordering::Relaxed);
-        c.bytes_written
-            .fetch_add(done.bytes_written, Ordering::Relaxed);
-        if done.failed() {
-            c.errors.fetch_add(1, Ordering::Relaxed);
-        }
-        if let Some(kind) = done.host_error {
-            if lock(&self.regs).first(Problem::HostIo) {
-                tracing::warn!(
-                    "virtio-blk: I/O on disk image {} failed: {kind}",
-                    self.disk.path().display()
-                );
-            }
+            self.signal(i);
         }
     }
 }
-
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::devices::virtio::block::tests::{pattern, TempFile};
+    use crate::devices::virtio::block::{self, Block, BlockStats, DiskImage, MmioBlock};
     use std::sync::atomic::AtomicUsize;
     use std::time::{Duration, Instant};
     use virtio_bindings::virtio_blk::{
         VIRTIO_BLK_F_RO, VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTIO_BLK_S_UNSUPP,
         VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_GET_ID, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT,
     };
-    use virtio_bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
+    pub(crate) use virtio_bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
+    use vm_memory::Bytes;
 
-    const MEM_SIZE: usize = 4 << 20;
+    pub(crate) const MEM_SIZE: usize = 4 << 20;
+    /// Queue 0's rings (queue `q`'s are [`rings`]`(q)`).
     const DESC: u64 = 0x1000;
     const AVAIL: u64 = 0x2000;
     const USED: u64 = 0x3000;
     const HEADER: u64 = 0x10000;
     const STATUS: u64 = 0x11000;
     const DATA: u64 = 0x20000;
-    const QSIZE: u16 = 16;
-    const PIN: usize = 5;
+    /// The size of the queues the rig sets up.
+    pub(crate) const QSIZE: u16 = 16;
+    pub(crate) const PIN: usize = 5;
     const IMAGE_LEN: usize = 64 << 10;
     /// An address beyond guest memory.
-    const OUTSIDE: u64 = 0x1_0000_0000;
+    pub(crate) const OUTSIDE: u64 = 0x1_0000_0000;
+
+    /// The rings of queue `q` (descriptor table, available ring, used ring): 12 KiB per
+    /// queue from [`DESC`].
+    pub(crate) fn rings(q: usize) -> (u64, u64, u64) {
+        let base = DESC + 0x3000 * q as u64;
+        (base, base + 0x1000, base + 0x2000)
+    }
 
     /// Counts the pulses of the interrupt line.
     #[derive(Default)]
-    struct CountingIrq {
-        pulses: AtomicUsize,
-        pin: AtomicUsize,
+    pub(crate) struct CountingIrq {
+        pub pulses: AtomicUsize,
+        pub pin: AtomicUsize,
     }
 
     impl IrqLine for CountingIrq {
@@ -745,59 +982,54 @@ mod tests {
     }
 
     /// A buffer of a chain: guest address, length, device-writable.
-    type Buf = (u64, u32, bool);
+    pub(crate) type Buf = (u64, u32, bool);
 
-    /// The device, its guest memory and image, and the driver's side of the queue.
-    struct Rig {
-        dev: MmioBlock,
-        mem: GuestMemoryMmap,
-        irq: Arc<CountingIrq>,
-        image: TempFile,
-        next_desc: u16,
-        avail_idx: u16,
-        used_idx: u16,
+    /// The driver's side of one queue.
+    #[derive(Debug, Default, Clone, Copy)]
+    pub(crate) struct DriverQueue {
+        pub next_desc: u16,
+        pub avail_idx: u16,
+        pub used_idx: u16,
     }
 
-    impl Rig {
-        fn new(content: &[u8], read_only: bool) -> Rig {
-            let image = TempFile::new(content);
-            let disk = DiskImage::open(&image.path, read_only).unwrap();
+    /// A device on its transport, its guest memory, and the driver's side of the queues.
+    pub(crate) struct Rig<D: VirtioDevice> {
+        pub dev: VirtioMmio<D>,
+        pub mem: GuestMemoryMmap,
+        pub irq: Arc<CountingIrq>,
+        pub queues: Vec<DriverQueue>,
+    }
+
+    impl<D: VirtioDevice> Rig<D> {
+        /// `device` on a transport in 4 MiB of guest memory, interrupting pin [`PIN`].
+        pub fn with(device: D) -> Rig<D> {
+            let n = device.queue_max_sizes().len();
             let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap();
             let irq = Arc::new(CountingIrq::default());
-            let dev = MmioBlock::new(disk, mem.clone(), irq.clone(), PIN).unwrap();
+            let dev = VirtioMmio::new(device, mem.clone(), irq.clone(), PIN).unwrap();
             Rig {
                 dev,
                 mem,
                 irq,
-                image,
-                next_desc: 0,
-                avail_idx: 0,
-                used_idx: 0,
+                queues: vec![DriverQueue::default(); n],
             }
         }
 
-        /// A device on a 64 KiB image of the test pattern, initialised by the driver.
-        fn ready(read_only: bool) -> Rig {
-            let mut rig = Rig::new(&pattern(IMAGE_LEN), read_only);
-            rig.init();
-            rig
-        }
-
-        fn r32(&self, offset: u64) -> u32 {
+        pub fn r32(&self, offset: u64) -> u32 {
             let mut b = [0u8; 4];
             self.dev.mmio_read(offset, &mut b);
             u32::from_le_bytes(b)
         }
 
-        fn w32(&self, offset: u64, value: u32) {
+        pub fn w32(&self, offset: u64, value: u32) {
             self.dev.mmio_write(offset, &value.to_le_bytes());
         }
 
-        fn status(&self) -> u32 {
+        pub fn status(&self) -> u32 {
             self.r32(VIRTIO_MMIO_STATUS.into())
         }
 
-        fn device_features(&self) -> u64 {
+        pub fn device_features(&self) -> u64 {
             self.w32(VIRTIO_MMIO_DEVICE_FEATURES_SEL.into(), 1);
             let high = self.r32(VIRTIO_MMIO_DEVICE_FEATURES.into());
             self.w32(VIRTIO_MMIO_DEVICE_FEATURES_SEL.into(), 0);
@@ -806,7 +1038,7 @@ mod tests {
         }
 
         /// Reset, ACKNOWLEDGE, DRIVER, features; true if the device accepted them.
-        fn negotiate(&self, features: u64) -> bool {
+        pub fn negotiate(&self, features: u64) -> bool {
             let status = u64::from(VIRTIO_MMIO_STATUS);
             self.w32(status, 0);
             assert_eq!(self.status(), 0);
@@ -824,8 +1056,13 @@ mod tests {
         }
 
         /// Sets up queue 0 (size, rings) and writes QueueReady; true if it reads back 1.
-        fn setup_queue(&self, num: u32, desc: u64, avail: u64, used: u64) -> bool {
-            self.w32(VIRTIO_MMIO_QUEUE_SEL.into(), 0);
+        pub fn setup_queue(&self, num: u32, desc: u64, avail: u64, used: u64) -> bool {
+            self.setup_queue_on(0, num, desc, avail, used)
+        }
+
+        /// Sets up queue `q` (size, rings) and writes QueueReady; true if it reads back 1.
+        pub fn setup_queue_on(&self, q: u32, num: u32, desc: u64, avail: u64, used: u64) -> bool {
+            self.w32(VIRTIO_MMIO_QUEUE_SEL.into(), q);
             assert_eq!(self.r32(VIRTIO_MMIO_QUEUE_READY.into()), 0);
             assert_eq!(self.r32(VIRTIO_MMIO_QUEUE_NUM_MAX.into()), 256);
             self.w32(VIRTIO_MMIO_QUEUE_NUM.into(), num);
@@ -841,17 +1078,22 @@ mod tests {
             self.r32(VIRTIO_MMIO_QUEUE_READY.into()) == 1
         }
 
-        /// The driver's initialisation sequence, with fresh rings.
-        fn init(&mut self) {
-            self.mem
-                .write_slice(&[0u8; 0x3000], GuestAddress(DESC))
-                .unwrap();
-            self.next_desc = 0;
-            self.avail_idx = 0;
-            self.used_idx = 0;
+        /// The driver's initialisation sequence, with fresh rings for every queue (of
+        /// [`QSIZE`] entries, at [`rings`]).
+        pub fn init(&mut self) {
+            for q in 0..self.queues.len() {
+                let (desc, _, _) = rings(q);
+                self.mem
+                    .write_slice(&[0u8; 0x3000], GuestAddress(desc))
+                    .unwrap();
+                self.queues[q] = DriverQueue::default();
+            }
             let offered = self.device_features();
             assert!(self.negotiate(offered));
-            assert!(self.setup_queue(QSIZE.into(), DESC, AVAIL, USED));
+            for q in 0..self.queues.len() {
+                let (desc, avail, used) = rings(q);
+                assert!(self.setup_queue_on(q as u32, QSIZE.into(), desc, avail, used));
+            }
             let status = VIRTIO_CONFIG_S_ACKNOWLEDGE
                 | VIRTIO_CONFIG_S_DRIVER
                 | VIRTIO_CONFIG_S_FEATURES_OK
@@ -860,9 +1102,22 @@ mod tests {
             assert_eq!(self.status(), status);
         }
 
-        /// Writes descriptor `index`.
-        fn put_desc(&self, index: u16, addr: u64, len: u32, flags: u16, next: u16) {
-            let at = DESC + 16 * u64::from(index);
+        /// Writes descriptor `index` of queue 0.
+        pub fn put_desc(&self, index: u16, addr: u64, len: u32, flags: u16, next: u16) {
+            self.put_desc_on(0, index, addr, len, flags, next)
+        }
+
+        /// Writes descriptor `index` of queue `q`.
+        pub fn put_desc_on(
+            &self,
+            q: usize,
+            index: u16,
+            addr: u64,
+            len: u32,
+            flags: u16,
+            next: u16,
+        ) {
+            let at = rings(q).0 + 16 * u64::from(index);
             self.mem.write_obj(addr.to_le(), GuestAddress(at)).unwrap();
             self.mem
                 .write_obj(len.to_le(), GuestAddress(at + 8))
@@ -875,65 +1130,154 @@ mod tests {
                 .unwrap();
         }
 
-        /// Makes the chain at `head` available, without notifying.
-        fn publish(&mut self, head: u16) {
-            let slot = AVAIL + 4 + 2 * u64::from(self.avail_idx % QSIZE);
+        /// Makes the chain at `head` of queue 0 available, without notifying.
+        pub fn publish(&mut self, head: u16) {
+            self.publish_on(0, head)
+        }
+
+        /// Makes the chain at `head` of queue `q` available, without notifying.
+        pub fn publish_on(&mut self, q: usize, head: u16) {
+            let avail = rings(q).1;
+            let driver = &mut self.queues[q];
+            let slot = avail + 4 + 2 * u64::from(driver.avail_idx % QSIZE);
             self.mem
                 .write_obj(head.to_le(), GuestAddress(slot))
                 .unwrap();
-            self.avail_idx = self.avail_idx.wrapping_add(1);
+            driver.avail_idx = driver.avail_idx.wrapping_add(1);
             self.mem
                 .store(
-                    self.avail_idx.to_le(),
-                    GuestAddress(AVAIL + 2),
+                    driver.avail_idx.to_le(),
+                    GuestAddress(avail + 2),
                     Ordering::Release,
                 )
                 .unwrap();
         }
 
-        fn notify(&self) {
-            self.w32(VIRTIO_MMIO_QUEUE_NOTIFY.into(), 0);
+        /// Notifies queue 0.
+        pub fn notify(&self) {
+            self.notify_on(0);
         }
 
-        /// Writes `bufs` as one chain and makes it available; returns its head.
-        fn add_chain(&mut self, bufs: &[Buf]) -> u16 {
-            let head = self.next_desc;
+        /// Notifies queue `q`.
+        pub fn notify_on(&self, q: u32) {
+            self.w32(VIRTIO_MMIO_QUEUE_NOTIFY.into(), q);
+        }
+
+        /// Writes `bufs` as one chain of queue 0 and makes it available; returns its head.
+        pub fn add_chain(&mut self, bufs: &[Buf]) -> u16 {
+            self.add_chain_on(0, bufs)
+        }
+
+        /// Writes `bufs` as one chain of queue `q` and makes it available; returns its
+        /// head.
+        pub fn add_chain_on(&mut self, q: usize, bufs: &[Buf]) -> u16 {
+            let head = self.queues[q].next_desc;
             for (i, &(addr, len, write)) in bufs.iter().enumerate() {
                 let index = (head + i as u16) % QSIZE;
                 let mut flags = if write { VRING_DESC_F_WRITE as u16 } else { 0 };
                 if i + 1 < bufs.len() {
                     flags |= VRING_DESC_F_NEXT as u16;
                 }
-                self.put_desc(index, addr, len, flags, (index + 1) % QSIZE);
+                self.put_desc_on(q, index, addr, len, flags, (index + 1) % QSIZE);
             }
-            self.next_desc = (head + bufs.len() as u16) % QSIZE;
-            self.publish(head);
+            self.queues[q].next_desc = (head + bufs.len() as u16) % QSIZE;
+            self.publish_on(q, head);
             head
         }
 
-        fn used_index(&self) -> u16 {
+        /// The used ring's index of queue 0.
+        pub fn used_index(&self) -> u16 {
+            self.used_index_on(0)
+        }
+
+        /// The used ring's index of queue `q`.
+        pub fn used_index_on(&self, q: usize) -> u16 {
             u16::from_le(
                 self.mem
-                    .load(GuestAddress(USED + 2), Ordering::Acquire)
+                    .load(GuestAddress(rings(q).2 + 2), Ordering::Acquire)
                     .unwrap(),
             )
         }
 
-        /// Waits (a few seconds at most) for the next used element: (id, len).
-        fn wait_used(&mut self) -> (u32, u32) {
-            let deadline = Instant::now() + Duration::from_secs(5);
-            while self.used_index() == self.used_idx {
-                assert!(
-                    Instant::now() < deadline,
-                    "the device did not return the chain"
-                );
+        /// Waits (a few seconds at most) for the next used element of queue 0: (id, len).
+        pub fn wait_used(&mut self) -> (u32, u32) {
+            self.wait_used_on(0)
+        }
+
+        /// Waits (a few seconds at most) for the next used element of queue `q`:
+        /// (id, len).
+        pub fn wait_used_on(&mut self, q: usize) -> (u32, u32) {
+            self.try_wait_used_on(q, Duration::from_secs(5))
+                .expect("the device did not return the chain")
+        }
+
+        /// The next used element of queue `q` ((id, len)), if one comes within `wait`.
+        pub fn try_wait_used_on(&mut self, q: usize, wait: Duration) -> Option<(u32, u32)> {
+            let deadline = Instant::now() + wait;
+            while self.used_index_on(q) == self.queues[q].used_idx {
+                if Instant::now() >= deadline {
+                    return None;
+                }
                 std::thread::sleep(Duration::from_millis(1));
             }
-            let at = USED + 4 + 8 * u64::from(self.used_idx % QSIZE);
-            self.used_idx = self.used_idx.wrapping_add(1);
+            let driver = &mut self.queues[q];
+            let at = rings(q).2 + 4 + 8 * u64::from(driver.used_idx % QSIZE);
+            driver.used_idx = driver.used_idx.wrapping_add(1);
             let id: u32 = self.mem.read_obj(GuestAddress(at)).unwrap();
             let len: u32 = self.mem.read_obj(GuestAddress(at + 4)).unwrap();
-            (u32::from_le(id), u32::from_le(len))
+            Some((u32::from_le(id), u32::from_le(len)))
+        }
+
+        /// Waits (a few seconds at most) for an interrupt after `before` pulses.
+        pub fn wait_interrupt(&self, before: usize) {
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while self.irq.pulses.load(Ordering::SeqCst) <= before {
+                assert!(Instant::now() < deadline, "no interrupt");
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        }
+
+        pub fn read_guest(&self, addr: u64, len: usize) -> Vec<u8> {
+            let mut v = vec![0u8; len];
+            self.mem.read_slice(&mut v, GuestAddress(addr)).unwrap();
+            v
+        }
+    }
+
+    /// The block device's rig: a [`Rig`] with the device's image.
+    struct BlockRig {
+        rig: Rig<Block>,
+        image: TempFile,
+    }
+
+    impl std::ops::Deref for BlockRig {
+        type Target = Rig<Block>;
+        fn deref(&self) -> &Rig<Block> {
+            &self.rig
+        }
+    }
+
+    impl std::ops::DerefMut for BlockRig {
+        fn deref_mut(&mut self) -> &mut Rig<Block> {
+            &mut self.rig
+        }
+    }
+
+    impl BlockRig {
+        fn new(content: &[u8], read_only: bool) -> BlockRig {
+            let image = TempFile::new(content);
+            let disk = DiskImage::open(&image.path, read_only).unwrap();
+            BlockRig {
+                rig: Rig::with(Block::new(disk)),
+                image,
+            }
+        }
+
+        /// A device on a 64 KiB image of the test pattern, initialised by the driver.
+        fn ready(read_only: bool) -> BlockRig {
+            let mut rig = BlockRig::new(&pattern(IMAGE_LEN), read_only);
+            rig.init();
+            rig
         }
 
         /// Submits `bufs` as one chain, notifies, waits: (status byte at STATUS, used len).
@@ -976,12 +1320,6 @@ mod tests {
             let (status, len) = self.run(&bufs);
             (status, len, addrs)
         }
-
-        fn read_guest(&self, addr: u64, len: usize) -> Vec<u8> {
-            let mut v = vec![0u8; len];
-            self.mem.read_slice(&mut v, GuestAddress(addr)).unwrap();
-            v
-        }
     }
 
     const OK: u8 = VIRTIO_BLK_S_OK as u8;
@@ -996,7 +1334,7 @@ mod tests {
 
     #[test]
     fn registers_read_correctly() {
-        let rig = Rig::new(&pattern(IMAGE_LEN), false);
+        let rig = BlockRig::new(&pattern(IMAGE_LEN), false);
         assert_eq!(rig.r32(0x000), 0x7472_6976);
         assert_eq!(rig.r32(0x004), 2);
         assert_eq!(rig.r32(0x008), 2);
@@ -1054,13 +1392,13 @@ mod tests {
 
     #[test]
     fn read_only_disk_offers_ro() {
-        let rig = Rig::new(&pattern(IMAGE_LEN), true);
+        let rig = BlockRig::new(&pattern(IMAGE_LEN), true);
         assert_ne!(rig.device_features() & (1 << VIRTIO_BLK_F_RO), 0);
     }
 
     #[test]
     fn features_without_version_1_are_refused() {
-        let rig = Rig::new(&pattern(IMAGE_LEN), false);
+        let rig = BlockRig::new(&pattern(IMAGE_LEN), false);
         let offered = rig.device_features();
         assert!(!rig.negotiate(offered & !(1 << VIRTIO_F_VERSION_1)));
         // Features the device did not offer are refused too.
@@ -1076,7 +1414,7 @@ mod tests {
 
     #[test]
     fn read_request_returns_file_bytes() {
-        let mut rig = Rig::ready(false);
+        let mut rig = BlockRig::ready(false);
         let file = rig.image.content();
         // Three data descriptors of odd sizes (1536 bytes together) from sector 5.
         let (status, len, addrs) = rig.request(VIRTIO_BLK_T_IN, 5, &[100, 1000, 436], true);
@@ -1099,7 +1437,7 @@ mod tests {
 
     #[test]
     fn write_request_changes_exactly_those_bytes() {
-        let mut rig = Rig::ready(false);
+        let mut rig = BlockRig::ready(false);
         let mut expected = rig.image.content();
         let new: Vec<u8> = (0..1024).map(|i| (i * 7 + 3) as u8).collect();
         // Header and the first 512 bytes in one descriptor, the rest in another.
@@ -1126,7 +1464,7 @@ mod tests {
 
     #[test]
     fn flush_and_get_id() {
-        let mut rig = Rig::ready(false);
+        let mut rig = BlockRig::ready(false);
         let (status, len, _) = rig.request(VIRTIO_BLK_T_FLUSH, 0, &[], false);
         assert_eq!((status, len), (OK, 1));
         let (status, len, addrs) = rig.request(VIRTIO_BLK_T_GET_ID, 0, &[20], true);
@@ -1141,7 +1479,7 @@ mod tests {
 
     #[test]
     fn out_of_range_requests_fail() {
-        let mut rig = Rig::ready(false);
+        let mut rig = BlockRig::ready(false);
         let file = rig.image.content();
         let sectors = (IMAGE_LEN / 512) as u64;
         for (sector, len) in [
@@ -1176,7 +1514,7 @@ mod tests {
 
     #[test]
     fn read_only_disk_refuses_writes() {
-        let mut rig = Rig::ready(true);
+        let mut rig = BlockRig::ready(true);
         let file = rig.image.content();
         rig.mem
             .write_slice(&[0x55; 512], GuestAddress(DATA))
@@ -1193,7 +1531,7 @@ mod tests {
 
     #[test]
     fn malformed_chains_fail() {
-        let mut rig = Rig::ready(false);
+        let mut rig = BlockRig::ready(false);
         let file = rig.image.content();
         rig.mem
             .write_slice(&[0x55; 1024], GuestAddress(DATA))
@@ -1266,7 +1604,7 @@ mod tests {
         // A head index beyond the queue: nothing to do, and the device goes on.
         rig.publish(QSIZE + 3);
         rig.notify();
-        rig.next_desc = 2;
+        rig.queues[0].next_desc = 2;
         assert_eq!(rig.request(VIRTIO_BLK_T_FLUSH, 0, &[], false).0, OK);
         assert_eq!(rig.image.content(), file);
         let stats = rig.dev.stats();
@@ -1276,15 +1614,11 @@ mod tests {
 
     #[test]
     fn interrupt_is_pulsed_and_acknowledged() {
-        let mut rig = Rig::ready(false);
+        let mut rig = BlockRig::ready(false);
         assert_eq!(rig.irq.pulses.load(Ordering::SeqCst), 0);
         assert_eq!(rig.request(VIRTIO_BLK_T_IN, 0, &[512], true).0, OK);
         // The pulse follows the used ring update: wait for it the same way.
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while rig.irq.pulses.load(Ordering::SeqCst) == 0 {
-            assert!(Instant::now() < deadline, "no interrupt");
-            std::thread::sleep(Duration::from_millis(1));
-        }
+        rig.wait_interrupt(0);
         assert_eq!(rig.irq.pin.load(Ordering::SeqCst), PIN);
         assert_eq!(rig.r32(VIRTIO_MMIO_INTERRUPT_STATUS.into()), 1);
         rig.w32(VIRTIO_MMIO_INTERRUPT_ACK.into(), 1);
@@ -1293,7 +1627,7 @@ mod tests {
 
     #[test]
     fn reset_stops_the_queue() {
-        let mut rig = Rig::ready(false);
+        let mut rig = BlockRig::ready(false);
         assert_eq!(rig.request(VIRTIO_BLK_T_FLUSH, 0, &[], false).0, OK);
         rig.w32(VIRTIO_MMIO_STATUS.into(), 0);
         assert_eq!(rig.status(), 0);
@@ -1315,7 +1649,7 @@ mod tests {
 
     #[test]
     fn reset_and_initialise_again() {
-        let mut rig = Rig::ready(false);
+        let mut rig = BlockRig::ready(false);
         assert_eq!(rig.request(VIRTIO_BLK_T_FLUSH, 0, &[], false).0, OK);
         assert_eq!(rig.request(VIRTIO_BLK_T_FLUSH, 0, &[], false).0, OK);
         // A new queue starts from index 0 again.
@@ -1338,7 +1672,7 @@ mod tests {
 
     #[test]
     fn invalid_queues_stay_disabled() {
-        let mut rig = Rig::new(&pattern(IMAGE_LEN), false);
+        let mut rig = BlockRig::new(&pattern(IMAGE_LEN), false);
         assert!(rig.negotiate(rig.device_features()));
         assert!(!rig.setup_queue(100, DESC, AVAIL, USED));
         assert!(!rig.setup_queue(512, DESC, AVAIL, USED));
@@ -1371,7 +1705,7 @@ mod tests {
 
     #[test]
     fn chains_made_available_before_driver_ok_are_served() {
-        let mut rig = Rig::new(&pattern(IMAGE_LEN), false);
+        let mut rig = BlockRig::new(&pattern(IMAGE_LEN), false);
         assert!(rig.negotiate(rig.device_features()));
         assert!(rig.setup_queue(QSIZE.into(), DESC, AVAIL, USED));
         rig.header(VIRTIO_BLK_T_FLUSH, 0);
@@ -1387,7 +1721,7 @@ mod tests {
 
     #[test]
     fn shutdown_finishes_notified_requests() {
-        let mut rig = Rig::ready(false);
+        let mut rig = BlockRig::ready(false);
         let mut expected = rig.image.content();
         // Four writes of one sector each (sectors 10..14), one notification.
         for i in 0..4u64 {
@@ -1425,7 +1759,7 @@ mod tests {
     fn large_requests_cross_the_bounce_buffer() {
         // A request larger than the worker's buffer, in page-sized descriptors.
         let len = block::CHUNK + 8192;
-        let mut rig = Rig::new(&pattern(len * 2), false);
+        let mut rig = BlockRig::new(&pattern(len * 2), false);
         rig.init();
         let pages = len / 4096;
         let mut bufs = vec![(HEADER, 16, false)];

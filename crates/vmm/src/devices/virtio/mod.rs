@@ -1,15 +1,18 @@
-//! Virtio devices: a block device on the virtio-mmio transport (version 2, "modern").
+//! Virtio devices on the virtio-mmio transport (version 2, "modern").
 //!
-//! * [`block`]: the disk image ([`DiskImage`]), the device's features and configuration
-//!   space, and the execution of one request;
-//! * [`mmio`]: the transport ([`MmioBlock`]): the registers of one 0x200-byte MMIO window
-//!   and the worker thread that serves the device's only virtqueue.
+//! * [`mmio`]: the transport ([`VirtioMmio`]): the registers of one 0x200-byte MMIO
+//!   window, the [`VirtioDevice`] trait a device implements, and the worker thread that
+//!   serves the device's queues ([`mmio::Worker`]);
+//! * [`block`]: the block device ([`Block`], [`MmioBlock`]): the disk image
+//!   ([`DiskImage`]), the device's features and configuration space, and the execution
+//!   of one request.
 //!
 //! The queue itself (split virtqueue, descriptor chains) is the rust-vmm `virtio-queue`
 //! crate.
 
 pub mod block;
 pub mod mmio;
+mod stream;
 
-pub use block::{BlockStats, DiskError, DiskImage};
-pub use mmio::{MmioBlock, MMIO_WINDOW};
+pub use block::{Block, BlockStats, DiskError, DiskImage, MmioBlock};
+pub use mmio::{VirtioDevice, VirtioMmio, MMIO_WINDOW};
