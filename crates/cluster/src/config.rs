@@ -13,6 +13,11 @@
 //! disk = "disk.img"                 # optional: a virtio disk on node 0 (an image file)
 //! disk_readonly = false             # the guest may not write to it
 //!
+//! [net]                             # optional: a virtio network device on node 0, on a
+//! tap = "dvmm0"                     #   TAP the node creates (default: dvmm<its pid>)
+//! host = "172.30.213.1/24"          #   the host's address on the TAP (the default)
+//! guest = "172.30.213.2"            #   the guest's address, given to the guest kernel
+//!
 //! [[node]]                          # node 0: boot and I/O node
 //! addr = "10.0.0.1:7100"
 //! vcpus = 2
@@ -106,8 +111,46 @@ struct RawConfig {
     disk: Option<PathBuf>,
     #[serde(default)]
     disk_readonly: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    net: Option<RawNet>,
     #[serde(default)]
     node: Vec<RawNode>,
+}
+
+/// The `[net]` table: every field optional (the defaults of `dvmm run --net`).
+#[derive(Debug, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+struct RawNet {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    tap: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    host: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    guest: Option<String>,
+}
+
+impl RawNet {
+    /// The network it describes; the TAP's default name is this process's.
+    fn spec(&self) -> Result<vmm::vm::NetSpec, ConfigError> {
+        let default = vmm::vm::NetSpec::default_for(std::process::id());
+        let invalid = |field: &str, e: String| ConfigError::Invalid(format!("net.{field}: {e}"));
+        let (host_addr, prefix_len) = match &self.host {
+            Some(h) => vmm::devices::virtio::net::parse_host(h).map_err(|e| invalid("host", e))?,
+            None => (default.host_addr, default.prefix_len),
+        };
+        let guest_addr = match &self.guest {
+            Some(g) => {
+                vmm::devices::virtio::net::parse_guest(g).map_err(|e| invalid("guest", e))?
+            }
+            None => default.guest_addr,
+        };
+        Ok(vmm::vm::NetSpec {
+            tap: self.tap.clone().unwrap_or(default.tap),
+            host_addr,
+            prefix_len,
+            guest_addr,
+        })
+    }
 }
 
 fn yes() -> bool {
@@ -163,6 +206,8 @@ pub struct ClusterConfig {
     /// The virtio disk's image file (node 0; `disk`) and whether it is read-only
     /// (`disk_readonly`).
     pub disk: Option<vmm::vm::DiskSpec>,
+    /// The virtio network device (node 0; `[net]`).
+    pub net: Option<vmm::vm::NetSpec>,
     /// The nodes, node 0 first.
     pub nodes: Vec<NodeConfig>,
 }
@@ -254,6 +299,7 @@ impl ClusterConfig {
                 path,
                 read_only: raw.disk_readonly,
             }),
+            net: raw.net.as_ref().map(RawNet::spec).transpose()?,
             nodes,
         };
         c.validate()?;
@@ -314,6 +360,16 @@ impl ClusterConfig {
                     .into(),
             ));
         }
+        if let Some(net) = &self.net {
+            if !self.acpi {
+                return Err(ConfigError::Invalid(
+                    "a network device needs acpi = true (the guest finds the virtio device in the ACPI tables)"
+                        .into(),
+                ));
+            }
+            net.validate()
+                .map_err(|e| ConfigError::Invalid(format!("net: {e}")))?;
+        }
         if self.secret.len() < 16 {
             return Err(ConfigError::Invalid(
                 "the cluster secret must have at least 16 characters".into(),
@@ -341,6 +397,11 @@ impl ClusterConfig {
             numa: self.numa,
             disk: self.disk.as_ref().map(|d| d.path.clone()),
             disk_readonly: self.disk.as_ref().is_some_and(|d| d.read_only),
+            net: self.net.as_ref().map(|n| RawNet {
+                tap: Some(n.tap.clone()),
+                host: Some(format!("{}/{}", n.host_addr, n.prefix_len)),
+                guest: Some(n.guest_addr.to_string()),
+            }),
             node: self
                 .nodes
                 .iter()
@@ -504,6 +565,58 @@ mod tests {
     }
 
     #[test]
+    fn parses_the_network_table() {
+        let spec = |text: &str| ClusterConfig::parse(&format!("{OK}\n{text}"), Path::new("."));
+        assert_eq!(spec("").unwrap().net, None);
+        // Every field defaults: the TAP is named after this process.
+        let defaults = spec("[net]").unwrap().net.unwrap();
+        assert_eq!(defaults, vmm::vm::NetSpec::default_for(std::process::id()));
+        assert_eq!(defaults.tap, format!("dvmm{}", std::process::id()));
+        assert_eq!(
+            (defaults.host_addr, defaults.prefix_len, defaults.guest_addr),
+            ([172, 30, 213, 1].into(), 24, [172, 30, 213, 2].into())
+        );
+        let c =
+            spec("[net]\ntap = \"tap7\"\nhost = \"10.9.0.1/16\"\nguest = \"10.9.200.7\"").unwrap();
+        let n = c.net.clone().unwrap();
+        assert_eq!(
+            (n.tap.as_str(), n.host_addr, n.prefix_len, n.guest_addr),
+            ("tap7", [10, 9, 0, 1].into(), 16, [10, 9, 200, 7].into())
+        );
+        // Written back and read again: the same.
+        let back = ClusterConfig::parse(
+            &c.to_toml(Path::new("s"))
+                .replace("secret_file = \"s\"", "secret = \"0123456789abcdef\""),
+            Path::new("."),
+        )
+        .unwrap();
+        assert_eq!(back.net, c.net);
+        let bad = [
+            ("[net]\nhost = \"172.30.213.1\"", "invalid cluster config: net.host: '172.30.213.1' is not an IPv4 address with a prefix length (e.g. 172.30.213.1/24)"),
+            ("[net]\nguest = \"guest\"", "invalid cluster config: net.guest: 'guest' is not an IPv4 address (e.g. 172.30.213.2)"),
+            ("[net]\nguest = \"172.30.213.1\"", "invalid cluster config: net: the host and the guest have the same address 172.30.213.1"),
+            ("[net]\nhost = \"10.0.0.1/24\"", "invalid cluster config: net: the guest address 172.30.213.2 is not in the host's subnet 10.0.0.0/24"),
+            ("[net]\nhost = \"172.30.213.1/4\"", "invalid cluster config: net: prefix length /4 is out of range: use 8 to 30"),
+            ("[net]\nguest = \"172.30.213.255\"", "invalid cluster config: net: the guest address 172.30.213.255 is the broadcast address of 172.30.213.0/24"),
+            ("[net]\ntap = \"way-too-long-a-name\"", "invalid cluster config: net: invalid TAP name \"way-too-long-a-name\": use 1 to 15 bytes, without '/', ':' or white space"),
+            ("[net]\nmac = \"x\"", "unknown field"),
+            ("[net]\nhost = 5", "invalid type"),
+        ];
+        for (text, want) in bad {
+            let e = spec(text).unwrap_err().to_string();
+            assert!(e.contains(want), "{text:?}: {e}");
+            assert_eq!(e.lines().count(), 1, "{e}");
+        }
+        let no_acpi = format!("acpi = false\nnuma = false\n{OK}\n[net]");
+        assert_eq!(
+            ClusterConfig::parse(&no_acpi, Path::new("."))
+                .unwrap_err()
+                .to_string(),
+            "invalid cluster config: a network device needs acpi = true (the guest finds the virtio device in the ACPI tables)"
+        );
+    }
+
+    #[test]
     fn rejects_bad_descriptions() {
         let bad = [
             ("secret = \"0123456789abcdef\"", "no [[node]]"),
@@ -540,6 +653,7 @@ mod tests {
             acpi: true,
             numa: true,
             disk: None,
+            net: None,
             nodes: nodes
                 .iter()
                 .enumerate()
@@ -562,6 +676,15 @@ mod tests {
         dup.nodes[1].addr = dup.nodes[0].addr;
         let mut hold = built(&[(1, 512 * mib)]);
         hold.dsm_hold = std::time::Duration::from_secs(2);
+        let net = |f: &dyn Fn(&mut vmm::vm::NetSpec)| {
+            let mut c = built(&[(1, 512 * mib)]);
+            let mut spec = vmm::vm::NetSpec::default_for(42);
+            f(&mut spec);
+            c.net = Some(spec);
+            c
+        };
+        let mut net_no_acpi = net(&|_| {});
+        (net_no_acpi.acpi, net_no_acpi.numa) = (false, false);
         let bad = [
             (built(&[]), "no [[node]]"),
             (built(&vec![(1, 2 * mib); MAX_NODES + 1]), "at most 64"),
@@ -577,6 +700,13 @@ mod tests {
             (built(&[(40, 512 * mib)]), "vCPU"),
             (dup, "used twice"),
             (hold, "dsm_hold_us"),
+            (
+                net(&|n| n.guest_addr = [10, 0, 0, 2].into()),
+                "net: the guest address 10.0.0.2 is not in the host's subnet 172.30.213.0/24",
+            ),
+            (net(&|n| n.prefix_len = 31), "net: prefix length /31"),
+            (net(&|n| n.tap = "a/b".into()), "net: invalid TAP name"),
+            (net_no_acpi, "a network device needs acpi = true"),
         ];
         for (c, want) in bad {
             let built_err = c.validate().unwrap_err().to_string();
@@ -595,6 +725,10 @@ mod tests {
         assert_eq!(back.cmdline, good.cmdline);
         assert_eq!(back.secret, good.secret);
         assert_eq!(back.connect_timeout, good.connect_timeout);
+        assert_eq!(back.net, None);
+        let with_net = net(&|n| n.tap = "dvmmtest".into());
+        let back = ClusterConfig::load(&with_net.save(&dir).unwrap()).unwrap();
+        assert_eq!(back.net, with_net.net);
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

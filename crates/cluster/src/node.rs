@@ -1107,6 +1107,7 @@ fn create_vm(
         acpi: cfg.acpi,
         numa: cfg.numa_nodes(),
         disk: cfg.disk.clone(),
+        net: cfg.net.clone(),
     })
     .map_err(|source| {
         node.send_end(Err(format!("node {me}: {source}")));

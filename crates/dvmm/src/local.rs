@@ -49,6 +49,8 @@ pub struct LocalRun {
     pub stop_timeout: u64,
     /// Serve every node's counters here (Prometheus text format).
     pub metrics: Option<SocketAddr>,
+    /// The virtio network device (node 0 creates the TAP).
+    pub net: Option<vmm::vm::NetSpec>,
 }
 
 /// SIGTERM and SIGINT received so far: the first asks the guest to power off, the second
@@ -126,6 +128,7 @@ pub fn cluster_config(
         acpi: run.acpi,
         numa: run.numa,
         disk: run.disk.clone(),
+        net: run.net.clone(),
         nodes: addrs
             .iter()
             .enumerate()
@@ -406,6 +409,7 @@ mod tests {
             disk: None,
             stop_timeout: 60,
             metrics: None,
+            net: None,
         }
     }
 
@@ -430,6 +434,17 @@ mod tests {
         assert_eq!(c.cmdline, "a=\"b\"");
         assert_eq!(c.connect_timeout, Duration::from_secs(30));
         assert_eq!(c.unpack_bzimage, UnpackBzImage::Always);
+        assert_eq!(c.net, None);
+        // The network of `--net` reaches node 0 as it was given.
+        let net = vmm::vm::NetSpec::default_for(std::process::id());
+        let run = LocalRun {
+            net: Some(net.clone()),
+            ..run_of(2, 2, 1 << 30)
+        };
+        let p = cluster_config(&run, &addrs(2), secret())
+            .save(&dir)
+            .unwrap();
+        assert_eq!(cluster::ClusterConfig::load(&p).unwrap().net, Some(net));
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

@@ -131,6 +131,46 @@ struct RunArgs {
     /// (e.g. 127.0.0.1:9464; path /metrics). See docs/OPERATIONS.md.
     #[arg(long, value_name = "ADDR")]
     metrics: Option<std::net::SocketAddr>,
+    /// A virtio network device on a TAP interface the VMM creates (removed when it ends):
+    /// the host at 172.30.213.1/24, the guest at 172.30.213.2 (as eth0).
+    #[arg(long, conflicts_with = "no_acpi")]
+    net: bool,
+    /// With --net: the TAP's name [default: dvmm<pid>].
+    #[arg(long, value_name = "NAME", requires = "net")]
+    net_tap: Option<String>,
+    /// With --net: the host's address and prefix length on the TAP [default:
+    /// 172.30.213.1/24].
+    #[arg(long, value_name = "ADDR/PREFIX", requires = "net",
+          value_parser = vmm::devices::virtio::net::parse_host)]
+    net_host: Option<(std::net::Ipv4Addr, u8)>,
+    /// With --net: the guest's address, in the host's subnet [default: 172.30.213.2].
+    #[arg(long, value_name = "ADDR", requires = "net",
+          value_parser = vmm::devices::virtio::net::parse_guest)]
+    net_guest: Option<std::net::Ipv4Addr>,
+}
+
+/// The network of `dvmm run --net`: the defaults of this process, with --net-tap,
+/// --net-host and --net-guest instead; checked (and the TAP's name free, without
+/// --netns: there node 0 makes it in its own namespace).
+fn net_spec(args: &RunArgs) -> Result<Option<vmm::vm::NetSpec>, String> {
+    if !args.net {
+        return Ok(None);
+    }
+    let mut spec = vmm::vm::NetSpec::default_for(std::process::id());
+    if let Some(tap) = &args.net_tap {
+        spec.tap.clone_from(tap);
+    }
+    if let Some((addr, prefix_len)) = args.net_host {
+        (spec.host_addr, spec.prefix_len) = (addr, prefix_len);
+    }
+    if let Some(addr) = args.net_guest {
+        spec.guest_addr = addr;
+    }
+    spec.validate().map_err(|e| format!("--net: {e}"))?;
+    if !args.netns && vmm::devices::virtio::tap::interface_exists(&spec.tap) {
+        return Err(vmm::devices::virtio::TapError::Exists(spec.tap).to_string());
+    }
+    Ok(Some(spec))
 }
 
 /// The default of `--stop-timeout`.
@@ -242,6 +282,7 @@ fn run(args: RunArgs) -> Result<(), String> {
         path,
         read_only: args.disk_readonly,
     });
+    let net = net_spec(&args)?;
     let initrd = (args.initrd.as_os_str() != "none").then_some(args.initrd);
     if let Some(i) = initrd.as_ref().filter(|i| !i.is_file()) {
         return Err(format!(
@@ -269,6 +310,7 @@ fn run(args: RunArgs) -> Result<(), String> {
             disk: disk.clone(),
             stop_timeout: args.stop_timeout,
             metrics: args.metrics,
+            net: net.clone(),
         })?;
         if code == 0 {
             return Ok(());
@@ -298,6 +340,7 @@ fn run(args: RunArgs) -> Result<(), String> {
         acpi: !args.no_acpi,
         numa: Vec::new(),
         disk,
+        net,
     })
     .map_err(|e| e.to_string())?;
     vmm::term::spawn_console_input(vm.handle()).map_err(|e| format!("console input: {e}"))?;
@@ -361,6 +404,100 @@ fn main() -> ExitCode {
         Err(e) => {
             eprintln!("dvmm: error: {e}");
             ExitCode::FAILURE
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run_args(extra: &[&str]) -> Result<RunArgs, String> {
+        let argv = ["dvmm", "run"].iter().chain(extra);
+        match Cli::try_parse_from(argv)
+            .map_err(|e| e.to_string())?
+            .command
+        {
+            Command::Run(a) => Ok(a),
+            _ => unreachable!("not a run"),
+        }
+    }
+
+    #[test]
+    fn net_options() {
+        assert_eq!(net_spec(&run_args(&[]).unwrap()).unwrap(), None);
+        // The defaults: the TAP named after this process.
+        let spec = net_spec(&run_args(&["--net"]).unwrap()).unwrap().unwrap();
+        assert_eq!(spec, vmm::vm::NetSpec::default_for(std::process::id()));
+        let spec = net_spec(
+            &run_args(&[
+                "--net",
+                "--net-tap",
+                "dvmmtest0",
+                "--net-host",
+                "10.7.0.1/16",
+                "--net-guest",
+                "10.7.3.4",
+            ])
+            .unwrap(),
+        )
+        .unwrap()
+        .unwrap();
+        assert_eq!(
+            (
+                spec.tap.as_str(),
+                spec.host_addr,
+                spec.prefix_len,
+                spec.guest_addr
+            ),
+            ("dvmmtest0", [10, 7, 0, 1].into(), 16, [10, 7, 3, 4].into())
+        );
+        assert_eq!(
+            spec.kernel_ip_option(),
+            "ip=10.7.3.4::10.7.0.1:255.255.0.0::eth0:off"
+        );
+        // Refused by the parser.
+        for (argv, want) in [
+            (
+                &["--net", "--net-host", "10.0.0.1"][..],
+                "'10.0.0.1' is not an IPv4 address with a prefix length (e.g. 172.30.213.1/24)",
+            ),
+            (
+                &["--net", "--net-guest", "10.0.0.300"],
+                "'10.0.0.300' is not an IPv4 address (e.g. 172.30.213.2)",
+            ),
+            (&["--net-tap", "x"], "--net"),
+            (&["--net", "--no-acpi"], "cannot be used with"),
+        ] {
+            let e = run_args(argv).err().expect("refused");
+            assert!(e.contains(want), "{argv:?}: {e}");
+        }
+        // Refused by the checks, in one line.
+        for (argv, want) in [
+            (
+                &["--net", "--net-guest", "10.0.0.2"][..],
+                "--net: the guest address 10.0.0.2 is not in the host's subnet 172.30.213.0/24",
+            ),
+            (
+                &["--net", "--net-guest", "172.30.213.1"],
+                "--net: the host and the guest have the same address 172.30.213.1",
+            ),
+            (
+                &["--net", "--net-host", "172.30.213.1/31"],
+                "--net: prefix length /31 is out of range: use 8 to 30",
+            ),
+            (
+                &["--net", "--net-tap", "a-name-too-long-for-linux"],
+                "--net: invalid TAP name \"a-name-too-long-for-linux\"",
+            ),
+            (
+                &["--net", "--net-tap", "lo"],
+                "network interface lo already exists: choose another TAP name",
+            ),
+        ] {
+            let e = net_spec(&run_args(argv).unwrap()).unwrap_err();
+            assert!(e.starts_with(want), "{argv:?}: {e}");
+            assert_eq!(e.lines().count(), 1, "{e}");
         }
     }
 }

@@ -12,10 +12,12 @@ use std::sync::{Arc, Mutex};
 
 use irqchip::IoApic;
 
-use crate::devices::virtio::MmioBlock;
+use crate::devices::virtio::{MmioBlock, MmioNet};
 use crate::devices::{ConsoleOut, Devices, PortEvent};
 use crate::irq::Router;
-use crate::layout::{IOAPIC_BASE, IOAPIC_RANGE, VIRTIO_BLK_BASE, VIRTIO_BLK_RANGE};
+use crate::layout::{
+    IOAPIC_BASE, IOAPIC_RANGE, VIRTIO_BLK_BASE, VIRTIO_BLK_RANGE, VIRTIO_NET_BASE, VIRTIO_NET_RANGE,
+};
 use crate::vm::{ClusterLink, IoAccess};
 
 /// The devices and IOAPIC of the I/O node.
@@ -25,6 +27,8 @@ pub struct LocalBus {
     router: Arc<Router>,
     /// The virtio block device, if the guest has a disk.
     disk: Option<MmioBlock>,
+    /// The virtio network device, if the guest has one.
+    net: Option<MmioNet>,
 }
 
 /// Where this node's device accesses go.
@@ -49,6 +53,7 @@ impl LocalBus {
             ioapic,
             router,
             disk: None,
+            net: None,
         }
     }
 
@@ -61,6 +66,17 @@ impl LocalBus {
     /// The virtio block device.
     pub fn disk(&self) -> Option<&MmioBlock> {
         self.disk.as_ref()
+    }
+
+    /// Puts the virtio network device at [`VIRTIO_NET_BASE`].
+    pub fn with_net(mut self, net: MmioNet) -> Self {
+        self.net = Some(net);
+        self
+    }
+
+    /// The virtio network device.
+    pub fn net(&self) -> Option<&MmioNet> {
+        self.net.as_ref()
     }
 
     fn pio_read(&self, port: u16, data: &mut [u8]) {
@@ -83,6 +99,12 @@ impl LocalBus {
             .filter(|_| VIRTIO_BLK_RANGE.contains(&addr))
         {
             disk.mmio_read(addr - VIRTIO_BLK_BASE, data);
+        } else if let Some(net) = self
+            .net
+            .as_ref()
+            .filter(|_| VIRTIO_NET_RANGE.contains(&addr))
+        {
+            net.mmio_read(addr - VIRTIO_NET_BASE, data);
         } else {
             data.fill(0xff);
         }
@@ -103,6 +125,12 @@ impl LocalBus {
             .filter(|_| VIRTIO_BLK_RANGE.contains(&addr))
         {
             disk.mmio_write(addr - VIRTIO_BLK_BASE, data);
+        } else if let Some(net) = self
+            .net
+            .as_ref()
+            .filter(|_| VIRTIO_NET_RANGE.contains(&addr))
+        {
+            net.mmio_write(addr - VIRTIO_NET_BASE, data);
         }
     }
 }
@@ -190,6 +218,14 @@ impl IoBus {
             IoBus::Remote(_) => None,
         }
     }
+
+    /// The virtio network device, on the I/O node.
+    pub fn net(&self) -> Option<&MmioNet> {
+        match self {
+            IoBus::Local(b) => b.net(),
+            IoBus::Remote(_) => None,
+        }
+    }
 }
 
 #[cfg(test)]
@@ -237,6 +273,55 @@ mod tests {
             bus.access(0, IoAccess::PioWrite(0xcf9), &mut [0x06]),
             PortEvent::Reset
         );
+    }
+
+    #[test]
+    fn local_bus_routes_the_virtio_windows() {
+        use crate::devices::virtio::net::{Net, GUEST_MAC};
+        use crate::devices::virtio::tap::tests::{require_root, test_name, TapGuard};
+        use crate::devices::virtio::Tap;
+        use crate::layout::VIRTIO_NET_GSI;
+        require_root();
+        let name = test_name();
+        // Dropped last: the TAP is gone when the test ends.
+        let _guard = TapGuard(name.clone());
+        let ioapic = Arc::new(Mutex::new(IoApic::new(2)));
+        let router = Arc::new(Router::new(2, ioapic.clone()));
+        let (console, _watch) = ConsoleOut::capture();
+        let mem =
+            vm_memory::GuestMemoryMmap::<()>::from_ranges(&[(vm_memory::GuestAddress(0), 1 << 20)])
+                .unwrap();
+        let net = MmioNet::new(
+            Net::new(Tap::create(&name).unwrap(), GUEST_MAC),
+            mem,
+            router.clone(),
+            VIRTIO_NET_GSI,
+        )
+        .unwrap();
+        let bus = IoBus::Local(LocalBus::new(console, ioapic, router, true).with_net(net));
+        assert!(bus.net().is_some() && bus.disk().is_none());
+        let r32 = |addr: u64| {
+            let mut b = [0u8; 4];
+            bus.mmio_read(0, addr, &mut b);
+            u32::from_le_bytes(b)
+        };
+        // Magic "virt", version 2, device 1 (network); the MAC from 0x100.
+        assert_eq!(r32(VIRTIO_NET_BASE), 0x7472_6976);
+        assert_eq!(r32(VIRTIO_NET_BASE + 4), 2);
+        assert_eq!(r32(VIRTIO_NET_BASE + 8), 1);
+        let mut mac = [0u8; 6];
+        bus.access(0, IoAccess::MmioRead(VIRTIO_NET_BASE + 0x100), &mut mac);
+        assert_eq!(mac, GUEST_MAC);
+        // Writes reach it too (Status, forwarded form).
+        bus.access(
+            0,
+            IoAccess::MmioWrite(VIRTIO_NET_BASE + 0x70),
+            &mut [1, 0, 0, 0],
+        );
+        assert_eq!(r32(VIRTIO_NET_BASE + 0x70), 1);
+        // No disk, and nothing past the network device's window.
+        assert_eq!(r32(VIRTIO_BLK_BASE), 0xffff_ffff);
+        assert_eq!(r32(VIRTIO_NET_BASE + 0x200), 0xffff_ffff);
     }
 
     #[derive(Default)]

@@ -30,6 +30,15 @@ pub const VIRTIO_BLK_RANGE: std::ops::Range<u64> =
 /// The virtio block device's interrupt (IOAPIC pin, above the ISA range; edge, active high).
 pub const VIRTIO_BLK_GSI: usize = 16;
 
+/// The virtio network device's register window (its own page, after the block device's).
+pub const VIRTIO_NET_BASE: u64 = 0xd000_1000;
+/// The virtio network device's window.
+pub const VIRTIO_NET_RANGE: std::ops::Range<u64> =
+    VIRTIO_NET_BASE..VIRTIO_NET_BASE + VIRTIO_MMIO_SIZE;
+/// The virtio network device's interrupt (IOAPIC pin; edge, active high). GSI 18 is the
+/// ACPI power button's.
+pub const VIRTIO_NET_GSI: usize = 17;
+
 /// The ACPI power button's interrupt: the IOAPIC pin of the DSDT's Generic Event Device
 /// (edge, active high), pulsed by `dvmm stop` / SIGTERM.
 pub const POWER_BUTTON_GSI: usize = 18;

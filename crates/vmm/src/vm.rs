@@ -18,10 +18,14 @@ use crate::bus::{IoBus, LocalBus};
 use crate::compat::shadow::ShadowSync;
 use crate::compat::usermode::{UserMode, MSR_STAR};
 use crate::compat::HostKind;
-use crate::devices::virtio::{Block, DiskError, DiskImage, MmioBlock};
+use crate::devices::virtio::net::{MmioNet, Net, GUEST_MAC};
+use crate::devices::virtio::{Block, DiskError, DiskImage, MmioBlock, Tap, TapError};
 use crate::devices::{ConsoleOut, ConsoleWatch, IrqLine, PortEvent};
 use crate::irq::{IoApicLink, Router, VcpuTarget};
-use crate::layout::{POWER_BUTTON_GSI, VIRTIO_BLK_BASE, VIRTIO_BLK_GSI, VIRTIO_MMIO_SIZE};
+use crate::layout::{
+    POWER_BUTTON_GSI, VIRTIO_BLK_BASE, VIRTIO_BLK_GSI, VIRTIO_MMIO_SIZE, VIRTIO_NET_BASE,
+    VIRTIO_NET_GSI,
+};
 use crate::memory::{self, MemoryError};
 use crate::timer::LapicTimer;
 use crate::vcpu::{self, Start, VcpuEnd, VcpuEnv, VcpuError, VcpuHandle};
@@ -62,7 +66,12 @@ pub struct VmConfig {
     /// A virtio block device on the I/O node (needs `acpi`: the guest finds it in the
     /// DSDT).
     pub disk: Option<DiskSpec>,
+    /// A virtio network device on the I/O node, on a TAP interface the VMM creates (needs
+    /// `acpi`, like the disk).
+    pub net: Option<NetSpec>,
 }
+
+pub use crate::devices::virtio::NetSpec;
 
 /// The image file of the virtio disk.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -237,6 +246,15 @@ pub enum VmError {
     /// A disk was asked for on a machine without ACPI (the guest finds it in the DSDT).
     #[error("a disk needs ACPI (the guest finds the virtio device in the ACPI tables): drop --no-acpi / acpi = false")]
     DiskWithoutAcpi,
+    /// A network device was asked for on a machine without ACPI.
+    #[error("a network device needs ACPI (the guest finds the virtio device in the ACPI tables): drop --no-acpi / acpi = false")]
+    NetWithoutAcpi,
+    /// The network's addresses or TAP name are not acceptable.
+    #[error("invalid network: {0}")]
+    NetSpec(String),
+    /// The TAP interface cannot be created or configured.
+    #[error(transparent)]
+    Tap(#[from] TapError),
 }
 
 /// The result of a run, with the counters.
@@ -510,6 +528,55 @@ pub fn cmdline(host: HostKind, extra: &str) -> String {
         .join(" ")
 }
 
+/// The virtio-mmio devices the DSDT lists: the disk, then the network device.
+fn virtio_devices(disk: bool, net: bool) -> Vec<MmioDevice> {
+    let mut devices = Vec::new();
+    if disk {
+        devices.push(MmioDevice {
+            base: VIRTIO_BLK_BASE,
+            size: VIRTIO_MMIO_SIZE,
+            gsi: VIRTIO_BLK_GSI as u32,
+        });
+    }
+    if net {
+        devices.push(MmioDevice {
+            base: VIRTIO_NET_BASE,
+            size: VIRTIO_MMIO_SIZE,
+            gsi: VIRTIO_NET_GSI as u32,
+        });
+    }
+    devices
+}
+
+/// The network device of `spec`: its TAP created and given the host's address, the
+/// device interrupting through `router` on [`VIRTIO_NET_GSI`].
+fn create_net(
+    spec: &NetSpec,
+    acpi: bool,
+    mem: &GuestMemoryMmap,
+    router: &Arc<Router>,
+) -> Result<MmioNet, VmError> {
+    if !acpi {
+        return Err(VmError::NetWithoutAcpi);
+    }
+    spec.validate().map_err(VmError::NetSpec)?;
+    let tap = Tap::create(&spec.tap)?;
+    tap.configure_host(spec.host_addr, spec.prefix_len)?;
+    tracing::info!(
+        tap = %spec.tap,
+        host = %format!("{}/{}", spec.host_addr, spec.prefix_len),
+        guest = %spec.guest_addr,
+        "network device"
+    );
+    MmioNet::new(
+        Net::new(tap, GUEST_MAC),
+        mem.clone(),
+        router.clone(),
+        VIRTIO_NET_GSI,
+    )
+    .map_err(VmError::Thread)
+}
+
 /// A remote vCPU as seen by the router of this node.
 struct RemoteVcpu {
     node: u16,
@@ -605,7 +672,7 @@ impl VmHandle {
             .map(|h| h.stats.snapshot(h.index))
             .collect()
     }
-    /// The counters of the devices on this node (the I/O node's disk).
+    /// The counters of the devices on this node (the I/O node's disk and network device).
     pub fn device_counters(&self) -> Vec<crate::stats::DeviceCounters> {
         let mut v = Vec::new();
         if let Some(d) = self.0.bus.disk() {
@@ -616,6 +683,20 @@ impl VmHandle {
                     ("requests".into(), s.requests),
                     ("read_bytes".into(), s.bytes_read),
                     ("written_bytes".into(), s.bytes_written),
+                    ("errors".into(), s.errors),
+                ],
+            });
+        }
+        if let Some(n) = self.0.bus.net() {
+            let s = n.stats();
+            v.push(crate::stats::DeviceCounters {
+                device: "net".into(),
+                counters: vec![
+                    ("rx_packets".into(), s.rx_packets),
+                    ("tx_packets".into(), s.tx_packets),
+                    ("rx_bytes".into(), s.rx_bytes),
+                    ("tx_bytes".into(), s.tx_bytes),
+                    ("dropped".into(), s.dropped),
                     ("errors".into(), s.errors),
                 ],
             });
@@ -691,6 +772,13 @@ impl VmHandle {
             lines.push(format!(
                 "disk requests={} read_bytes={} written_bytes={} errors={}",
                 s.requests, s.bytes_read, s.bytes_written, s.errors
+            ));
+        }
+        if let Some(n) = self.0.bus.net() {
+            let s = n.stats();
+            lines.push(format!(
+                "net rx_packets={} tx_packets={} rx_bytes={} tx_bytes={} dropped={} errors={}",
+                s.rx_packets, s.tx_packets, s.rx_bytes, s.tx_bytes, s.dropped, s.errors
             ));
         }
         lines
@@ -780,6 +868,10 @@ impl Vm {
         let bus = match (ioapic, &link) {
             (Some(io), _) => {
                 let bus = LocalBus::new(cfg.console, io, router.clone(), cfg.acpi);
+                let bus = match &cfg.net {
+                    None => bus,
+                    Some(n) => bus.with_net(create_net(n, cfg.acpi, &mem, &router)?),
+                };
                 match &cfg.disk {
                     None => IoBus::Local(bus),
                     Some(d) => {
@@ -868,6 +960,11 @@ impl Vm {
                     })?,
             };
             let host_opts = cfg.host.tsc_cmdline(tsc_khz);
+            // The guest configures its interface at boot (IP_PNP).
+            let host_opts = match &cfg.net {
+                Some(n) => format!("{host_opts} {}", n.kernel_ip_option()),
+                None => host_opts,
+            };
             let full_cmdline = cmdline(cfg.host, &format!("{host_opts} {}", cfg.cmdline_extra));
             tracing::info!(cmdline = %full_cmdline, "booting");
             Some(boot::load(
@@ -881,15 +978,7 @@ impl Vm {
                     acpi: cfg.acpi.then_some(AcpiSpec {
                         vcpus: cfg.vcpus,
                         numa: &cfg.numa,
-                        devices: if cfg.disk.is_some() {
-                            &[MmioDevice {
-                                base: VIRTIO_BLK_BASE,
-                                size: VIRTIO_MMIO_SIZE,
-                                gsi: VIRTIO_BLK_GSI as u32,
-                            }]
-                        } else {
-                            &[]
-                        },
+                        devices: &virtio_devices(cfg.disk.is_some(), cfg.net.is_some()),
                     }),
                 },
             )?)
@@ -1156,5 +1245,44 @@ mod tests {
         let mut o: Option<Result<GuestEnd, VmError>> = None;
         assert!(settle(&mut o, || Err(VmError::GuestPanic)));
         assert!(matches!(o, Some(Err(VmError::GuestPanic))));
+    }
+
+    #[test]
+    fn virtio_windows_and_network_checks() {
+        let (blk, net) = (virtio_devices(true, false), virtio_devices(false, true));
+        assert_eq!(virtio_devices(true, true), [blk[0], net[0]]);
+        assert!(virtio_devices(false, false).is_empty());
+        // Each window in its own page, each device on its own interrupt.
+        assert_eq!((blk[0].base, blk[0].gsi), (0xd000_0000, 16));
+        assert_eq!((net[0].base, net[0].gsi), (0xd000_1000, 17));
+        assert_eq!(net[0].size, VIRTIO_MMIO_SIZE);
+        // Refused before any TAP is made: no ACPI, bad addresses, an existing interface.
+        let mem =
+            GuestMemoryMmap::<()>::from_ranges(&[(vm_memory::GuestAddress(0), 1 << 20)]).unwrap();
+        let router = Arc::new(Router::new(1, Arc::new(Mutex::new(IoApic::new(1)))));
+        let spec = NetSpec::default_for(std::process::id());
+        let err = |spec: &NetSpec, acpi: bool| {
+            create_net(spec, acpi, &mem, &router)
+                .err()
+                .expect("refused")
+                .to_string()
+        };
+        assert!(err(&spec, false).starts_with("a network device needs ACPI"));
+        let same = NetSpec {
+            guest_addr: spec.host_addr,
+            ..spec.clone()
+        };
+        assert_eq!(
+            err(&same, true),
+            "invalid network: the host and the guest have the same address 172.30.213.1"
+        );
+        let lo = NetSpec {
+            tap: "lo".into(),
+            ..spec.clone()
+        };
+        assert_eq!(
+            err(&lo, true),
+            "network interface lo already exists: choose another TAP name"
+        );
     }
 }
