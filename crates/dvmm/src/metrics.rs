@@ -49,12 +49,16 @@ impl Source {
 }
 
 type Labels = Vec<(String, String)>;
+/// A family of counters of events.
+type Counts = Family<Labels, Counter<u64, AtomicU64>>;
+/// A family of counters of seconds.
+type Seconds = Family<Labels, Counter<f64, AtomicU64>>;
 
 /// Families of one scrape, by name.
 struct Scrape {
     registry: Registry,
-    counters: Vec<(&'static str, Family<Labels, Counter<u64, AtomicU64>>)>,
-    seconds: Vec<(&'static str, Family<Labels, Counter<f64, AtomicU64>>)>,
+    counters: Vec<(&'static str, Counts)>,
+    seconds: Vec<(&'static str, Seconds)>,
     gauges: Vec<(&'static str, Family<Labels, Gauge<i64>>)>,
 }
 
@@ -113,7 +117,7 @@ const COUNTERS: &[(&str, &str)] = &[
     ),
     (
         "dvmm_device_events",
-        "Device counters by device and counter (disk: requests, read_bytes, written_bytes, errors)",
+        "Device counters by device and counter (disk: requests, read_bytes, written_bytes, errors; net: rx_packets, tx_packets, rx_bytes, tx_bytes, dropped, errors)",
     ),
 ];
 /// Counters in seconds.
