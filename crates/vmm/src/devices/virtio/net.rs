@@ -575,7 +575,7 @@ impl NetSpec {
 mod tests {
     use super::*;
     use crate::devices::virtio::mmio::tests::{Buf, Rig, OUTSIDE};
-    use crate::devices::virtio::tap::tests::{require_root, test_name, TapGuard};
+    use crate::devices::virtio::tap::tests::{no_ipv6, require_root, test_name, TapGuard};
     use std::collections::HashMap;
     use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
     use std::time::{Duration, Instant};
@@ -740,9 +740,7 @@ mod tests {
             let name = test_name();
             let guard = TapGuard(name.clone());
             let tap = Tap::create(&name).unwrap();
-            // Without IPv6 (and without an IPv4 address) the host sends nothing on the
-            // interface by itself. No IPv6 on this host: nothing to turn off.
-            let _ = std::fs::write(format!("/proc/sys/net/ipv6/conf/{name}/disable_ipv6"), "1");
+            no_ipv6(&name);
             tap.set_up().unwrap();
             let sock = PacketSocket::bind(tap.if_index().unwrap());
             NetRig {

@@ -334,6 +334,13 @@ pub(crate) mod tests {
         }
     }
 
+    /// Turns IPv6 off on interface `name` (before its link goes up): with no IPv4
+    /// address either, the host gives it no address and sends nothing on it by itself.
+    /// (A host without IPv6 has nothing to turn off.)
+    pub(crate) fn no_ipv6(name: &str) {
+        let _ = std::fs::write(format!("/proc/sys/net/ipv6/conf/{name}/disable_ipv6"), "1");
+    }
+
     /// Waits (a few seconds at most) until interface `name` is gone; false if it stays.
     pub(crate) fn wait_gone(name: &str) -> bool {
         let deadline = Instant::now() + Duration::from_secs(5);
@@ -418,10 +425,18 @@ pub(crate) mod tests {
             io::ErrorKind::WouldBlock
         );
         // The link goes up (and has no address).
+        no_ipv6(&name);
         tap.set_up().unwrap();
         let up = std::fs::read_to_string(format!("/sys/class/net/{name}/flags")).unwrap();
         let up = u32::from_str_radix(up.trim().trim_start_matches("0x"), 16).unwrap();
         assert_ne!(up & libc::IFF_UP as u32, 0);
+        let inet6 = std::fs::read_to_string("/proc/net/if_inet6").unwrap_or_default();
+        assert!(
+            !inet6
+                .lines()
+                .any(|l| l.split_whitespace().last() == Some(name.as_str())),
+            "{name} has an IPv6 address:\n{inet6}"
+        );
         // A second TAP of the same name is refused, in one line naming it.
         let e = Tap::create(&name).unwrap_err();
         assert!(matches!(e, TapError::Exists(_)), "{e}");
