@@ -307,7 +307,7 @@ impl VirtioDevice for Block {
             if !events.kicked(0) {
                 continue;
             }
-            worker.drain(0, |w, chain| {
+            worker.drain(0, u32::MAX, |w, chain| {
                 let head = chain.head_index();
                 let done = {
                     let live = || w.live(0);

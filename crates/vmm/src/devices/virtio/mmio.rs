@@ -892,12 +892,30 @@ impl<'a, D: VirtioDevice> Worker<'a, D> {
         self.shared.irq.pulse(self.shared.pin);
     }
 
-    /// Serves the chains available in queue `i` until it runs empty, the queue stops, or
-    /// (after a shutdown request) one ring's worth more was served. `serve` handles one
-    /// chain and returns it ([`complete`](Self::complete)); false if the queue stopped.
-    /// The driver is interrupted every [`SIGNAL_BATCH`] chains and at the end.
-    pub fn drain(&mut self, i: usize, mut serve: impl FnMut(&mut Self, Chain<'a>) -> bool) {
+    /// Has the next [`wait`](Self::wait) report queue `i` kicked (if it is still live):
+    /// the worker looks at it again after what else is waiting.
+    pub fn kick(&self, i: usize) {
+        let mut regs = lock(&self.shared.regs);
+        if i < MAX_QUEUES && regs.live(i) {
+            regs.kick |= 1 << i;
+            self.shared.wake();
+        }
+    }
+
+    /// Serves the chains available in queue `i` until it runs empty, the queue stops,
+    /// `budget` chains were served (then the queue is [kicked](Self::kick) again: its
+    /// turn comes back after the worker's other work), or (after a shutdown request) one
+    /// ring's worth more was served. `serve` handles one chain and returns it
+    /// ([`complete`](Self::complete)); false if the queue stopped. The driver is
+    /// interrupted every [`SIGNAL_BATCH`] chains and at the end.
+    pub fn drain(
+        &mut self,
+        i: usize,
+        budget: u32,
+        mut serve: impl FnMut(&mut Self, Chain<'a>) -> bool,
+    ) {
         let mut unsignalled = 0u32;
+        let mut served = 0u32;
         'serve: loop {
             // No notifications while the worker is at it anyway.
             self.disable_notification(i);
@@ -918,6 +936,11 @@ impl<'a, D: VirtioDevice> Worker<'a, D> {
                         break 'serve;
                     }
                 }
+                served += 1;
+                if served >= budget {
+                    self.kick(i);
+                    break 'serve;
+                }
             }
             // More chains since the last look? (Nothing popped although the ring says so:
             // a ring the driver broke; its next notification tries again.)
@@ -931,6 +954,7 @@ impl<'a, D: VirtioDevice> Worker<'a, D> {
         }
     }
 }
+
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
@@ -1320,6 +1344,104 @@ pub(crate) mod tests {
             let (status, len) = self.run(&bufs);
             (status, len, addrs)
         }
+    }
+
+    /// A device for the transport's own tests: two queues; its worker returns each chain
+    /// with the number of its descriptors as the used length, serves at most two chains
+    /// of a queue per turn, and logs (queue, head) in the order it served them.
+    #[derive(Default)]
+    struct Echo {
+        log: Mutex<Vec<(usize, u16)>>,
+    }
+
+    impl VirtioDevice for Echo {
+        const NAME: &'static str = "virtio-echo";
+        const DEVICE_ID: u32 = 0x7e;
+
+        fn features(&self) -> u64 {
+            1 << VIRTIO_F_VERSION_1
+        }
+
+        fn config(&self) -> &[u8] {
+            b"echo"
+        }
+
+        fn queue_max_sizes(&self) -> &[u16] {
+            &[256, 256]
+        }
+
+        fn run(&self, worker: &mut Worker<'_, Self>) {
+            loop {
+                let events = worker.wait(None);
+                if events.stop {
+                    return;
+                }
+                for q in (0..2).filter(|&q| events.kicked(q)) {
+                    worker.drain(q, 2, |w, chain| {
+                        let head = chain.head_index();
+                        let descriptors = chain.count() as u32;
+                        lock(&self.log).push((q, head));
+                        w.complete(q, head, |_| Ok(descriptors))
+                    });
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_device_is_its_trait_and_queues_take_turns() {
+        let mut rig = Rig::with(Echo::default());
+        assert_eq!(rig.r32(VIRTIO_MMIO_DEVICE_ID.into()), 0x7e);
+        assert_eq!(rig.r32(0x100), u32::from_le_bytes(*b"echo"));
+        assert_eq!(rig.r32(0x104), 0);
+        assert!(rig.negotiate(1 << VIRTIO_F_VERSION_1));
+        for q in 0..2 {
+            let (desc, avail, used) = rings(q);
+            assert!(rig.setup_queue_on(q as u32, QSIZE.into(), desc, avail, used));
+        }
+        // Five chains on queue 0 (one of three descriptors), one on queue 1, all made
+        // available before DRIVER_OK: both queues are kicked at once when it comes.
+        let heads: Vec<u16> = (0..5)
+            .map(|i| {
+                let n = if i == 2 { 3 } else { 1 };
+                rig.add_chain_on(0, &vec![(DATA, 8, false); n])
+            })
+            .collect();
+        let other = rig.add_chain_on(1, &[(DATA, 8, true), (DATA, 8, true)]);
+        rig.w32(
+            VIRTIO_MMIO_STATUS.into(),
+            VIRTIO_CONFIG_S_ACKNOWLEDGE
+                | VIRTIO_CONFIG_S_DRIVER
+                | VIRTIO_CONFIG_S_FEATURES_OK
+                | VIRTIO_CONFIG_S_DRIVER_OK,
+        );
+        for (i, &head) in heads.iter().enumerate() {
+            let n = if i == 2 { 3 } else { 1 };
+            assert_eq!(rig.wait_used_on(0), (u32::from(head), n));
+        }
+        assert_eq!(rig.wait_used_on(1), (u32::from(other), 2));
+        // Two of queue 0, then queue 1's turn, then queue 0 again, two at a time.
+        assert_eq!(
+            *lock(&rig.dev.device().log),
+            [
+                (0, heads[0]),
+                (0, heads[1]),
+                (1, other),
+                (0, heads[2]),
+                (0, heads[3]),
+                (0, heads[4])
+            ]
+        );
+        // Queue 1 alone: stopped by QueueReady 0, its notifications are ignored.
+        rig.w32(VIRTIO_MMIO_QUEUE_SEL.into(), 1);
+        rig.w32(VIRTIO_MMIO_QUEUE_READY.into(), 0);
+        rig.add_chain_on(1, &[(DATA, 8, true)]);
+        rig.notify_on(1);
+        let head = rig.add_chain_on(0, &[(DATA, 8, false)]);
+        rig.notify_on(0);
+        assert_eq!(rig.wait_used_on(0), (u32::from(head), 1));
+        rig.dev.shutdown();
+        assert_eq!(rig.used_index_on(1), 1);
     }
 
     const OK: u8 = VIRTIO_BLK_S_OK as u8;

@@ -275,9 +275,10 @@ impl Net {
         }
     }
 
-    /// Serves the transmit queue.
+    /// Serves the transmit queue: a ring's worth of chains at most, then the receive
+    /// side has its turn.
     fn transmit(&self, worker: &mut Worker<'_, Self>, frame: &mut [u8]) {
-        worker.drain(TX, |w, chain| {
+        worker.drain(TX, u32::from(QUEUE_SIZE), |w, chain| {
             let head = chain.head_index();
             self.send(w.mem(), chain, frame);
             w.complete(TX, head, |_| Ok(0))
@@ -285,10 +286,11 @@ impl Net {
     }
 
     /// Moves frames from the TAP into receive chains until the TAP has none left, the
-    /// driver has no chain left (`rx.blocked`), or the queue stops.
+    /// driver has no chain left (`rx.blocked`), the queue stops, or a ring's worth of
+    /// chains was used (then the transmit side has its turn: the TAP is still readable).
     fn receive(&self, worker: &mut Worker<'_, Self>, rx: &mut RxState) {
         let mut unsignalled = 0u32;
-        loop {
+        for _ in 0..QUEUE_SIZE {
             let Some(chain) = worker.pop(RX) else {
                 // No buffer: the driver notifies when it adds some (and may have just).
                 if worker.enable_notification(RX) {
