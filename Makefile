@@ -5,7 +5,7 @@
 CARGO ?= cargo
 DVMM := target/release/dvmm
 
-.PHONY: all deps build guest guest-bzimage distro-kernel demo test test-rust test-heavy test-bzimage test-distro clippy check-dsm bench bench-distro bench-xsave bench-disk bench-idle clean
+.PHONY: all deps build guest guest-bzimage distro-kernel demo test test-rust test-heavy test-bzimage test-distro clippy check-dsm bench bench-distro bench-xsave bench-disk bench-idle bench-net clean
 
 all: build
 
@@ -50,6 +50,10 @@ bench-xsave: build guest
 # without the NUMA topology (read live from the nodes' control sockets).
 bench-idle: build guest
 	$(DVMM) bench idle
+
+# Host -> guest throughput of the guest network (64 MiB over HTTP, from each node).
+bench-net: build guest
+	@scripts/bench-net.sh
 
 # Sequential read and write of the virtio disk from a vCPU on each of 2 nodes.
 bench-disk: build guest

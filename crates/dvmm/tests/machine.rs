@@ -220,9 +220,11 @@ fn numa_disk_network_stats_metrics_and_sigterm_on_2_nodes() {
     }
 
     // The network: the host reaches the guest (ping, HTTP from busybox httpd, byte for
-    // byte), and the guest reaches the host.
-    let ping = Command::new("ping")
-        .args(["-c", "3", "-W", "10", GUEST_IP])
+    // byte), and the guest reaches the host (a command typed on its console; the
+    // echo of the typed line must not match the answer's marker, hence GO''T).
+    // busybox's ping: the project installs busybox-static (iputils may be missing).
+    let ping = Command::new("busybox")
+        .args(["ping", "-c", "3", "-W", "10", GUEST_IP])
         .output()
         .expect("run ping");
     if !ping.status.success() {
@@ -258,7 +260,7 @@ fn numa_disk_network_stats_metrics_and_sigterm_on_2_nodes() {
     serve(host_listener, payload.clone());
     let _ = wait_for(&rx, "DVMM-GUEST shell", Duration::from_secs(30));
     let cmd = format!(
-        "wget -q -O /tmp/h.bin http://{HOST_IP}:{host_port}/h.bin && echo GUEST-GOT $(wc -c < /tmp/h.bin) $(sha256sum /tmp/h.bin)\n"
+        "wget -q -O /tmp/h.bin http://{HOST_IP}:{host_port}/h.bin && echo GUEST-GO''T $(wc -c < /tmp/h.bin) $(sha256sum /tmp/h.bin)\n"
     );
     stdin.write_all(cmd.as_bytes()).unwrap();
     let got = match line_with(&rx, &mut console, "GUEST-GOT ", Duration::from_secs(300)) {
@@ -496,5 +498,30 @@ fn operations_refuse_bad_input_in_one_line() {
         "{err}"
     );
     assert!(started.elapsed() < Duration::from_secs(10));
+    // A TAP name that exists: refused, and the interface is not touched.
+    let tap = format!("dvmmx{}", std::process::id() % 100_000);
+    let made = Command::new("ip")
+        .args(["tuntap", "add", "dev", &tap, "mode", "tap"])
+        .status()
+        .unwrap();
+    assert!(made.success(), "ip tuntap add {tap}");
+    let out = Command::new(env!("CARGO_BIN_EXE_dvmm"))
+        .current_dir(workspace())
+        .args(["run", "--nodes", "2", "--net", "--net-tap", &tap])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let still_there = Path::new(&format!("/sys/class/net/{tap}")).exists();
+    let _ = Command::new("ip")
+        .args(["tuntap", "del", "dev", &tap, "mode", "tap"])
+        .status();
+    let err = text(&out.stderr);
+    assert!(!out.status.success());
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    assert!(
+        err.contains(&format!("network interface {tap} already exists")),
+        "{err}"
+    );
+    assert!(still_there, "the existing TAP was removed");
     std::fs::remove_dir_all(&empty).unwrap();
 }
