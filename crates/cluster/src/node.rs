@@ -657,6 +657,21 @@ impl Node {
         vm.request_power_off(self.stop_timeout)
     }
 
+    /// The local vCPUs now; one in `KVM_RUN` whose thread waits for a DSM page is in
+    /// state `page`.
+    fn vcpus_now(&self, vm: Option<&VmHandle>) -> Vec<vmm::stats::VcpuSnapshot> {
+        let mut vcpus = vm.map(|v| v.vcpu_snapshots()).unwrap_or_default();
+        if let Some(d) = self.dsm.get() {
+            let waiting = d.waiting_threads();
+            for v in &mut vcpus {
+                if v.state == "guest" && waiting.iter().any(|(tid, _, _)| *tid == v.tid) {
+                    v.state = "page".into();
+                }
+            }
+        }
+        vcpus
+    }
+
     /// The node's counters now (`dvmm stats`).
     fn snapshot(&self, cluster: &str, started: Instant) -> NodeSnapshot {
         let vm = self.vm();
@@ -669,7 +684,7 @@ impl Node {
             pid: std::process::id(),
             uptime_us: started.elapsed().as_micros() as u64,
             phase: self.phase().name().to_string(),
-            vcpus: vm.as_ref().map(|v| v.vcpu_snapshots()).unwrap_or_default(),
+            vcpus: self.vcpus_now(vm.as_ref()),
             link: LinkSnapshot {
                 irqs_sent: s.irqs_sent.load(Ordering::Relaxed),
                 irqs_received: s.irqs_received.load(Ordering::Relaxed),

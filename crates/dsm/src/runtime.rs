@@ -93,8 +93,9 @@ type LostHook = Box<dyn Fn(PageId) + Send + Sync>;
 /// Protocol state and latency bookkeeping, under one lock.
 struct Core {
     engine: Engine,
-    /// Faults waiting for a `Wake`, with the time their event was read.
-    waiting: HashMap<PageId, Vec<(Instant, FaultKind)>>,
+    /// Faults waiting for a `Wake`, with the time their event was read and the faulting
+    /// thread (0: unknown).
+    waiting: HashMap<PageId, Vec<(Instant, FaultKind, u32)>>,
     lat: [Histogram; 3],
     /// When each held page was last woken (start of its hold).
     held_since: HashMap<PageId, Instant>,
@@ -589,6 +590,21 @@ impl Dsm {
         }
     }
 
+    /// The threads that wait for a page now (their faults are outstanding): (thread id,
+    /// page, how long so far). Empty where the kernel does not report thread ids.
+    pub fn waiting_threads(&self) -> Vec<(u32, PageId, Duration)> {
+        let core = lock(&self.core);
+        let now = Instant::now();
+        core.waiting
+            .iter()
+            .flat_map(|(page, w)| {
+                w.iter()
+                    .filter(|(_, _, tid)| *tid != 0)
+                    .map(move |(t, _, tid)| (*tid, *page, now.duration_since(*t)))
+            })
+            .collect()
+    }
+
     /// A snapshot of the counters.
     pub fn stats(&self) -> DsmStats {
         let core = lock(&self.core);
@@ -748,7 +764,10 @@ impl Dsm {
                     .iter()
                     .any(|a| matches!(a, Action::Wake { page: p } if *p == page));
                 if !immediate {
-                    core.waiting.entry(page).or_default().push((now, kind));
+                    core.waiting
+                        .entry(page)
+                        .or_default()
+                        .push((now, kind, f.tid));
                 }
                 self.run(&mut core, page, &actions, None);
                 if !immediate {
@@ -1097,7 +1116,7 @@ impl Dsm {
     fn woken(&self, core: &mut Core, page: PageId) {
         let now = Instant::now();
         if let Some(w) = core.waiting.remove(&page) {
-            for (t, kind) in w {
+            for (t, kind, _) in w {
                 let idx = match kind {
                     FaultKind::Read => 0,
                     FaultKind::Write => 1,

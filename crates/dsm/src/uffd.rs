@@ -13,6 +13,9 @@ const UFFD_API: u64 = 0xAA;
 
 /// Feature bit: write-protect faults are reported with `UFFD_PAGEFAULT_FLAG_WP`.
 pub const FEATURE_PAGEFAULT_FLAG_WP: u64 = 1 << 0;
+/// `UFFD_FEATURE_THREAD_ID`: page-fault events carry the faulting thread's id (used when
+/// offered: `dvmm stats` shows which vCPUs wait for a page).
+pub const FEATURE_THREAD_ID: u64 = 1 << 8;
 
 const REGISTER_MODE_MISSING: u64 = 1 << 0;
 const REGISTER_MODE_WP: u64 = 1 << 1;
@@ -123,6 +126,8 @@ pub struct Fault {
     pub write: bool,
     /// Write-protect fault (on a present, write-protected page), as opposed to MISSING.
     pub wp: bool,
+    /// The faulting thread's id (0 when the kernel does not report it).
+    pub tid: u32,
 }
 
 /// Errors of the userfaultfd layer.
@@ -201,7 +206,10 @@ impl Uffd {
             });
         }
         let fd = raw_uffd()?;
-        api(&fd, FEATURE_PAGEFAULT_FLAG_WP)?;
+        api(
+            &fd,
+            FEATURE_PAGEFAULT_FLAG_WP | (offered & FEATURE_THREAD_ID),
+        )?;
         Ok(Uffd { fd })
     }
 
@@ -380,6 +388,8 @@ impl Uffd {
                         address: m.address,
                         write: m.flags & (PAGEFAULT_FLAG_WRITE | PAGEFAULT_FLAG_WP) != 0,
                         wp: m.flags & PAGEFAULT_FLAG_WP != 0,
+                        // The kernel fills `ptid` only with FEATURE_THREAD_ID (else 0).
+                        tid: u32::try_from(m.ptid).unwrap_or(0),
                     });
                 }
             }

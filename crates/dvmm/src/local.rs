@@ -306,6 +306,22 @@ pub fn run(run: &LocalRun) -> Result<i32, String> {
             echo: Some(String::new()),
             keep: false,
         };
+        // If this process dies without stopping its nodes (SIGKILL, a crash), each node
+        // gets SIGTERM: it asks the guest to power off and ends within its stop timeout,
+        // so nothing outlives the launcher for long.
+        {
+            use std::os::unix::process::CommandExt;
+            // SAFETY: the closure runs in the child between fork and exec and only makes
+            // one async-signal-safe system call (prctl), touching no memory of ours.
+            unsafe {
+                cmd.pre_exec(|| {
+                    if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM, 0, 0, 0) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+        }
         let id = u16::try_from(k).map_err(|_| format!("node {k}: too many nodes"))?;
         if let Err(e) = cluster.start(id, cmd, listeners.next(), relay) {
             cluster.kill_all();

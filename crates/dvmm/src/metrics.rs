@@ -224,6 +224,10 @@ impl Scrape {
                 }
                 self.gauge("dvmm_vcpu_state", &l, i64::from(*state == v.state));
             }
+            if v.state == "page" {
+                let l = with(&[("vcpu", &id), ("state", "page")]);
+                self.gauge("dvmm_vcpu_state", &l, 1);
+            }
         }
         let l = &s.link;
         self.count(
@@ -399,6 +403,7 @@ mod tests {
                 exits: vec![("hlt".into(), 7)],
                 injected: 3,
                 ipis_sent: 1,
+                tid: 0,
             }],
             dsm: Some(dsm::DsmStats {
                 read_faults: faults,

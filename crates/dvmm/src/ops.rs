@@ -298,6 +298,7 @@ mod tests {
             exits: vec![("io_in".into(), exits)],
             injected: 0,
             ipis_sent: 0,
+            tid: 0,
         };
         let snap = |up: u64, guest_us: u64, exits: u64, faults: u64| NodeSnapshot {
             cluster: "c".into(),

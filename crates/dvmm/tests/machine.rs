@@ -5,9 +5,7 @@
 
 mod common;
 
-use common::{
-    dvmm, initramfs, kernel, lines, node_pids, tail_bytes as tail, text, wait_for, workspace,
-};
+use common::{dvmm, initramfs, kernel, lines, node_pids, tail_bytes as tail, text, workspace};
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
@@ -258,7 +256,12 @@ fn numa_disk_network_stats_metrics_and_sigterm_on_2_nodes() {
         TcpListener::bind((HOST_IP, 0)).expect("listen on the host's end of the guest network");
     let host_port = host_listener.local_addr().unwrap().port();
     serve(host_listener, payload.clone());
-    let _ = wait_for(&rx, "DVMM-GUEST shell", Duration::from_secs(30));
+    let _ = line_with(
+        &rx,
+        &mut console,
+        "DVMM-GUEST shell",
+        Duration::from_secs(30),
+    );
     let cmd = format!(
         "wget -q -O /tmp/h.bin http://{HOST_IP}:{host_port}/h.bin && echo GUEST-GO''T $(wc -c < /tmp/h.bin) $(sha256sum /tmp/h.bin)\n"
     );
@@ -316,6 +319,19 @@ fn numa_disk_network_stats_metrics_and_sigterm_on_2_nodes() {
             );
         }
         assert_eq!(s["vcpus"].as_array().map(Vec::len), Some(1), "{s}");
+        let v = &s["vcpus"][0];
+        let state = v["state"].as_str().unwrap_or("");
+        assert!(
+            ["guest", "page", "halted", "device", "vmm"].contains(&state),
+            "node {i}: vCPU state {state}"
+        );
+        assert_ne!(v["tid"], 0, "node {i}: {v}");
+        let guest_us = v["state_us"]
+            .as_array()
+            .and_then(|a| a.iter().find(|p| p[0] == "guest"))
+            .and_then(|p| p[1].as_u64())
+            .unwrap_or(0);
+        assert!(guest_us > 1_000_000, "node {i}: {v}");
     }
     // The table names the hot pages (System.map next to the kernel).
     let table = dvmm(&["stats", "--cluster", &cluster]);

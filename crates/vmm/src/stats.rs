@@ -1,7 +1,7 @@
 //! Per-vCPU counters: exits by kind, interrupts injected, and where the vCPU spends its
 //! time (its [`VcpuState`]). Lock-free, readable while the VM runs (`dvmm stats`).
 
-use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicU8, Ordering};
 use std::sync::OnceLock;
 use std::time::Instant;
 
@@ -12,7 +12,8 @@ pub enum VcpuState {
     /// Not started yet (an application processor waiting for its start-up IPI).
     Waiting = 0,
     /// In `KVM_RUN`: running guest code (or blocked in the host on a guest page the
-    /// DSM is fetching: see the DSM counters).
+    /// DSM is fetching: a node's snapshot shows that as `page`, from the DSM's waiting
+    /// threads).
     Guest = 1,
     /// Halted (HLT), waiting for an interrupt.
     Halted = 2,
@@ -143,6 +144,8 @@ pub struct VcpuStats {
     state_since: AtomicU64,
     /// Time spent in each state before the current one, in ns.
     state_ns: [AtomicU64; VcpuState::ALL.len()],
+    /// The vCPU thread's id (0 until it runs): the DSM reports waiting threads by it.
+    tid: AtomicU32,
 }
 
 impl VcpuStats {
@@ -162,6 +165,13 @@ impl VcpuStats {
         if since != 0 {
             self.state_ns[old as usize].fetch_add(now.saturating_sub(since), Ordering::Relaxed);
         }
+    }
+    /// Records the calling thread as the vCPU's thread.
+    pub fn set_thread(&self) {
+        // SAFETY: gettid has no preconditions and cannot fail.
+        let tid = unsafe { libc::gettid() };
+        self.tid
+            .store(u32::try_from(tid).unwrap_or(0), Ordering::Relaxed);
     }
     /// The current state.
     pub fn state(&self) -> VcpuState {
@@ -209,6 +219,9 @@ pub struct VcpuSnapshot {
     pub injected: u64,
     /// IPIs sent.
     pub ipis_sent: u64,
+    /// The vCPU thread's id on its host (0: not started).
+    #[cfg_attr(feature = "serde", serde(default))]
+    pub tid: u32,
 }
 
 /// A device's counters at one moment, by name (e.g. the disk's `requests`).
@@ -238,6 +251,7 @@ impl VcpuStats {
                 .collect(),
             injected: self.injected.load(Ordering::Relaxed),
             ipis_sent: self.ipis_sent.load(Ordering::Relaxed),
+            tid: self.tid.load(Ordering::Relaxed),
         }
     }
 }

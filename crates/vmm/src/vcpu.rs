@@ -512,6 +512,7 @@ pub fn run(
     start: Start,
 ) -> Result<VcpuEnd, VcpuError> {
     handle.register(&mut vcpu);
+    handle.stats.set_thread();
     let r = run_inner(&mut vcpu, handle, env, start);
     handle.unregister();
     handle.stats.set_state(VcpuState::Stopped);
