@@ -242,6 +242,27 @@ fn answer(conn: UnixStream, handler: &Handler) -> std::io::Result<()> {
     w.write_all(b"\n")
 }
 
+/// The handler of a node's requests: `stats` answers `snapshot()` as JSON, `stop` runs
+/// `stop()`; anything else is refused.
+pub fn handler(
+    snapshot: impl Fn() -> NodeSnapshot + Send + Sync + 'static,
+    stop: impl Fn() -> Result<String, String> + Send + Sync + 'static,
+) -> Handler {
+    Arc::new(move |req: &str| match req {
+        "stats" => {
+            serde_json::to_string(&snapshot()).unwrap_or_else(|e| error_reply(&e.to_string()))
+        }
+        "stop" => match stop() {
+            Ok(what) => ok_reply(&what),
+            Err(e) => error_reply(&e),
+        },
+        other => error_reply(&format!(
+            "unknown request '{}' (stats, stop)",
+            other.chars().take(40).collect::<String>()
+        )),
+    })
+}
+
 /// A JSON error reply.
 pub fn error_reply(msg: &str) -> String {
     serde_json::json!({ "error": msg }).to_string()

@@ -947,19 +947,8 @@ fn start_control(
     stop_signal: Option<&'static AtomicBool>,
 ) -> Result<ControlServer, NodeError> {
     let started = Instant::now();
-    let (n, name) = (node.clone(), cfg.name.clone());
-    let handler: control::Handler = Arc::new(move |req: &str| match req {
-        "stats" => serde_json::to_string(&n.snapshot(&name, started))
-            .unwrap_or_else(|e| control::error_reply(&e.to_string())),
-        "stop" => match n.request_stop() {
-            Ok(what) => control::ok_reply(&what),
-            Err(e) => control::error_reply(&e),
-        },
-        other => control::error_reply(&format!(
-            "unknown request '{}' (stats, stop)",
-            other.chars().take(40).collect::<String>()
-        )),
-    });
+    let (n, m, name) = (node.clone(), node.clone(), cfg.name.clone());
+    let handler = control::handler(move || n.snapshot(&name, started), move || m.request_stop());
     let n = node.clone();
     let tick = Box::new(move || {
         if stop_signal.is_some_and(|s| s.swap(false, Ordering::SeqCst)) {

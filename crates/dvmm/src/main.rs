@@ -183,6 +183,21 @@ extern "C" fn on_node_signal(_: libc::c_int) {
     NODE_STOP.store(true, std::sync::atomic::Ordering::SeqCst);
 }
 
+/// SIGTERM and SIGINT set [`NODE_STOP`] (a stop request) instead of killing the process.
+fn catch_stop_signals() {
+    // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
+    unsafe {
+        libc::signal(
+            libc::SIGTERM,
+            on_node_signal as *const () as libc::sighandler_t,
+        );
+        libc::signal(
+            libc::SIGINT,
+            on_node_signal as *const () as libc::sighandler_t,
+        );
+    }
+}
+
 #[derive(clap::Args)]
 struct NodeArgs {
     /// The cluster description (TOML).
@@ -227,17 +242,7 @@ fn node(args: NodeArgs) -> Result<(), String> {
             )
         })
         .transpose()?;
-    // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
-    unsafe {
-        libc::signal(
-            libc::SIGTERM,
-            on_node_signal as *const () as libc::sighandler_t,
-        );
-        libc::signal(
-            libc::SIGINT,
-            on_node_signal as *const () as libc::sighandler_t,
-        );
-    }
+    catch_stop_signals();
     // Node 0 has the console: raw keyboard input while it runs (restored on return).
     let _raw = (args.id == 0).then(|| RawTerminal::enter(0)).flatten();
     let report = cluster::run_node(
@@ -350,17 +355,7 @@ fn run(args: RunArgs) -> Result<(), String> {
         std::time::Duration::from_secs(args.stop_timeout),
         &NODE_STOP,
     )?;
-    // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
-    unsafe {
-        libc::signal(
-            libc::SIGTERM,
-            on_node_signal as *const () as libc::sighandler_t,
-        );
-        libc::signal(
-            libc::SIGINT,
-            on_node_signal as *const () as libc::sighandler_t,
-        );
-    }
+    catch_stop_signals();
     let report = vm.run().map_err(|e| e.to_string())?;
     drop(raw);
     let how = match report.end {

@@ -2,7 +2,6 @@
 //! through its nodes' control sockets (`cluster::control`). See docs/OPERATIONS.md.
 
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use cluster::control::{self, NodeSnapshot};
@@ -210,9 +209,9 @@ pub fn serve_single(
 ) -> Result<control::ControlServer, String> {
     let name = crate::local::local_name();
     let started = Instant::now();
-    let (h, cluster) = (vm.clone(), name.clone());
-    let handler: control::Handler = Arc::new(move |req: &str| match req {
-        "stats" => serde_json::to_string(&NodeSnapshot {
+    let (h, h2, cluster) = (vm.clone(), vm.clone(), name.clone());
+    let handler = control::handler(
+        move || NodeSnapshot {
             cluster: cluster.clone(),
             node: 0,
             nodes: 1,
@@ -222,17 +221,9 @@ pub fn serve_single(
             vcpus: h.vcpu_snapshots(),
             devices: h.device_counters(),
             ..Default::default()
-        })
-        .unwrap_or_else(|e| control::error_reply(&e.to_string())),
-        "stop" => match h.request_power_off(stop_timeout) {
-            Ok(what) => control::ok_reply(&what),
-            Err(e) => control::error_reply(&e),
         },
-        other => control::error_reply(&format!(
-            "unknown request '{}' (stats, stop)",
-            other.chars().take(40).collect::<String>()
-        )),
-    });
+        move || h2.request_power_off(stop_timeout),
+    );
     let h = vm.clone();
     let tick = Box::new(move || {
         if stop_signal.swap(false, std::sync::atomic::Ordering::SeqCst) {
