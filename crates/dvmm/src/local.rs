@@ -247,6 +247,9 @@ pub fn run(run: &LocalRun) -> Result<i32, String> {
     let dir = std::env::temp_dir().join(format!("dvmm-run-{}", std::process::id()));
     std::fs::create_dir_all(&dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
     let _tmp = TempDir(dir.clone());
+    // The nodes' control sockets: each node removes its own, but one killed by SIGKILL
+    // cannot; the cluster's directory goes with the run.
+    let _sockets = TempDir(cluster::control::cluster_dir(&local_name()));
     #[cfg(unix)]
     {
         use std::os::unix::fs::PermissionsExt;
