@@ -47,6 +47,14 @@ fn sample(nodes: &[(u16, PathBuf)]) -> (Vec<NodeSnapshot>, Vec<String>) {
     (snaps, errors)
 }
 
+/// One JSON line per node snapshot.
+fn print_json(snaps: &[NodeSnapshot]) -> Result<(), String> {
+    for s in snaps {
+        println!("{}", serde_json::to_string(s).map_err(|e| e.to_string())?);
+    }
+    Ok(())
+}
+
 pub fn stats(args: StatsArgs) -> Result<(), String> {
     let (name, nodes) = control::find_cluster(args.cluster.as_deref())?;
     let (mut prev, errors) = sample(&nodes);
@@ -57,9 +65,7 @@ pub fn stats(args: StatsArgs) -> Result<(), String> {
         ));
     }
     if args.json {
-        for s in &prev {
-            println!("{}", serde_json::to_string(s).map_err(|e| e.to_string())?);
-        }
+        print_json(&prev)?;
         if !args.watch {
             return Ok(());
         }
@@ -79,9 +85,7 @@ pub fn stats(args: StatsArgs) -> Result<(), String> {
             ));
         }
         if args.json {
-            for s in &now {
-                println!("{}", serde_json::to_string(s).map_err(|e| e.to_string())?);
-            }
+            print_json(&now)?;
         } else {
             print!("{}", table(&name, &prev, &now, &errors));
         }

@@ -767,20 +767,11 @@ impl VmHandle {
             .filter(|h| self.0.local[h.index])
             .map(|h| format!("vcpu{} {}", h.index, h.stats.summary()))
             .collect();
-        if let Some(d) = self.0.bus.disk() {
-            let s = d.stats();
-            lines.push(format!(
-                "disk requests={} read_bytes={} written_bytes={} errors={}",
-                s.requests, s.bytes_read, s.bytes_written, s.errors
-            ));
-        }
-        if let Some(n) = self.0.bus.net() {
-            let s = n.stats();
-            lines.push(format!(
-                "net rx_packets={} tx_packets={} rx_bytes={} tx_bytes={} dropped={} errors={}",
-                s.rx_packets, s.tx_packets, s.rx_bytes, s.tx_bytes, s.dropped, s.errors
-            ));
-        }
+        // The devices' lines come from the same counters as `dvmm stats`.
+        lines.extend(self.device_counters().iter().map(|d| {
+            let kv: Vec<String> = d.counters.iter().map(|(k, v)| format!("{k}={v}")).collect();
+            format!("{} {}", d.device, kv.join(" "))
+        }));
         lines
     }
 }
